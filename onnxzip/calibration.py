@@ -1,0 +1,614 @@
+"""Calibration: read calibration inputs, run models in onnxruntime, stream features into statistics.
+
+Three parts, used in this order by the merge:
+
+1. **Calibration data.** `load_calibration` reads a ``.npy`` (one input) or ``.npz`` (arrays keyed by input name)
+   file and checks it against the model's inputs *before* anything runs. ``.npy`` files are memory-mapped, so a
+   large file is never read whole; batches are read, converted and copied one at a time.
+2. **Sessions.** `expose_tensors` makes intermediate tensors graph outputs (onnxruntime returns only declared
+   outputs); `make_session` builds an `onnxruntime.InferenceSession` on CPU or CUDA.
+3. **Streaming statistics.** `collect_stats` runs every batch through every model and feeds the features of each
+   `FeatureRequest` into a `FeatureStats` (running float64 sums): memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import zipfile
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxzip.errors import CalibrationDataError, MismatchError, ModelError, UsageError, VerificationError
+from onnxzip.stats import FeatureStats
+
+log = logging.getLogger(__name__)
+
+# Data kinds a float model input accepts with a conversion notice. uint8 is converted by value (0..255), not scaled.
+_CONVERTIBLE_TO_FLOAT = {"f", "i", "u"}
+# Read memory-mapped data in chunks of about this many bytes when checking it (finiteness), so that a file larger
+# than memory is never loaded at once.
+_CHUNK_BYTES = 64 << 20
+
+_OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Calibration data
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputSpec:
+    """One graph input: its name, shape (ints for fixed dims, str or None for symbolic ones; None if the rank is
+    unknown) and numpy dtype."""
+
+    name: str
+    shape: tuple | None
+    dtype: np.dtype
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that are real inputs (not initializers, which old exporters also list as inputs)."""
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if value.type.WhichOneof("value") != "tensor_type":
+            raise ModelError(
+                f"model input {value.name!r} is not a tensor ({value.type.WhichOneof('value')}); "
+                "onnxzip can only feed tensor inputs"
+            )
+        tensor_type = value.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"model input {value.name!r} has element type {tensor_type.elem_type} that numpy cannot hold"
+            ) from exc
+        shape = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(
+                dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim
+            )
+        specs.append(InputSpec(value.name, shape, dtype))
+    return specs
+
+
+class CalibrationData:
+    """Validated calibration inputs: ``arrays`` maps each model input name to an array (a read-only memmap for
+    ``.npy`` files) whose first axis holds the samples. The arrays keep the file's dtype; `batches` converts to the
+    model's dtype one batch at a time."""
+
+    def __init__(
+        self,
+        path: str,
+        arrays: dict[str, np.ndarray],
+        specs: list[InputSpec],
+        logger: logging.Logger | None = None,
+    ):
+        self.path = str(path)
+        self.arrays = dict(arrays)
+        self.specs = list(specs)
+        self._logger = logger or log
+        self.num_samples = int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}: {tuple(a.shape)} {a.dtype}" for name, a in self.arrays.items())
+        return f"CalibrationData({self.path!r}, num_samples={self.num_samples}, {shapes})"
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _fixed_batch(self) -> int | None:
+        """A batch dimension fixed in the model (e.g. exported with batch 1) forces the batch size."""
+        fixed = {s.shape[0] for s in self.specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+        return min(fixed) if fixed else None
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield ``{input name: contiguous array of the model's dtype}`` for samples ``start:stop`` in order.
+
+        If the model fixes its batch dimension to k, batches have exactly k samples (a last partial batch is
+        skipped with a notice)."""
+        if batch_size < 1:
+            raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        stop = self.num_samples if stop is None else min(stop, self.num_samples)
+        fixed = self._fixed_batch()
+        if fixed is not None:
+            if fixed != batch_size:
+                self._logger.debug("model fixes its batch dimension to %d: using batches of %d", fixed, fixed)
+            batch_size = fixed
+        dtypes = {s.name: s.dtype for s in self.specs}
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            if fixed is not None and hi - lo != fixed:
+                self._logger.warning(
+                    "%s: the model's batch dimension is fixed to %d; the last %d sample(s) do not fill a batch "
+                    "and are skipped",
+                    self.path,
+                    fixed,
+                    hi - lo,
+                )
+                return
+            yield {
+                name: np.ascontiguousarray(array[lo:hi], dtype=dtypes.get(name, array.dtype))
+                for name, array in self.arrays.items()
+            }
+
+    def split(self, holdout: int) -> tuple[CalibrationData, CalibrationData]:
+        """Split into (calibration part, held-out part): the last `holdout` samples are held back (for example for
+        verification). ``holdout == 0`` gives an empty second part."""
+        if holdout < 0:
+            raise UsageError(f"holdout must be 0 or more, got {holdout}")
+        if holdout >= self.num_samples and self.num_samples > 0:
+            raise CalibrationDataError(
+                f"{self.path}: holding back {holdout} sample(s) leaves none for calibration "
+                f"(the data has {self.num_samples}); give more samples or hold back fewer"
+            )
+        cut = self.num_samples - holdout
+        first = CalibrationData(self.path, {n: a[:cut] for n, a in self.arrays.items()}, self.specs, self._logger)
+        second = CalibrationData(self.path, {n: a[cut:] for n, a in self.arrays.items()}, self.specs, self._logger)
+        return first, second
+
+
+def _read_file(path: str) -> dict[str, np.ndarray] | np.ndarray:
+    """The .npy array (memory-mapped) or the .npz arrays by key. The format is recognised by its magic bytes."""
+    if not os.path.exists(path):
+        raise CalibrationDataError(f"calibration file {path} does not exist; give a .npy or .npz file")
+    if os.path.isdir(path):
+        raise CalibrationDataError(f"calibration file {path} is a directory; give a .npy or .npz file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise CalibrationDataError(f"calibration file {path} cannot be read: {exc}") from exc
+    try:
+        if magic == b"\x93NUMPY":
+            # mmap: a large file is read a batch at a time, never whole.
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if magic[:4] == b"PK\x03\x04" or magic[:4] == b"PK\x05\x06":
+            # .npz members cannot be memory-mapped (they may be compressed); each is read once here.
+            with np.load(path, allow_pickle=False) as npz:
+                return {key: npz[key] for key in npz.files}
+    except ValueError as exc:
+        if "object" in str(exc).lower() or "pickle" in str(exc).lower():
+            raise CalibrationDataError(
+                f"calibration file {path} holds Python objects (dtype object), which onnxzip does not load; "
+                "save numeric arrays (e.g. float32)"
+            ) from exc
+        raise CalibrationDataError(f"calibration file {path} is not a valid .npy/.npz file: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CalibrationDataError(f"calibration file {path} cannot be read as .npy/.npz: {exc}") from exc
+    raise CalibrationDataError(
+        f"calibration file {path} is not a .npy or .npz file (numpy's np.save / np.savez formats); "
+        "save the inputs with numpy"
+    )
+
+
+def _match_inputs(path: str, content, specs: list[InputSpec], logger: logging.Logger) -> dict[str, np.ndarray]:
+    """Assign the file's arrays to the model's inputs."""
+    names = [s.name for s in specs]
+    if not specs:
+        raise CalibrationDataError(f"{path}: the model has no inputs to feed")
+    if isinstance(content, np.ndarray):
+        if len(specs) != 1:
+            raise CalibrationDataError(
+                f"{path}: a .npy file holds one array but the model has {len(specs)} inputs ({', '.join(names)}); "
+                "give an .npz file with one array per input name (np.savez(path, **{name: array}))"
+            )
+        return {specs[0].name: content}
+    if not content:
+        raise CalibrationDataError(f"{path}: the .npz file holds no arrays; expected input(s) {', '.join(names)}")
+    if len(specs) == 1 and len(content) == 1 and names[0] not in content:
+        (key,) = content
+        logger.warning("%s: using the only array %r for the model's only input %r", path, key, names[0])
+        return {names[0]: content[key]}
+    missing = [n for n in names if n not in content]
+    if missing:
+        raise CalibrationDataError(
+            f"{path}: no array for model input(s) {', '.join(map(repr, missing))}; the file has "
+            f"{', '.join(map(repr, content))}; save one array per model input name ({', '.join(names)})"
+        )
+    extra = [k for k in content if k not in names]
+    if extra:
+        logger.warning("%s: ignoring array(s) %s that are not model inputs", path, ", ".join(map(repr, extra)))
+    return {n: content[n] for n in names}
+
+
+def _check_dtype(path: str, spec: InputSpec, array: np.ndarray, logger: logging.Logger) -> None:
+    """Refuse dtypes that make no sense as the model input; give a notice where values are converted."""
+    have, want = array.dtype, spec.dtype
+    where = f"{path}: input {spec.name!r}"
+    if have.kind in "bcOSUVMm":
+        raise CalibrationDataError(
+            f"{where} has dtype {have}, which cannot be fed to a {want} model input; save {want} data"
+        )
+    if have == want:
+        return
+    if want.kind == "f" and have.kind in _CONVERTIBLE_TO_FLOAT:
+        note = ""
+        if have == np.uint8:
+            note = " by value (0..255, not scaled to 0..1: normalise the data yourself if the model expects that)"
+        logger.warning("%s has dtype %s; converting to %s%s", where, have, want, note)
+        return
+    if want.kind in "iu" and have.kind in "iu":
+        logger.warning("%s has dtype %s; converting to %s", where, have, want)
+        return
+    raise CalibrationDataError(f"{where} has dtype {have}, but the model input is {want}; save {want} data")
+
+
+def _check_shape(path: str, spec: InputSpec, array: np.ndarray) -> None:
+    where = f"{path}: input {spec.name!r}"
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise CalibrationDataError(f"{where} is empty (0 samples, shape {tuple(array.shape)}); expected at least one")
+    if spec.shape is None:
+        return
+    expected = "(" + ", ".join("?" if d is None else str(d) for d in spec.shape) + ")"
+    if array.ndim != len(spec.shape):
+        raise CalibrationDataError(
+            f"{where} has rank {array.ndim} (shape {tuple(array.shape)}), but the model input has rank "
+            f"{len(spec.shape)} {expected}; the first axis holds the samples"
+        )
+    for axis in range(1, array.ndim):
+        want, have = spec.shape[axis], array.shape[axis]
+        fixed = isinstance(want, int) and want > 0
+        if (fixed and have != want) or have < 1:
+            raise CalibrationDataError(
+                f"{where} has shape {tuple(array.shape)}, but the model input is {expected}: "
+                f"dimension {axis} is {have}, expected {want if fixed else 'at least 1'}"
+            )
+
+
+def _check_finite(path: str, spec: InputSpec, array: np.ndarray) -> None:
+    """Count non-finite values after conversion to the model's dtype (float64 values beyond float32's range become
+    inf), reading the array in chunks."""
+    if spec.dtype.kind not in "fc":
+        return
+    row_bytes = max(1, array[:1].nbytes)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    count, first = 0, None
+    for lo in range(0, array.shape[0], step):
+        with np.errstate(over="ignore", invalid="ignore"):  # the overflow to inf is what is being counted
+            chunk = np.asarray(array[lo : lo + step], dtype=spec.dtype)
+        bad = ~np.isfinite(chunk.reshape(chunk.shape[0], -1))
+        n = int(bad.sum())
+        if n:
+            if first is None:
+                first = lo + int(np.flatnonzero(bad.any(axis=1))[0])
+            count += n
+    if count:
+        raise CalibrationDataError(
+            f"{path}: input {spec.name!r} holds {count} non-finite value(s) (NaN or inf as {spec.dtype}), the first "
+            f"in sample {first}; calibration data must be finite: clean or drop those samples"
+        )
+
+
+def load_calibration(
+    path,
+    specs: list[InputSpec],
+    num_samples: int | None = None,
+    logger: logging.Logger | None = None,
+) -> CalibrationData:
+    """Read and validate calibration inputs for a model with inputs `specs` (see `input_specs`).
+
+    ``.npy``: one array (samples on axis 0) for a model with one input, memory-mapped. ``.npz``: one array per
+    input name. Every problem is a `CalibrationDataError` raised here, before any model runs. `num_samples` keeps
+    the first that many samples (all, with a notice, if fewer are available).
+    """
+    logger = logger or log
+    path = os.fspath(path)
+    if num_samples is not None and num_samples < 1:
+        raise UsageError(f"number of calibration samples must be at least 1, got {num_samples}")
+    arrays = _match_inputs(path, _read_file(path), specs, logger)
+    by_name = {s.name: s for s in specs}
+    for name, array in arrays.items():
+        _check_dtype(path, by_name[name], array, logger)
+        _check_shape(path, by_name[name], array)
+    counts = {name: int(a.shape[0]) for name, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{name!r}: {n}" for name, n in counts.items())
+        raise CalibrationDataError(
+            f"{path}: inputs have different numbers of samples ({listing}); every input needs one entry per sample"
+        )
+    available = next(iter(counts.values()))
+    if num_samples is not None:
+        if num_samples > available:
+            logger.warning(
+                "%s: %d calibration samples asked for, but the file has %d; using all %d",
+                path,
+                num_samples,
+                available,
+                available,
+            )
+        else:
+            arrays = {name: a[:num_samples] for name, a in arrays.items()}
+    for name, array in arrays.items():
+        _check_finite(path, by_name[name], array)
+    return CalibrationData(path, arrays, specs, logger)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Sessions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def expose_tensors(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph outputs also include the tensors `names` (onnxruntime returns only declared
+    graph outputs). Names that are already outputs are left as they are; graph inputs may be exposed too."""
+    graph = model.graph
+    produced = {out for node in graph.node for out in node.output if out}
+    inputs = {v.name for v in graph.input}
+    initializers = {init.name for init in graph.initializer}
+    outputs = {v.name for v in graph.output}
+    for name in names:
+        if name not in produced and name not in inputs and name not in outputs:
+            what = " (it is a constant initializer, not a computed tensor)" if name in initializers else ""
+            raise ModelError(
+                f"tensor {name!r} does not exist in graph {graph.name!r}{what}; "
+                "it is not produced by any node nor a graph input"
+            )
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    wanted = [n for n in dict.fromkeys(names) if n not in outputs]
+    if not wanted:
+        return exposed
+    types = {v.name: v for v in graph.input}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types.update({v.name: v for v in inferred.graph.value_info})
+        types.update({v.name: v for v in inferred.graph.input})
+    except Exception as exc:  # shape inference fails on some custom ops; onnxruntime still infers types itself
+        log.debug("shape inference failed (%s); exposing tensors without declared types", exc)
+    for name in wanted:
+        value = types.get(name)
+        elem_type = value.type.tensor_type.elem_type if value is not None and value.type.HasField("tensor_type") else 0
+        if elem_type:
+            # Only the element type is declared: shapes (especially the batch size) may differ at run time.
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+        else:
+            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return exposed
+
+
+def _session_options(optimization: str, log_severity: int) -> ort.SessionOptions:
+    if optimization not in _OPTIMIZATION_LEVELS:
+        raise UsageError(
+            f"optimization level {optimization!r} is unknown; choose one of {', '.join(_OPTIMIZATION_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = log_severity
+    return options
+
+
+def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str = "basic") -> ort.InferenceSession:
+    """An onnxruntime session for `model` on `device` ('cpu', 'cuda' or 'auto': CUDA if it comes up, else CPU).
+
+    `optimization` is onnxruntime's graph optimization level: 'disable', 'basic', 'extended' or 'all'. The default
+    'basic' only folds constants and removes redundant nodes; 'extended'/'all' fuse operators (e.g. Conv+Add+Relu,
+    GELU, attention) into kernels with a different order of floating-point operations, which changes activations
+    slightly, and statistics should describe the model as exported.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device {device!r} is unknown; choose 'auto', 'cpu' or 'cuda'")
+    model_bytes = model.SerializeToString()  # the model is passed in memory (protobuf limits this to < 2 GB)
+    # Keep onnxruntime to errors only: its warnings (e.g. nodes placed on CPU) are noise for onnxzip users.
+    ort.set_default_logger_severity(3)
+    cpu = ["CPUExecutionProvider"]
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def create(providers: list[str], severity: int) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(model_bytes, _session_options(optimization, severity), providers=providers)
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot load the model: {exc}") from exc
+
+    if device == "cpu":
+        return create(cpu, 3)
+    if device == "cuda":
+        # get_available_providers() lists CUDA whenever the package was built with it, GPU or not; only the
+        # providers of a created session prove that CUDA came up. onnxruntime's own error (e.g. a missing
+        # libcublas) stays visible here: it says what to install.
+        try:
+            session = create(cuda, 3)
+        except ModelError as exc:
+            raise UsageError(f"--device cuda: no usable CUDA: onnxruntime failed to create a CUDA session ({exc})")
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            raise UsageError(
+                "--device cuda: no usable CUDA (onnxruntime fell back to CPU; see its message above for the missing "
+                "library or driver); install a CUDA build of onnxruntime with matching CUDA/cuDNN, or use --device cpu"
+            )
+        return session
+    # auto
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        # A failed CUDA load is logged by onnxruntime at ERROR level in red; in 'auto' mode the fallback is expected,
+        # so silence everything below FATAL while trying.
+        ort.set_default_logger_severity(4)
+        try:
+            session = create(cuda, 4)
+            if session.get_providers()[0] == "CUDAExecutionProvider":
+                log.debug("onnxruntime session on CUDA")
+                return session
+            log.debug("CUDA listed by onnxruntime but did not come up; using CPU")
+        except ModelError as exc:
+            log.debug("CUDA session failed (%s); using CPU", exc)
+        finally:
+            ort.set_default_logger_severity(3)
+    return create(cpu, 3)
+
+
+def provider_name(session: ort.InferenceSession) -> str:
+    """'cuda' if the session runs on CUDA, else 'cpu'."""
+    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Streaming statistics
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureRequest:
+    """Features to collect into ``stats[key]``: ``tensors[m]`` is the tensor name in model m, its channels on
+    `axis`. `expand` > 1: the channel axis was flattened channel-major from C x positions (size C*expand); it is
+    read as (C, expand) and the positions count as samples. ``full=False`` collects per-channel moments only."""
+
+    key: str
+    tensors: list[str]
+    axis: int
+    expand: int = 1
+    full: bool = True
+
+
+def _features(x: np.ndarray, request: FeatureRequest, model_index: int) -> np.ndarray:
+    """(samples, C) float64 features of one tensor: every index of every axis but the channel axis is a sample."""
+    tensor = request.tensors[model_index]
+    if x.ndim == 0 or not -x.ndim <= request.axis < x.ndim:
+        raise MismatchError(
+            f"model {model_index}: tensor {tensor!r} has shape {x.shape}; it has no channel axis {request.axis}"
+        )
+    axis = request.axis % x.ndim
+    if request.expand > 1:
+        size = x.shape[axis]
+        if size % request.expand:
+            raise MismatchError(
+                f"model {model_index}: tensor {tensor!r} axis {axis} has size {size}, which is not a multiple of the "
+                f"flatten factor {request.expand}"
+            )
+        # channel-major flatten: index = c * expand + position
+        x = x.reshape(x.shape[:axis] + (size // request.expand, request.expand) + x.shape[axis + 1 :])
+    channels = x.shape[axis]
+    return np.moveaxis(x, axis, -1).reshape(-1, channels).astype(np.float64, copy=False)
+
+
+def _progress_reporter(progress, total: int, desc: str):
+    """(update(n), close()) for a click progress bar on stderr, a callable progress(done, total), or nothing."""
+    if progress is True:
+        import click
+
+        bar = click.progressbar(length=total, label=desc, file=sys.stderr)
+        bar.__enter__()
+        return bar.update, lambda: bar.__exit__(None, None, None)
+    if callable(progress):
+        done = [0]
+
+        def update(n: int) -> None:
+            done[0] += n
+            progress(done[0], total)
+
+        return update, lambda: None
+    return (lambda n: None), (lambda: None)
+
+
+def _check_requests(models: list[onnx.ModelProto], requests: list[FeatureRequest]) -> None:
+    for request in requests:
+        if len(request.tensors) != len(models):
+            raise UsageError(
+                f"feature request {request.key!r} names {len(request.tensors)} tensor(s) for {len(models)} model(s)"
+            )
+        if request.expand < 1:
+            raise UsageError(f"feature request {request.key!r} has flatten factor {request.expand}; must be >= 1")
+
+
+def collect_stats(
+    models: list[onnx.ModelProto],
+    requests: list[FeatureRequest],
+    data: CalibrationData,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool | Callable[[int, int], None] = False,
+    desc: str = "calibrating",
+) -> dict[str, FeatureStats]:
+    """Run `data` through every model and accumulate, for each request key, the features of models 0..N-1 side by
+    side (a (samples, N*C) block per batch) into a `FeatureStats`. Requests sharing a key accumulate into the same
+    statistics. Memory does not depend on the number of samples.
+
+    `progress`: True for a progress bar on stderr, a callable ``progress(samples_done, total)``, or False.
+    """
+    _check_requests(models, requests)
+    full_by_key: dict[str, bool] = {}
+    for request in requests:
+        full_by_key[request.key] = full_by_key.get(request.key, False) or request.full
+    sessions, fetches = [], []
+    for m, model in enumerate(models):
+        names = list(dict.fromkeys(request.tensors[m] for request in requests))
+        sessions.append(make_session(expose_tensors(model, names), device))
+        fetches.append(names)
+    stats: dict[str, FeatureStats] = {}
+    width_of: dict[str, tuple[int, str]] = {}  # key -> (width, the tensor that set it)
+    update, close = _progress_reporter(progress, data.num_samples, desc)
+    try:
+        for lo, feed in _numbered(data.batches(batch_size)):
+            samples = next(iter(feed.values())).shape[0]
+            outputs = []
+            for m, (session, names) in enumerate(zip(sessions, fetches)):
+                values = dict(zip(names, session.run(names, feed))) if names else {}
+                for name, value in values.items():
+                    if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                        raise VerificationError(
+                            f"model {m}: tensor {name!r} is not finite (NaN or inf) on calibration samples "
+                            f"{lo}..{lo + samples - 1} of {data.path}; the model or its inputs are broken"
+                        )
+                outputs.append(values)
+            for request in requests:
+                blocks = [_features(outputs[m][t], request, m) for m, t in enumerate(request.tensors)]
+                widths = {b.shape[1] for b in blocks}
+                if len(widths) > 1 or len({b.shape[0] for b in blocks}) > 1:
+                    shapes = ", ".join(f"model {m} {t!r} {outputs[m][t].shape}" for m, t in enumerate(request.tensors))
+                    raise MismatchError(f"feature space {request.key!r}: the models' tensors do not match ({shapes})")
+                block = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+                width = block.shape[1]
+                if request.key not in stats:
+                    stats[request.key] = FeatureStats(width, full=full_by_key[request.key])
+                    width_of[request.key] = (width, request.tensors[0])
+                elif width_of[request.key][0] != width:
+                    raise MismatchError(
+                        f"feature space {request.key!r}: tensor {request.tensors[0]!r} gives {width} features but "
+                        f"{width_of[request.key][1]!r} in the same space gave {width_of[request.key][0]}"
+                    )
+                stats[request.key].update(block)
+            update(samples)
+    finally:
+        close()
+    if requests and not stats:
+        raise CalibrationDataError(f"{data.path}: no calibration samples to run (0 samples, or none fill a batch)")
+    return stats
+
+
+def _numbered(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(index of the first sample, batch) pairs."""
+    lo = 0
+    for batch in batches:
+        yield lo, batch
+        lo += next(iter(batch.values())).shape[0]
+
+
+def run_model(
+    model: onnx.ModelProto,
+    data: CalibrationData,
+    batch_size: int = 64,
+    device: str = "auto",
+    outputs: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run all of `data` through `model` and concatenate the `outputs` (default: the graph outputs) over batches.
+    Everything is kept in memory: meant for verification and evaluation on small samples."""
+    names = [v.name for v in model.graph.output] if outputs is None else list(outputs)
+    session = make_session(expose_tensors(model, names), device)
+    results: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feed in data.batches(batch_size):
+        for name, value in zip(names, session.run(names, feed)):
+            results[name].append(value)
+    return {name: np.concatenate(parts, axis=0) if parts else np.empty((0,)) for name, parts in results.items()}
