@@ -1,0 +1,181 @@
+"""`onnxzip.merge` on bad input: the right error class from `onnxzip.errors`, a message that names what is at
+fault, and nothing left behind at the output path (no partial file, no temp file). Also: an operator onnxzip does
+not handle (LRN, which mixes neighbouring channels) stops the trunk, or raises with `strict=True`."""
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxzip
+from onnxzip.errors import (CalibrationDataError, MismatchError, ModelError, OnnxzipError, OutputError,
+                            UnsupportedModelError)
+
+try:
+    from tests import fixtures as F
+except ImportError:  # pytest put tests/ itself on sys.path
+    import fixtures as F
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """(models dir, output dir, temp dir); the temp dir is where `tempfile` writes during the test."""
+    models, out, tmp = tmp_path / "models", tmp_path / "out", tmp_path / "tmp"
+    for d in (models, out, tmp):
+        d.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return models, out, tmp
+
+
+def listing(*dirs):
+    return {str(d): sorted(os.listdir(d)) for d in dirs}
+
+
+def expect_error(cls, dirs, a, b, data, output=None, **kw):
+    """Run merge, expect `cls`, and check no file appeared (or vanished) anywhere we look."""
+    models, out, tmp = dirs
+    output = out / "merged.onnx" if output is None else output
+    before = listing(models, out, tmp, output.parent)
+    with pytest.raises(cls) as info:
+        onnxzip.merge(a, b, data, output=output, progress=False, **kw)
+    assert listing(models, out, tmp, output.parent) == before, "merge left files behind after an error"
+    msg = str(info.value)
+    assert msg.strip(), "error without a message"
+    return msg
+
+
+@pytest.fixture(scope="module")
+def vgg_pair():
+    (a, _), (b, _) = F.random_pair("vgg", seed=2)
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mismatched models
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_mlp_vs_vgg_is_a_mismatch(dirs):
+    a, _ = F.mlp(0)
+    b, _ = F.vgg(1)
+    msg = expect_error(MismatchError, dirs, a, b, F.calib(a, 64))
+    assert msg
+
+
+def test_different_conv_width_names_the_node(dirs):
+    a, _ = F.vgg(0, widths=(8, 8, 8))
+    b, _ = F.vgg(1, widths=(8, 12, 8))
+    msg = expect_error(MismatchError, dirs, a, b, F.calib(a, 64))
+    assert "conv2" in msg, f"message should name the node that differs (conv2): {msg!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration data
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_wrong_channel_count(dirs):
+    a, _ = F.mlp(0)
+    b, _ = F.mlp(1)
+    data = np.random.RandomState(0).randn(64, 3, 8, 8).astype(np.float32)
+    msg = expect_error(CalibrationDataError, dirs, a, b, data)
+    assert "input" in msg, f"message should name the input: {msg!r}"
+
+
+def test_wrong_rank(dirs):
+    a, _ = F.mlp(0)
+    b, _ = F.mlp(1)
+    data = np.random.RandomState(0).randn(64, 64).astype(np.float32)
+    msg = expect_error(CalibrationDataError, dirs, a, b, data)
+    assert "input" in msg, f"message should name the input: {msg!r}"
+
+
+def test_wrong_shape_from_npy_file(dirs):
+    models, _, _ = dirs
+    a, _ = F.vgg(0)
+    b, _ = F.vgg(1)
+    path = models / "cal.npy"
+    np.save(path, np.random.RandomState(0).randn(16, 3, 8, 8).astype(np.float32))
+    expect_error(CalibrationDataError, dirs, a, b, path)
+
+
+def test_nan_in_calibration(dirs):
+    a, _ = F.mlp(0)
+    b, _ = F.mlp(1)
+    data = F.calib(a, 64)
+    data[5, 0, 3, 3] = np.nan
+    msg = expect_error(CalibrationDataError, dirs, a, b, data)
+    assert "nan" in msg.lower() or "finite" in msg.lower(), f"message should say the data is not finite: {msg!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An operator onnxzip does not handle: LRN after the first conv of the vgg
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_lrn_with_strict_names_node_and_op(dirs):
+    a, pa = F.vgg(0, lrn=True)
+    b, _ = F.permuted_twin(pa, 1)
+    msg = expect_error(UnsupportedModelError, dirs, a, b, F.calib(a, 256), strict=True)
+    assert "LRN" in msg and "lrn1" in msg, f"message should name the node (lrn1) and its op (LRN): {msg!r}"
+
+
+def test_lrn_without_strict_is_left_unmerged_and_exact(dirs):
+    """Only conv1 is in the trunk; LRN and everything after it runs per model. B is A with every hidden space
+    permuted (conv1's too, so B is another function: LRN mixes neighbouring channels), and the merged heads must
+    still compute A and B exactly, which needs the unmerge into the branches to be right."""
+    a, pa = F.vgg(0, lrn=True)
+    b, _ = F.permuted_twin(pa, 1)
+    _, out, _ = dirs
+    path = out / "merged.onnx"
+    merged = onnxzip.merge(a, b, F.calib(a, 256), output=path, method="zip", beta=0.0, progress=False).model
+    onnx.checker.check_model(str(path), full_check=True)
+    ops = [n.op_type for n in merged.graph.node]
+    assert ops.count("LRN") == 2, f"LRN should be computed once per model: {ops}"
+    assert ops.count("Conv") == 5, f"conv1 should be shared and conv2/conv3 per model: {ops}"
+    x = F.calib(a, 64, seed=987)
+    got = F.run(merged, x)
+    for name, model in [("a/logits", a), ("b/logits", b)]:
+        want = F.run(model, x)["logits"]
+        err = float(np.abs(got[name] - want).max())
+        assert err < 1e-4, f"{name}: max abs error {err:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_corrupt_model_file_is_named(dirs, vgg_pair):
+    models, _, _ = dirs
+    a, _ = vgg_pair
+    good, bad = models / "good.onnx", models / "broken_b.onnx"
+    onnx.save(a, str(good))
+    bad.write_bytes(np.random.RandomState(0).bytes(4096))
+    msg = expect_error(ModelError, dirs, good, bad, F.calib(a, 64))
+    assert "broken_b.onnx" in msg, f"message should name the file: {msg!r}"
+
+
+def test_missing_model_file_is_named(dirs, vgg_pair):
+    models, _, _ = dirs
+    a, _ = vgg_pair
+    msg = expect_error(ModelError, dirs, a, models / "nowhere.onnx", F.calib(a, 64))
+    assert "nowhere.onnx" in msg, f"message should name the file: {msg!r}"
+
+
+def test_existing_output_without_force(dirs, vgg_pair):
+    _, out, _ = dirs
+    a, b = vgg_pair
+    path = out / "merged.onnx"
+    path.write_bytes(b"precious")
+    stat = path.stat()
+    msg = expect_error(OutputError, dirs, a, b, F.calib(a, 64), output=path)
+    assert path.read_bytes() == b"precious" and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert "merged.onnx" in msg and "force" in msg.lower(), f"message should name the file and --force: {msg!r}"
+    # and with force the file is replaced by a valid model
+    onnxzip.merge(a, b, F.calib(a, 64), output=path, force=True, progress=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    assert sorted(os.listdir(out)) == ["merged.onnx"]
+
+
+def test_errors_share_one_family():
+    for cls in (CalibrationDataError, MismatchError, ModelError, OutputError, UnsupportedModelError):
+        assert issubclass(cls, OnnxzipError)
