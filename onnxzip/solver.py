@@ -1,0 +1,376 @@
+"""Matching: a correlation matrix goes in, merge/unmerge matrices come out. Pure numpy, knows nothing of ONNX.
+
+For one feature space with F features per model and N models, the stacked correlation matrix C (N·F × N·F,
+model-major: model 0's F features, then model 1's, ...) comes from `onnxzip.stats.FeatureStats.correlation`.
+Every method here partitions the N·F stacked features into F_out clusters and turns the partition into matrices
+(ZIPIT.md, "The zip operation", step 4):
+
+- P, the N·F × F_out membership matrix (P[k, c] = 1 iff feature k is in cluster c);
+- unmerge U = P: each original feature is restored as a copy of its cluster's merged value;
+- merge M = (P / column sums)ᵀ: a merged feature is the average of its members;
+- split by model: ``merge[m]`` = M[:, m·F:(m+1)·F] (F_out × F), ``unmerge[m]`` = U[m·F:(m+1)·F, :] (F × F_out),
+  so that Σ_m merge[m] · unmerge[m] = I.
+
+Methods (ZIPIT.md and Stoica, Bolya et al., "ZipIt! Merging Models from Different Tasks without Training",
+ICLR 2024): ``zip`` (greedy matching within and across models), ``permute`` (one-to-one linear assignment, the
+Git Re-Basin-style baseline) and ``average`` (identity matching: plain weight averaging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+METHODS = ("zip", "permute", "average")
+
+
+@dataclass
+class Matching:
+    """The result of matching one feature space of N models.
+
+    Attributes
+    ----------
+    merge: per model, the F_out × F merge matrix M_m (rows of the stacked [M_0 | M_1 | ...] sum to 1).
+    unmerge: per model, the F × F_out unmerge matrix U_m (0/1, a single 1 per row).
+    clusters: (N·F,) int, the cluster in [0, F_out) of each stacked feature, model-major order.
+    cross_merges: merges of two clusters that had no model in common.
+    within_merges: per model, merges of two clusters that both held a feature of that model (same-model merges).
+    mean_merge_correlation: mean similarity of the merged pairs at the time they were merged (for zip this
+        includes the alpha discount of earlier merges); nan when nothing was merged or no correlation was given.
+    forced_merges: zip only: merges made after every pair allowed by alpha/beta was used up (see `zip_match`).
+    """
+
+    merge: list[np.ndarray]
+    unmerge: list[np.ndarray]
+    clusters: np.ndarray
+    cross_merges: int
+    within_merges: list[int]
+    mean_merge_correlation: float
+    forced_merges: int = 0
+
+    @property
+    def num_models(self) -> int:
+        return len(self.merge)
+
+    @property
+    def width(self) -> int:
+        """F, the number of features per model."""
+        return self.merge[0].shape[1]
+
+    @property
+    def merged_width(self) -> int:
+        """F_out, the number of merged features."""
+        return self.merge[0].shape[0]
+
+    def unmerge_index(self, m: int) -> np.ndarray:
+        """(F,) int: the cluster of each of model m's features. ``unmerge[m]`` is the 0/1 copy matrix whose row k
+        has its single 1 at column ``unmerge_index(m)[k]``, so U_m can be applied as a gather along the channel axis."""
+        if not 0 <= m < self.num_models:
+            raise ValueError(f"model index {m} out of range for a matching of {self.num_models} models")
+        return self.clusters[m * self.width:(m + 1) * self.width].copy()
+
+
+def matching_from_clusters(
+    clusters: np.ndarray,
+    num_models: int,
+    merged_width: int,
+    cross_merges: int = 0,
+    within_merges: list[int] | None = None,
+    mean_merge_correlation: float = float("nan"),
+    forced_merges: int = 0,
+) -> Matching:
+    """Build the merge/unmerge matrices of a partition (ZIPIT.md step 4). ``clusters`` is the cluster index of
+    each stacked feature; every cluster in [0, merged_width) must be non-empty."""
+    clusters = np.asarray(clusters, dtype=np.int64)
+    total = clusters.shape[0]
+    if clusters.ndim != 1 or total % num_models:
+        raise ValueError(f"clusters must be a 1-D array of num_models·F entries, got shape {clusters.shape}")
+    if total and (clusters.min() < 0 or clusters.max() >= merged_width):
+        raise ValueError(f"cluster indices must lie in [0, {merged_width})")
+    width = total // num_models
+    membership = np.zeros((total, merged_width), dtype=np.float64)
+    membership[np.arange(total), clusters] = 1.0
+    sizes = membership.sum(axis=0)
+    if np.any(sizes == 0):
+        raise ValueError(f"{int(np.sum(sizes == 0))} cluster(s) have no member")
+    merge = (membership / sizes).T  # F_out × N·F: each merged feature averages its members
+    return Matching(
+        merge=[np.ascontiguousarray(merge[:, m * width:(m + 1) * width]) for m in range(num_models)],
+        unmerge=[membership[m * width:(m + 1) * width].copy() for m in range(num_models)],
+        clusters=clusters.copy(),
+        cross_merges=int(cross_merges),
+        within_merges=list(within_merges) if within_merges is not None else [0] * num_models,
+        mean_merge_correlation=float(mean_merge_correlation),
+        forced_merges=int(forced_merges),
+    )
+
+
+def _check_num_models(num_models: int) -> int:
+    if int(num_models) != num_models or num_models < 1:
+        raise ValueError(f"num_models must be a positive integer, got {num_models!r}")
+    return int(num_models)
+
+
+def _check_corr(corr: np.ndarray, num_models: int, width: int | None = None) -> np.ndarray:
+    """Validate a stacked correlation matrix; return it as a float64, exactly symmetric copy."""
+    c = np.asarray(corr, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"correlation matrix must be square, got shape {c.shape}")
+    if width is not None and c.shape[0] != num_models * width:
+        raise ValueError(
+            f"correlation matrix must be {num_models * width}×{num_models * width} "
+            f"({num_models} models × {width} features), got {c.shape[0]}×{c.shape[1]}"
+        )
+    if c.shape[0] == 0 or c.shape[0] % num_models:
+        raise ValueError(f"correlation matrix size {c.shape[0]} is not a positive multiple of {num_models} models")
+    bad = c.size - int(np.count_nonzero(np.isfinite(c)))
+    if bad:
+        raise ValueError(f"correlation matrix has {bad} non-finite value(s)")
+    asym = float(np.max(np.abs(c - c.T)))
+    if asym > 1e-6 * max(1.0, float(np.max(np.abs(c)))):
+        raise ValueError(f"correlation matrix is not symmetric (max |C - Cᵀ| = {asym:.3g})")
+    # Exact symmetry keeps the greedy matcher's row and column updates consistent.
+    return 0.5 * (c + c.T)
+
+
+def zip_match(
+    corr: np.ndarray,
+    num_models: int = 2,
+    alpha: float = 0.3,
+    beta: float = 0.125,
+    target_width: int | None = None,
+) -> Matching:
+    """ZipIt! greedy matching (ZIPIT.md "The zip operation"; paper Sec. 4.1 and Appendix on alpha/beta).
+
+    Starting from one cluster per stacked feature, repeatedly merge the most similar pair of clusters, whether
+    they come from different models or the same one, until ``target_width`` clusters remain (default F: N·F → F).
+
+    - Complete linkage: the merged cluster's similarity to every other cluster is the minimum of its two parts',
+      multiplied by ``alpha`` so that a cluster that already absorbed features is less attractive. (As in the
+      reference code, the multiplication also pulls negative similarities towards 0.)
+    - ``alpha <= 0``: no discount; instead a merged cluster may never again merge with a cluster holding a
+      feature of any model it already contains.
+    - ``beta``: each model may take part in at most ``floor(beta · (N·F - target_width) / N)`` same-model merges
+      (a merge of two clusters that both hold a feature of that model); once a model's budget is spent, every
+      pair of clusters that both hold one of its features is forbidden. ``beta = 0`` allows only cross-model merges.
+
+    Ties go to the lowest flat index of the (symmetric) similarity matrix; the survivor of a merge is the lower
+    index, and clusters are numbered in order of their lowest member. The loop keeps each row's best entry, so a
+    merge costs O(N·F) plus a rescan of the few rows whose best entry it touched, not a rescan of the whole
+    matrix (the reference implementation's cubic cost, ZIPIT.md "Known limits").
+
+    Two models reduced to F (the default) always reach the target within these rules. With more models, or a
+    target below F, every remaining pair can become forbidden first (e.g. two clusters that each hold features of
+    models 0 and 1 once both budgets are spent). The remaining merges then ignore the alpha/beta restrictions and
+    take the most similar pair by complete linkage alone; they are counted in ``forced_merges`` (and in
+    ``within_merges``, which may then exceed the budget) so the caller can report it.
+
+    Raises ValueError on invalid input.
+    """
+    num_models = _check_num_models(num_models)
+    sim = _check_corr(corr, num_models)
+    total = sim.shape[0]
+    width = total // num_models
+    target = width if target_width is None else target_width
+    if int(target) != target or not 1 <= target <= total:
+        raise ValueError(f"target_width must be an integer in [1, {total}], got {target_width!r}")
+    target = int(target)
+    if not np.isfinite(alpha) or not np.isfinite(beta) or beta < 0:
+        raise ValueError(f"alpha must be finite and beta finite and >= 0, got alpha={alpha!r}, beta={beta!r}")
+
+    to_remove = total - target
+    # The small epsilon keeps e.g. 0.125 · 64 / 2 = 4 from flooring to 3 through rounding.
+    budget = np.full(num_models, int(np.floor(beta * to_remove / num_models + 1e-9)), dtype=np.int64)
+    exhausted = budget <= 0
+    origin = np.repeat(np.arange(num_models), width)
+    contains = np.zeros((total, num_models), dtype=bool)  # contains[k, m]: cluster k holds a feature of model m
+    contains[np.arange(total), origin] = True
+    alive = np.ones(total, dtype=bool)
+    owner = np.arange(total)  # surviving cluster index of each stacked feature
+
+    np.fill_diagonal(sim, -np.inf)
+    # Complete-linkage similarities without the alpha/beta prohibitions, for the fallback when everything is
+    # forbidden before the target is reached.
+    linkage = sim.copy()
+    relaxed = False
+    forced_merges = 0
+    for m in np.flatnonzero(exhausted):
+        block = slice(m * width, (m + 1) * width)
+        sim[block, block] = -np.inf
+
+    rows = np.arange(total)
+    best_col = np.argmax(sim, axis=1)
+    best_val = sim[rows, best_col]
+
+    cross_merges = 0
+    within_merges = np.zeros(num_models, dtype=np.int64)
+    merged_values: list[float] = []
+
+    for _ in range(to_remove):
+        # np.argmax returns the first maximum: lowest row among equal row-bests, lowest column within a row,
+        # i.e. the lowest flat index overall.
+        r = int(np.argmax(best_val))
+        value = float(best_val[r])
+        if value == -np.inf and not relaxed:
+            # Stalled: merges only make clusters hold more models and spend more budget, so no pair becomes
+            # allowed again; finish on the unrestricted linkage.
+            relaxed = True
+            sim = linkage
+            best_col = np.argmax(sim, axis=1)
+            best_val = sim[rows, best_col]
+            r = int(np.argmax(best_val))
+            value = float(best_val[r])
+            if value == -np.inf:  # only if alpha overflowed the similarities
+                raise ValueError(f"zip matching failed: no finite similarity left (alpha={alpha!r} too large?)")
+        if relaxed:
+            forced_merges += 1
+        i, j = sorted((r, int(best_col[r])))  # merge j into i
+
+        shared = contains[i] & contains[j]
+        if shared.any():
+            within_merges[shared] += 1
+            budget[shared] -= 1
+        else:
+            cross_merges += 1
+        merged_values.append(value)
+
+        row = np.minimum(sim[i], sim[j])  # complete linkage
+        if alpha > 0:
+            row *= alpha
+        if not relaxed:
+            free_row = np.minimum(linkage[i], linkage[j])
+            if alpha > 0:
+                free_row *= alpha
+            free_row[i] = free_row[j] = -np.inf
+            linkage[j, :] = linkage[:, j] = -np.inf
+            linkage[i, :] = linkage[:, i] = free_row
+        contains[i] |= contains[j]
+        contains[j] = False
+        alive[j] = False
+        owner[owner == j] = i
+        newly_exhausted = shared & (budget <= 0) & ~exhausted
+        exhausted |= newly_exhausted
+
+        # Models the merged cluster may not share with a partner: all of its models when alpha <= 0, otherwise
+        # those whose same-model budget is spent.
+        no_share = contains[i] if alpha <= 0 else contains[i] & exhausted
+        if no_share.any() and not relaxed:
+            row[contains[:, no_share].any(axis=1)] = -np.inf
+        row[i] = -np.inf
+        row[j] = -np.inf
+        sim[j, :] = -np.inf
+        sim[:, j] = -np.inf
+        sim[i, :] = row
+        sim[:, i] = row
+
+        # Rows whose best entry was touched must be rescanned; the others can only gain column i.
+        stale = (best_col == i) | (best_col == j)
+        stale[i] = True
+        stale[j] = True
+        for m in np.flatnonzero(newly_exhausted & ~relaxed):
+            holders = np.flatnonzero(contains[:, m])
+            sim[np.ix_(holders, holders)] = -np.inf
+            stale[holders] = True
+        gains = ~stale & ((row > best_val) | ((row == best_val) & (i < best_col)))
+        best_val[gains] = row[gains]
+        best_col[gains] = i
+        redo = np.flatnonzero(stale)
+        sub = sim[redo]
+        cols = np.argmax(sub, axis=1)
+        best_col[redo] = cols
+        best_val[redo] = sub[np.arange(redo.size), cols]
+
+    rank = np.full(total, -1, dtype=np.int64)
+    survivors = np.flatnonzero(alive)
+    rank[survivors] = np.arange(survivors.size)
+    return matching_from_clusters(
+        rank[owner],
+        num_models,
+        target,
+        cross_merges=cross_merges,
+        within_merges=[int(w) for w in within_merges],
+        mean_merge_correlation=float(np.mean(merged_values)) if merged_values else float("nan"),
+        forced_merges=forced_merges,
+    )
+
+
+def permute_match(corr: np.ndarray, num_models: int = 2) -> Matching:
+    """Permutation baseline (ZIPIT.md "Baselines"): a one-to-one matching of model 0's features to model 1's that
+    maximises the total correlation, by linear assignment (``scipy.optimize.linear_sum_assignment`` on -C_01).
+
+    Cluster c holds feature c of model 0 and its match in model 1, so model 0's unmerge is the identity and each
+    merged feature averages one matched pair. For N > 2 models every model m is matched to model 0 on its own
+    (assignment on -C_0m); cluster c then averages feature c of model 0 and its match in every other model.
+    """
+    num_models = _check_num_models(num_models)
+    c = _check_corr(corr, num_models)
+    width = c.shape[0] // num_models
+    clusters = np.empty(num_models * width, dtype=np.int64)
+    clusters[:width] = np.arange(width)
+    matched = []
+    for m in range(1, num_models):
+        block = c[:width, m * width:(m + 1) * width]
+        rows, cols = linear_sum_assignment(block, maximize=True)
+        clusters[m * width + cols] = rows
+        matched.append(block[rows, cols])
+    values = np.concatenate(matched) if matched else np.zeros(0)
+    return matching_from_clusters(
+        clusters,
+        num_models,
+        width,
+        cross_merges=(num_models - 1) * width,
+        mean_merge_correlation=float(values.mean()) if values.size else float("nan"),
+    )
+
+
+def average_match(width: int, num_models: int = 2) -> Matching:
+    """Weight-averaging baseline (ZIPIT.md "Baselines"): identity matching, feature i of every model in cluster i."""
+    num_models = _check_num_models(num_models)
+    if int(width) != width or width < 1:
+        raise ValueError(f"width must be a positive integer, got {width!r}")
+    width = int(width)
+    return matching_from_clusters(
+        np.tile(np.arange(width), num_models), num_models, width, cross_merges=(num_models - 1) * width
+    )
+
+
+def identity_match(width: int, num_models: int = 2) -> Matching:
+    """Identity matching for spaces every model shares (e.g. the graph input): the same as `average_match`."""
+    return average_match(width, num_models)
+
+
+def solve(
+    method: str,
+    corr: np.ndarray | None,
+    width: int,
+    num_models: int = 2,
+    alpha: float = 0.3,
+    beta: float = 0.125,
+    target_width: int | None = None,
+) -> Matching:
+    """Match one feature space with ``method`` in {'zip', 'permute', 'average'}.
+
+    ``corr`` is the (num_models·width)² stacked correlation matrix; 'average' does not need it (when given, it is
+    validated and used only for ``mean_merge_correlation``). ``alpha``, ``beta`` and ``target_width`` apply to
+    'zip' only. Raises ValueError on an unknown method or a missing, misshapen, asymmetric or non-finite ``corr``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown matching method {method!r}; choose one of {', '.join(METHODS)}")
+    num_models = _check_num_models(num_models)
+    if corr is None:
+        if method != "average":
+            raise ValueError(f"method {method!r} needs a correlation matrix")
+        return average_match(width, num_models)
+    c = _check_corr(corr, num_models, width)
+    if method == "zip":
+        return zip_match(c, num_models, alpha=alpha, beta=beta, target_width=target_width)
+    if method == "permute":
+        return permute_match(c, num_models)
+    matching = average_match(width, num_models)
+    idx = np.arange(width)
+    pairs = [c[idx, m * width + idx] for m in range(1, num_models)]
+    if pairs:
+        matching.mean_merge_correlation = float(np.concatenate(pairs).mean())
+    return matching

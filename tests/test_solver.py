@@ -1,0 +1,376 @@
+"""Tests of onnxzip.solver: invariants of the merge/unmerge matrices and of the ZipIt! greedy matching."""
+
+import numpy as np
+import pytest
+
+from onnxzip.solver import (
+    Matching,
+    average_match,
+    identity_match,
+    permute_match,
+    solve,
+    zip_match,
+)
+from onnxzip.stats import FeatureStats
+
+
+def _features(rng, samples, width, rank=None):
+    """Random correlated features (a low-rank mixing keeps correlations away from 0)."""
+    rank = rank or width
+    return rng.normal(size=(samples, rank)) @ rng.normal(size=(rank, width)) + 0.3 * rng.normal(size=(samples, width))
+
+
+def _stacked_corr(*models):
+    stacked = np.hstack(models)
+    return FeatureStats(stacked.shape[1]).update(stacked).correlation()
+
+
+def _random_corr(seed, width, num_models=2, samples=400):
+    rng = np.random.default_rng(seed)
+    return _stacked_corr(*[_features(rng, samples, width, rank=max(2, width // 2)) for _ in range(num_models)])
+
+
+def _permuted_copy(seed, width, samples=400):
+    """Model B computes model A's features in another channel order: b[:, k] = a[:, perm[k]]."""
+    rng = np.random.default_rng(seed)
+    a = _features(rng, samples, width)
+    perm = rng.permutation(width)
+    return _stacked_corr(a, a[:, perm]), perm
+
+
+def _check_invariants(matching: Matching, width: int, num_models: int, merged_width: int):
+    assert len(matching.merge) == len(matching.unmerge) == num_models
+    assert matching.width == width and matching.merged_width == merged_width
+    clusters = matching.clusters
+    assert clusters.shape == (num_models * width,)
+    assert np.issubdtype(clusters.dtype, np.integer)
+    assert clusters.min() >= 0 and clusters.max() < merged_width
+    assert set(clusters.tolist()) == set(range(merged_width))  # no empty cluster
+    for m in range(num_models):
+        merge, unmerge = matching.merge[m], matching.unmerge[m]
+        assert merge.shape == (merged_width, width) and merge.dtype == np.float64
+        assert unmerge.shape == (width, merged_width) and unmerge.dtype == np.float64
+        # Unmerge is a 0/1 copy matrix: a single 1 per row, at the feature's cluster.
+        assert set(np.unique(unmerge).tolist()) <= {0.0, 1.0}
+        np.testing.assert_array_equal(unmerge.sum(axis=1), np.ones(width))
+        np.testing.assert_array_equal(np.argmax(unmerge, axis=1), matching.unmerge_index(m))
+        np.testing.assert_array_equal(matching.unmerge_index(m), clusters[m * width:(m + 1) * width])
+    stacked_merge = np.hstack(matching.merge)
+    stacked_unmerge = np.vstack(matching.unmerge)
+    # Every stacked feature is in exactly one cluster.
+    np.testing.assert_array_equal(stacked_unmerge.sum(axis=1), np.ones(num_models * width))
+    np.testing.assert_array_equal(np.argmax(stacked_unmerge, axis=1), clusters)
+    # A merged feature is the average of its members.
+    np.testing.assert_allclose(stacked_merge.sum(axis=1), np.ones(merged_width), rtol=1e-12)
+    sizes = np.bincount(clusters, minlength=merged_width)
+    np.testing.assert_allclose(stacked_merge, (stacked_unmerge / sizes).T, rtol=1e-12)
+    # Merging what was unmerged gives back the merged features: Σ_m M_m U_m = I.
+    np.testing.assert_allclose(
+        sum(matching.merge[m] @ matching.unmerge[m] for m in range(num_models)), np.eye(merged_width), atol=1e-12
+    )
+
+
+def _naive_zip(corr, num_models, alpha, beta, target):
+    """Straightforward reference of the semantics zip_match documents: rescan the whole matrix every merge."""
+    n = corr.shape[0]
+    width = n // num_models
+    sim = corr.astype(np.float64).copy()
+    np.fill_diagonal(sim, -np.inf)
+    contains = [{k // width} for k in range(n)]
+    members = [[k] for k in range(n)]
+    alive = [True] * n
+    budget = [int(np.floor(beta * (n - target) / num_models + 1e-9))] * num_models
+    exhausted = [b <= 0 for b in budget]
+    within = [0] * num_models
+    cross = 0
+
+    def allowed(p, q):
+        shared = contains[p] & contains[q]
+        if any(exhausted[m] for m in shared):
+            return False
+        return True
+
+    link = sim.copy()  # complete linkage without prohibitions, for the fallback
+    for p in range(n):
+        for q in range(n):
+            if not allowed(p, q):
+                sim[p, q] = -np.inf
+    forced = 0
+    for _ in range(n - target):
+        if np.max(sim) == -np.inf:
+            sim = link
+        if sim is link:
+            forced += 1
+        flat = int(np.argmax(sim))
+        i, j = sorted(divmod(flat, n))
+        assert sim[i, j] > -np.inf
+        shared = contains[i] & contains[j]
+        for m in shared:
+            within[m] += 1
+            budget[m] -= 1
+            exhausted[m] = exhausted[m] or budget[m] <= 0
+        if not shared:
+            cross += 1
+        row = np.minimum(sim[i], sim[j])
+        if alpha > 0:
+            row *= alpha
+        contains[i] |= contains[j]
+        members[i] += members[j]
+        alive[j] = False
+        if sim is not link:
+            link_row = np.minimum(link[i], link[j]) * (alpha if alpha > 0 else 1.0)
+            link[j, :] = link[:, j] = -np.inf
+            link[i, :] = link[:, i] = link_row
+            link[i, i] = -np.inf
+        sim[j, :] = sim[:, j] = -np.inf
+        sim[i, :] = sim[:, i] = row
+        sim[i, i] = -np.inf
+        if sim is link:
+            continue
+        for p in range(n):
+            for q in range(n):
+                if not (alive[p] and alive[q]) or not allowed(p, q):
+                    sim[p, q] = -np.inf
+                elif alpha <= 0 and i in (p, q) and contains[p] & contains[q]:
+                    sim[p, q] = -np.inf
+    clusters = np.empty(n, dtype=np.int64)
+    for c, k in enumerate(k for k in range(n) if alive[k]):
+        clusters[members[k]] = c
+    return clusters, cross, within, forced
+
+
+# --- baselines ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_models", [1, 2, 3])
+def test_average_is_identity_matching(num_models):
+    matching = average_match(7, num_models)
+    _check_invariants(matching, 7, num_models, 7)
+    for m in range(num_models):
+        np.testing.assert_array_equal(matching.unmerge_index(m), np.arange(7))
+        np.testing.assert_allclose(matching.merge[m], np.eye(7) / num_models)
+    assert identity_match(7, num_models).clusters.tolist() == matching.clusters.tolist()
+
+
+def test_permute_gives_a_permutation():
+    corr = _random_corr(0, 16)
+    matching = permute_match(corr)
+    _check_invariants(matching, 16, 2, 16)
+    np.testing.assert_array_equal(matching.unmerge_index(0), np.arange(16))
+    assert sorted(matching.unmerge_index(1).tolist()) == list(range(16))
+    assert matching.cross_merges == 16 and matching.within_merges == [0, 0]
+
+
+def test_permute_maximises_total_correlation_on_small_case():
+    from itertools import permutations
+
+    corr = _random_corr(1, 5)
+    matching = permute_match(corr)
+    best = max(sum(corr[a, 5 + b] for a, b in enumerate(p)) for p in permutations(range(5)))
+    index_b = matching.unmerge_index(1)
+    # index_b[k] is the model-0 feature that model-1 feature k was matched to.
+    got = sum(corr[index_b[k], 5 + k] for k in range(5))
+    assert got == pytest.approx(best)
+    assert matching.mean_merge_correlation == pytest.approx(best / 5)
+
+
+def test_permute_recovers_a_permuted_copy():
+    corr, perm = _permuted_copy(2, 24)
+    matching = permute_match(corr)
+    # Feature k of B is feature perm[k] of A: both must share a cluster.
+    np.testing.assert_array_equal(matching.unmerge_index(1), matching.unmerge_index(0)[perm])
+    assert matching.mean_merge_correlation == pytest.approx(1.0)
+
+
+def test_permute_three_models_matches_each_to_model_zero():
+    rng = np.random.default_rng(3)
+    a = _features(rng, 400, 10)
+    p1, p2 = rng.permutation(10), rng.permutation(10)
+    matching = permute_match(_stacked_corr(a, a[:, p1], a[:, p2]), num_models=3)
+    _check_invariants(matching, 10, 3, 10)
+    np.testing.assert_array_equal(matching.unmerge_index(1), p1)
+    np.testing.assert_array_equal(matching.unmerge_index(2), p2)
+
+
+# --- zip -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.125), (0.3, 0.0), (0.0, 0.125), (-1.0, 0.5), (1.0, 1.0), (0.5, 0.3)])
+def test_zip_invariants_and_reference(seed, alpha, beta):
+    width = 12
+    corr = _random_corr(seed, width)
+    matching = zip_match(corr, alpha=alpha, beta=beta)
+    _check_invariants(matching, width, 2, width)
+    clusters, cross, within, forced = _naive_zip(corr, 2, alpha, beta, width)
+    np.testing.assert_array_equal(matching.clusters, clusters)
+    assert matching.cross_merges == cross
+    assert matching.within_merges == within
+    assert matching.forced_merges == forced == 0  # two models reduced to F never need the fallback
+
+
+@pytest.mark.parametrize("num_models", [2, 3])
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.2), (0.0, 0.5), (0.3, 1.0)])
+@pytest.mark.parametrize("target", [1, 5, 12, 20, 24, 36])
+def test_zip_other_targets_and_more_models(num_models, alpha, beta, target):
+    width = 12
+    target = min(target, num_models * width)
+    corr = _random_corr(7, width, num_models=num_models)
+    matching = zip_match(corr, num_models=num_models, alpha=alpha, beta=beta, target_width=target)
+    _check_invariants(matching, width, num_models, target)
+    clusters, cross, within, forced = _naive_zip(corr, num_models, alpha, beta, target)
+    np.testing.assert_array_equal(matching.clusters, clusters)
+    assert (matching.cross_merges, matching.within_merges, matching.forced_merges) == (cross, within, forced)
+    if num_models == 2 and target >= width:
+        assert forced == 0  # two models down to F or more never exhaust the allowed pairs
+    budget = int(np.floor(beta * (num_models * width - target) / num_models + 1e-9))
+    if forced == 0:
+        assert max(within) <= budget
+    if target == 36:
+        assert np.isnan(matching.mean_merge_correlation)
+        assert matching.cross_merges == 0
+
+
+def test_zip_beta_zero_recovers_a_permuted_copy():
+    corr, perm = _permuted_copy(8, 32)
+    matching = zip_match(corr, alpha=0.3, beta=0.0)
+    np.testing.assert_array_equal(matching.unmerge_index(1), matching.unmerge_index(0)[perm])
+    assert matching.within_merges == [0, 0] and matching.cross_merges == 32
+    assert matching.mean_merge_correlation == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.0])
+def test_zip_beta_zero_makes_only_cross_merges(alpha):
+    corr = _random_corr(9, 20)
+    matching = zip_match(corr, alpha=alpha, beta=0.0)
+    assert matching.within_merges == [0, 0]
+    assert matching.cross_merges == 20
+    # Only cross merges from 2F to F: every cluster is one feature of each model.
+    for m in range(2):
+        assert sorted(matching.unmerge_index(m).tolist()) == list(range(20))
+
+
+def test_zip_within_model_merges_respect_budget_and_happen_for_duplicates():
+    rng = np.random.default_rng(10)
+    width, duplicates = 32, 6
+    a, b = _features(rng, 500, width), _features(rng, 500, width)
+    # Model A carries near-copies of some of its own features: the best pairs are within A.
+    a[:, width - duplicates:] = a[:, :duplicates] + 1e-3 * rng.normal(size=(500, duplicates))
+    corr = _stacked_corr(a, b)
+    beta = 0.25
+    budget = int(np.floor(beta * width / 2))  # features to remove = 2F - F = F
+    matching = zip_match(corr, alpha=0.3, beta=beta)
+    _check_invariants(matching, width, 2, width)
+    assert all(w <= budget for w in matching.within_merges)
+    assert matching.within_merges[0] == min(budget, duplicates)
+    index_a = matching.unmerge_index(0)
+    merged_dups = sum(index_a[k] == index_a[width - duplicates + k] for k in range(duplicates))
+    assert merged_dups == min(budget, duplicates)
+    # Without a budget the duplicates stay apart.
+    assert zip_match(corr, alpha=0.3, beta=0.0).within_merges == [0, 0]
+
+
+def test_zip_alpha_nonpositive_never_regrows_a_cluster_with_a_model_it_holds():
+    rng = np.random.default_rng(11)
+    width = 24
+    a, b = _features(rng, 500, width, rank=3), _features(rng, 500, width, rank=3)
+    corr = _stacked_corr(a, b)
+    beta = 0.5
+    matching = zip_match(corr, alpha=0.0, beta=beta)
+    _check_invariants(matching, width, 2, width)
+    # With alpha <= 0 a cluster that already holds a model's feature never takes another one of that model, except
+    # through a same-model merge of two singletons; so a cluster has at most 2 features of a model, and only when
+    # it came from one of the budgeted same-model merges.
+    counts = np.stack([np.bincount(matching.unmerge_index(m), minlength=width) for m in range(2)])
+    assert counts.max() <= 2
+    assert list((counts == 2).sum(axis=1)) == matching.within_merges
+    # A cluster is at most one same-model pair plus one feature (or pair) of the other model.
+    assert counts.sum(axis=0).max() <= 4
+    assert all(w <= int(beta * width / 2) for w in matching.within_merges)
+    assert matching.forced_merges == 0
+    # With alpha > 0 nothing stops a cluster from taking more features of a model it already holds.
+    loose = np.stack([np.bincount(zip_match(corr, alpha=1.0, beta=beta).unmerge_index(m), minlength=width)
+                      for m in range(2)])
+    assert loose.max() > 2
+
+
+def test_zip_deterministic_with_ties():
+    # All-equal off-diagonal similarities: only tie-breaking decides, by lowest flat index.
+    corr = np.full((8, 8), 0.5)
+    np.fill_diagonal(corr, 1.0)
+    first = zip_match(corr, beta=0.0)
+    second = zip_match(corr.copy(), beta=0.0)
+    np.testing.assert_array_equal(first.clusters, second.clusters)
+    # Lowest flat index first: (0, 4), then (1, 5), ... (cross-model only with beta = 0).
+    np.testing.assert_array_equal(first.clusters, [0, 1, 2, 3, 0, 1, 2, 3])
+    clusters, *_ = _naive_zip(corr, 2, 0.3, 0.125, 4)
+    np.testing.assert_array_equal(zip_match(corr).clusters, clusters)
+
+
+def test_zip_does_not_modify_its_input():
+    corr = _random_corr(12, 10)
+    before = corr.copy()
+    zip_match(corr)
+    np.testing.assert_array_equal(corr, before)
+
+
+def test_zip_large_runs():
+    rng = np.random.default_rng(13)
+    width = 1024
+    x = rng.normal(size=(2 * width, 64)).astype(np.float64)
+    corr = np.corrcoef(x)  # 2048 × 2048
+    matching = zip_match(corr)
+    assert matching.clusters.shape == (2 * width,)
+    assert np.bincount(matching.clusters).size == width
+    assert matching.merge[0].shape == (width, width)
+
+
+def test_zip_falls_back_when_every_pair_is_forbidden():
+    # Three models, alpha <= 0, beta = 0: a cluster {A, B} may only take C features, {A, C} only B ... so a single
+    # cluster cannot be reached within the rules; the last merges are forced and reported.
+    corr = _random_corr(14, 3, num_models=3)
+    matching = zip_match(corr, num_models=3, alpha=0.0, beta=0.0, target_width=1)
+    _check_invariants(matching, 3, 3, 1)
+    assert matching.forced_merges > 0
+    assert matching.cross_merges + sum(matching.within_merges) >= 8  # forced merges are counted too
+    clusters, _, _, forced = _naive_zip(corr, 3, 0.0, 0.0, 1)
+    np.testing.assert_array_equal(matching.clusters, clusters)
+    assert matching.forced_merges == forced
+
+
+# --- solve and validation ------------------------------------------------------------------------------------------
+
+def test_solve_dispatches():
+    corr = _random_corr(15, 8)
+    np.testing.assert_array_equal(solve("zip", corr, 8).clusters, zip_match(corr).clusters)
+    np.testing.assert_array_equal(
+        solve("zip", corr, 8, alpha=0.5, beta=0.0).clusters, zip_match(corr, alpha=0.5, beta=0.0).clusters
+    )
+    np.testing.assert_array_equal(solve("permute", corr, 8).clusters, permute_match(corr).clusters)
+    np.testing.assert_array_equal(solve("average", None, 8).clusters, average_match(8).clusters)
+    averaged = solve("average", corr, 8)
+    assert averaged.mean_merge_correlation == pytest.approx(np.mean([corr[k, 8 + k] for k in range(8)]))
+
+
+def test_solve_rejects_bad_input():
+    corr = _random_corr(16, 6)
+    with pytest.raises(ValueError, match="unknown matching method"):
+        solve("ensemble", corr, 6)
+    with pytest.raises(ValueError, match="needs a correlation"):
+        solve("zip", None, 6)
+    with pytest.raises(ValueError, match="12×12"):
+        solve("zip", corr, 5)
+    with pytest.raises(ValueError, match="square"):
+        solve("permute", corr[:, :11], 6)
+    asym = corr.copy()
+    asym[0, 1] += 0.1
+    with pytest.raises(ValueError, match="symmetric"):
+        solve("zip", asym, 6)
+    nonfinite = corr.copy()
+    nonfinite[2, 3] = nonfinite[3, 2] = np.nan
+    with pytest.raises(ValueError, match="2 non-finite"):
+        solve("permute", nonfinite, 6)
+    with pytest.raises(ValueError, match="target_width"):
+        zip_match(corr, target_width=13)
+    with pytest.raises(ValueError, match="beta"):
+        zip_match(corr, beta=-0.1)
+    with pytest.raises(ValueError, match="out of range"):
+        average_match(3).unmerge_index(2)

@@ -1,0 +1,118 @@
+"""Tests of onnxzip.stats.FeatureStats against numpy's one-shot estimators."""
+
+import numpy as np
+import pytest
+
+from onnxzip.stats import FeatureStats
+
+
+def _random_features(seed=0, samples=1000, width=12):
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(width, width))
+    return (rng.normal(size=(samples, width)) @ mixing + rng.normal(size=width) * 3).astype(np.float32)
+
+
+def _fed_in_batches(x, sizes=(1, 7, 300, 0, 150)):
+    stats = FeatureStats(x.shape[1])
+    start = 0
+    for size in sizes:
+        stats.update(x[start:start + size])
+        start += size
+    stats.update(x[start:])
+    return stats
+
+
+def test_batched_moments_match_numpy():
+    x = _random_features()
+    stats = _fed_in_batches(x)
+    x64 = x.astype(np.float64)
+    assert stats.count == len(x)
+    np.testing.assert_allclose(stats.mean, x64.mean(axis=0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(stats.variance(), x64.var(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(stats.std(), x64.std(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(stats.covariance(), np.cov(x64, rowvar=False, bias=True), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats.correlation(), np.corrcoef(x64, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_merge_from_equals_one_shot():
+    x = _random_features(seed=1)
+    one_shot = FeatureStats(x.shape[1]).update(x)
+    first = FeatureStats(x.shape[1]).update(x[:400])
+    second = FeatureStats(x.shape[1]).update(x[400:])
+    merged = first.merge_from(second)
+    assert merged is first
+    assert merged.count == one_shot.count
+    np.testing.assert_allclose(merged.sum, one_shot.sum, rtol=1e-12)
+    np.testing.assert_allclose(merged.sum_sq, one_shot.sum_sq, rtol=1e-12)
+    np.testing.assert_allclose(merged.sum_outer, one_shot.sum_outer, rtol=1e-12)
+    np.testing.assert_allclose(merged.correlation(), one_shot.correlation(), rtol=1e-10, atol=1e-12)
+
+
+def test_diagonal_only_stats():
+    x = _random_features(seed=2)
+    stats = FeatureStats(x.shape[1], full=False).update(x)
+    assert stats.sum_outer is None
+    np.testing.assert_allclose(stats.variance(), x.astype(np.float64).var(axis=0), rtol=1e-9)
+    with pytest.raises(ValueError, match="full=True"):
+        stats.covariance()
+    with pytest.raises(ValueError, match="full=True"):
+        stats.correlation()
+    # A diagonal-only accumulator can absorb a full one, not the other way round.
+    stats.merge_from(FeatureStats(x.shape[1]).update(x))
+    assert stats.count == 2 * len(x)
+    with pytest.raises(ValueError):
+        FeatureStats(x.shape[1]).merge_from(stats)
+
+
+@pytest.mark.parametrize("constant", [0.0, 3.7, -1234.5])
+def test_constant_feature_gives_finite_correlation(constant):
+    x = _random_features(seed=3, width=5).astype(np.float64)
+    x[:, 2] = constant
+    stats = _fed_in_batches(x)
+    corr = stats.correlation()
+    assert np.all(np.isfinite(corr))
+    np.testing.assert_array_equal(corr, corr.T)
+    assert corr.min() >= -1.0 and corr.max() <= 1.0
+    np.testing.assert_array_equal(np.diag(corr), np.ones(5))
+    np.testing.assert_array_equal(np.delete(corr[2], 2), np.zeros(4))
+    # The other features are unaffected.
+    keep = [0, 1, 3, 4]
+    np.testing.assert_allclose(corr[np.ix_(keep, keep)], np.corrcoef(x[:, keep], rowvar=False), atol=1e-9)
+
+
+def test_identical_features_correlate_exactly_one():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(500, 1))
+    stats = FeatureStats(3).update(np.hstack([a, a, -a]))
+    corr = stats.correlation()
+    np.testing.assert_allclose(corr, [[1, 1, -1], [1, 1, -1], [-1, -1, 1]], atol=1e-12)
+
+
+def test_input_errors():
+    stats = FeatureStats(4)
+    with pytest.raises(ValueError, match="no samples"):
+        stats.mean
+    with pytest.raises(ValueError, match="4 features"):
+        stats.update(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="2-D"):
+        stats.update(np.zeros(4))
+    with pytest.raises(ValueError, match="2-D"):
+        stats.update(np.zeros((2, 3, 4)))
+    bad = np.zeros((3, 4))
+    bad[0, 1] = np.nan
+    bad[2, 3] = np.inf
+    with pytest.raises(ValueError, match="2 non-finite"):
+        stats.update(bad)
+    assert stats.count == 0  # a rejected batch leaves the sums untouched
+    with pytest.raises(ValueError, match="width"):
+        stats.merge_from(FeatureStats(5))
+    with pytest.raises(ValueError):
+        FeatureStats(0)
+
+
+def test_accepts_any_float_dtype():
+    x = _random_features(seed=5, samples=64, width=3)
+    for dtype in (np.float16, np.float32, np.float64):
+        stats = FeatureStats(3).update(x.astype(dtype))
+        assert stats.sum.dtype == np.float64
+        np.testing.assert_allclose(stats.mean, x.astype(dtype).astype(np.float64).mean(axis=0), rtol=1e-12)
