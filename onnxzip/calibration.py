@@ -306,11 +306,25 @@ def load_calibration(
     input name. Every problem is a `CalibrationDataError` raised here, before any model runs. `num_samples` keeps
     the first that many samples (all, with a notice, if fewer are available).
     """
-    logger = logger or log
     path = os.fspath(path)
+    return calibration_from_arrays(_read_file(path), specs, num_samples, logger, source=path)
+
+
+def calibration_from_arrays(
+    content,
+    specs: list[InputSpec],
+    num_samples: int | None = None,
+    logger: logging.Logger | None = None,
+    source: str = "calibration arrays",
+) -> CalibrationData:
+    """Validate in-memory calibration inputs (one array, or a dict input name -> array) like `load_calibration`."""
+    logger = logger or log
+    path = source
     if num_samples is not None and num_samples < 1:
         raise UsageError(f"number of calibration samples must be at least 1, got {num_samples}")
-    arrays = _match_inputs(path, _read_file(path), specs, logger)
+    if not isinstance(content, (np.ndarray, dict)):
+        raise CalibrationDataError(f"{source}: expected a numpy array or a dict of arrays, got {type(content).__name__}")
+    arrays = _match_inputs(path, content, specs, logger)
     by_name = {s.name: s for s in specs}
     for name, array in arrays.items():
         _check_dtype(path, by_name[name], array, logger)

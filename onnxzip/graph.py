@@ -1,0 +1,871 @@
+"""Read an ONNX graph into feature spaces, task heads and stop points; check that two models match.
+
+A *feature space* is a set of channels that must be transformed together (ZIPIT.md, "Feature spaces and merge
+points"). Every operator's effect on channels is a fact about that operator and lives in exactly one handler of
+``HANDLERS``; the result of the analysis is plain data (`Analysis`) that can be printed and tested without
+running anything.
+
+Every tensor is one of three kinds:
+- a *space* tensor: carries channels, described by a `TensorSpace` (space id, channel axis, flatten factor);
+- a *static* tensor: does not depend on the channel contents (initializers, shapes, constants computed from them);
+- an *opaque* tensor: depends on the data in a way onnxzip does not follow (downstream of an unsupported node).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import MismatchError, ModelError
+
+IDENTITY = "identity"  # a space both models share as it is (the graph input): matched to itself
+
+
+@dataclass(frozen=True)
+class TensorSpace:
+    """Where a tensor keeps its channels: `axis` holds `width * expand` entries, channel-major."""
+
+    space: int
+    axis: int
+    expand: int = 1
+
+
+@dataclass(frozen=True)
+class WeightAxis:
+    """One axis of one constant input of one node that lives in a feature space.
+
+    role ``out``: merged with M (output channels of a weighted layer, per-channel parameters);
+    role ``in``: unmerged with U (input channels of a weighted layer).
+    """
+
+    node: int
+    input: int
+    axis: int
+    space: int
+    role: str
+    expand: int = 1
+
+
+@dataclass
+class FeatureSpace:
+    id: int
+    width: int
+    identity: bool = False
+    producers: list = field(default_factory=list)  # node indices of weighted layers writing it
+    consumers: list = field(default_factory=list)  # node indices of weighted layers reading it
+    carriers: list = field(default_factory=list)  # node indices that carry or tie it
+    tensors: list = field(default_factory=list)  # tensor names in it
+
+
+@dataclass
+class NodeInfo:
+    index: int
+    name: str
+    op_type: str
+    kind: str  # weighted | carrier | static | opaque | unsupported
+    reason: str = ""  # why unsupported
+    data_input: str | None = None  # weighted layers: the tensor whose channels are the layer's input
+    in_space: TensorSpace | None = None
+    out_space: TensorSpace | None = None
+
+
+@dataclass
+class Analysis:
+    """Everything onnxzip knows about one model's graph."""
+
+    model: onnx.ModelProto  # normalised: Constant nodes turned into initializers, every node named
+    nodes: list  # NodeInfo, in graph (topological) order
+    spaces: dict  # id -> FeatureSpace
+    tensor_spaces: dict  # tensor name -> TensorSpace
+    static: set
+    opaque: set
+    weights: list  # WeightAxis
+    initializers: dict  # name -> np.ndarray
+    shapes: dict  # tensor name -> tuple of ints (batch dimension set to 1) where known
+    producer: dict  # tensor name -> (node index, output index)
+    consumers: dict  # tensor name -> list of (node index, input index)
+    heads: list = field(default_factory=list)  # node indices of task heads
+    blocked: set = field(default_factory=set)  # node indices that can never be in the trunk
+    blocked_reasons: dict = field(default_factory=dict)  # node index -> reason (the roots only)
+
+    @property
+    def weighted(self) -> list:
+        return [n.index for n in self.nodes if n.kind == "weighted"]
+
+    @property
+    def input_names(self) -> list:
+        init = set(self.initializers)
+        return [i.name for i in self.model.graph.input if i.name not in init]
+
+    @property
+    def output_names(self) -> list:
+        return [o.name for o in self.model.graph.output]
+
+    def weight_axes(self, node: int, input_index: int) -> list:
+        return [w for w in self.weights if w.node == node and w.input == input_index]
+
+    def describe_node(self, index: int) -> str:
+        n = self.nodes[index]
+        return f"node {index} '{n.name}' ({n.op_type})"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and normalising
+
+
+def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of the model with Constant nodes turned into initializers and every node named.
+
+    Weights can arrive as initializers or as Constant nodes depending on the exporter; treating both alike keeps
+    every handler simple.
+    """
+    model = copy.deepcopy(model)
+    graph = model.graph
+    kept = []
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            value = None
+            if attr.name == "value":
+                value = numpy_helper.to_array(attr.t)
+            elif attr.name == "value_float":
+                value = np.array(attr.f, dtype=np.float32)
+            elif attr.name == "value_floats":
+                value = np.array(list(attr.floats), dtype=np.float32)
+            elif attr.name == "value_int":
+                value = np.array(attr.i, dtype=np.int64)
+            elif attr.name == "value_ints":
+                value = np.array(list(attr.ints), dtype=np.int64)
+            if value is not None:
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                continue
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
+def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict]:
+    """Shapes (batch dimension set to 1) and element types of every tensor that shape inference can reach."""
+    m = copy.deepcopy(model)
+    for inp in m.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        for d in dims:
+            if not d.HasField("dim_value"):
+                d.ClearField("dim_param")
+                d.dim_value = 1
+    del m.graph.value_info[:]
+    try:
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - shape inference errors are many and unexported
+        raise ModelError(f"ONNX shape inference failed: {exc}") from exc
+    shapes, types = {}, {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        tt = vi.type.tensor_type
+        types[vi.name] = tt.elem_type
+        if tt.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            if all(d is not None for d in dims):
+                shapes[vi.name] = dims
+    for init in m.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+        types[init.name] = init.data_type
+    return shapes, types
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The walk
+
+
+class _Unsupported(Exception):
+    """Raised by a handler: this node cannot be followed (the reason says why)."""
+
+
+class _Walk:
+    """State of one pass over the graph; handlers read and write it through small verbs."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.initializers = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.shapes, self.types = _concrete_shapes(model)
+        self.tensor_spaces: dict = {}
+        self.static: set = set(self.initializers)
+        self.opaque: set = set()
+        self.weights: list = []
+        self.parent: dict = {}  # union-find over space ids
+        self.widths: dict = {}
+        self.identity: set = set()
+        self.node_index = -1
+
+    # union-find ------------------------------------------------------------------------------------------------
+    def new_space(self, width: int, identity: bool = False) -> int:
+        sid = len(self.parent)
+        self.parent[sid] = sid
+        self.widths[sid] = int(width)
+        if identity:
+            self.identity.add(sid)
+        return sid
+
+    def find(self, sid: int) -> int:
+        while self.parent[sid] != sid:
+            self.parent[sid] = self.parent[self.parent[sid]]
+            sid = self.parent[sid]
+        return sid
+
+    def tie(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.widths[ra] != self.widths[rb]:
+            raise _Unsupported(f"ties spaces of different widths ({self.widths[ra]} and {self.widths[rb]})")
+        if (ra in self.identity) != (rb in self.identity):
+            # an input-derived space tied to a learned one: nothing is gained by treating it as identity
+            raise _Unsupported("adds a learned feature space to the graph input")
+        self.parent[rb] = ra
+
+    # tensor verbs ----------------------------------------------------------------------------------------------
+    def space_of(self, name: str) -> TensorSpace | None:
+        return self.tensor_spaces.get(name)
+
+    def const(self, name: str):
+        return self.initializers.get(name)
+
+    def shape(self, name: str):
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int:
+        shape = self.shape(name)
+        if shape is None:
+            raise _Unsupported(f"the shape of tensor '{name}' is unknown to ONNX shape inference")
+        return len(shape)
+
+    def width(self, ts: TensorSpace) -> int:
+        return self.widths[self.find(ts.space)]
+
+    def set_space(self, name: str, ts: TensorSpace) -> None:
+        self.tensor_spaces[name] = ts
+
+    def add_weight(self, input_index: int, axis: int, space: int, role: str, expand: int = 1) -> None:
+        self.weights.append(WeightAxis(self.node_index, input_index, axis, space, role, expand))
+
+    def attr(self, node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+
+def _require_const(w: _Walk, node, i: int, what: str) -> np.ndarray:
+    if i >= len(node.input) or not node.input[i]:
+        raise _Unsupported(f"has no {what}")
+    value = w.const(node.input[i])
+    if value is None:
+        raise _Unsupported(f"its {what} '{node.input[i]}' is computed, not a constant")
+    return value
+
+
+def _channel_param(w: _Walk, node, i: int, ts: TensorSpace, out_rank: int) -> None:
+    """A constant input broadcast against a space tensor: per-channel where it varies along the channel axis."""
+    name = node.input[i]
+    value = w.const(name)
+    if value is None:
+        shape = w.shape(name)
+        if shape is None:
+            raise _Unsupported(f"input '{name}' is computed and of unknown shape")
+        k = ts.axis - (out_rank - len(shape))
+        if k >= 0 and shape[k] != 1:
+            raise _Unsupported(f"input '{name}' is computed and varies along the channel axis")
+        return
+    k = ts.axis - (out_rank - value.ndim)
+    if k < 0 or value.shape[k] == 1:
+        return  # the same value for every channel: nothing to merge
+    if value.shape[k] != w.width(ts) * ts.expand:
+        raise _Unsupported(f"constant '{name}' of shape {list(value.shape)} does not match the channel axis")
+    w.add_weight(i, k, ts.space, "out", ts.expand)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Handlers: one per operator type. Each reads the node's inputs and sets its outputs' spaces, or raises
+# _Unsupported. A handler is only called when at least one input is a space tensor and none is opaque.
+
+
+def _conv(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    if x is None or x.axis != 1 or x.expand != 1:
+        raise _Unsupported("its input does not hold channels on axis 1")
+    weight = _require_const(w, node, 1, "weight")
+    group = w.attr(node, "group", 1)
+    c_in = w.width(x)
+    if group == 1:
+        out = w.new_space(weight.shape[0])
+        w.add_weight(1, 0, out, "out")
+        w.add_weight(1, 1, x.space, "in")
+        if len(node.input) > 2 and node.input[2]:
+            _require_const(w, node, 2, "bias")
+            w.add_weight(2, 0, out, "out")
+        w.set_space(node.output[0], TensorSpace(out, 1))
+        return "weighted", node.input[0], x, TensorSpace(out, 1)
+    if group == c_in and weight.shape[0] == c_in:
+        # depthwise: one filter per channel, so it carries the space with per-channel weights
+        w.add_weight(1, 0, x.space, "out")
+        if len(node.input) > 2 and node.input[2]:
+            _require_const(w, node, 2, "bias")
+            w.add_weight(2, 0, x.space, "out")
+        w.set_space(node.output[0], x)
+        return "carrier", None, x, x
+    raise _Unsupported(f"grouped convolution (group={group}) is not supported")
+
+
+def _gemm(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    if x is None or w.attr(node, "transA", 0) or x.axis != 1 or w.rank(node.input[0]) != 2:
+        raise _Unsupported("its first input does not hold features on axis 1")
+    weight = _require_const(w, node, 1, "weight")
+    trans_b = w.attr(node, "transB", 0)
+    out_axis, in_axis = (0, 1) if trans_b else (1, 0)
+    out = w.new_space(weight.shape[out_axis])
+    w.add_weight(1, out_axis, out, "out")
+    w.add_weight(1, in_axis, x.space, "in", x.expand)
+    if len(node.input) > 2 and node.input[2]:
+        bias = _require_const(w, node, 2, "bias")
+        if bias.size > 1:
+            w.add_weight(2, bias.ndim - 1, out, "out")
+    w.set_space(node.output[0], TensorSpace(out, 1))
+    return "weighted", node.input[0], x, TensorSpace(out, 1)
+
+
+def _matmul(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    if x is None or w.space_of(node.input[1]) is not None:
+        raise _Unsupported("only MatMul of features by a constant matrix is supported")
+    weight = _require_const(w, node, 1, "weight")
+    rank = w.rank(node.input[0])
+    if weight.ndim != 2 or x.axis != rank - 1:
+        raise _Unsupported("only MatMul by a 2-D constant on the features' last axis is supported")
+    out = w.new_space(weight.shape[1])
+    w.add_weight(1, 1, out, "out")
+    w.add_weight(1, 0, x.space, "in", x.expand)
+    ts = TensorSpace(out, rank - 1)
+    w.set_space(node.output[0], ts)
+    return "weighted", node.input[0], x, ts
+
+
+def _batchnorm(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    if x.axis != 1 or x.expand != 1:
+        raise _Unsupported("normalises an axis that does not hold the channels")
+    for i in range(1, 5):
+        _require_const(w, node, i, "statistics")
+        w.add_weight(i, 0, x.space, "out")
+    w.set_space(node.output[0], x)
+    for extra in node.output[1:]:
+        if extra:
+            w.opaque.add(extra)
+    return "carrier", None, x, x
+
+
+def _instancenorm(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    if x.axis != 1 or x.expand != 1:
+        raise _Unsupported("normalises an axis that does not hold the channels")
+    for i in (1, 2):
+        _require_const(w, node, i, "scale and bias")
+        w.add_weight(i, 0, x.space, "out")
+    w.set_space(node.output[0], x)
+    return "carrier", None, x, x
+
+
+def _unary(w: _Walk, node):
+    """Element-wise on its first input; any other input must be one value for all channels (Clip's bounds)."""
+    x = w.space_of(node.input[0])
+    for name in node.input[1:]:
+        if name and w.space_of(name) is not None:
+            raise _Unsupported("a second input carries channels")
+        if name:
+            value = w.const(name)
+            if value is not None and value.size > 1 and node.op_type != "Dropout":
+                raise _Unsupported(f"input '{name}' is not a single value")
+    w.set_space(node.output[0], x)
+    for extra in node.output[1:]:
+        if extra:
+            w.opaque.add(extra)
+    return "carrier", None, x, x
+
+
+def _elementwise(w: _Walk, node):
+    """Broadcasting element-wise ops: space inputs are tied (a residual Add), constants are per-channel params."""
+    out_rank = max(w.rank(n) for n in node.input if n)
+    spaced = [(i, w.space_of(n)) for i, n in enumerate(node.input) if n and w.space_of(n) is not None]
+    first_i, first = spaced[0]
+    axis = first.axis + out_rank - w.rank(node.input[first_i])
+    for i, ts in spaced[1:]:
+        if ts.axis + out_rank - w.rank(node.input[i]) != axis or ts.expand != first.expand:
+            raise _Unsupported("its inputs hold channels on different axes")
+        if w.width(ts) != w.width(first):
+            raise _Unsupported(f"ties spaces of different widths ({w.width(first)} and {w.width(ts)})")
+    out = TensorSpace(first.space, axis, first.expand)
+    for i, name in enumerate(node.input):
+        if name and w.space_of(name) is None:
+            _channel_param(w, node, i, out, out_rank)
+    for _, ts in spaced[1:]:  # tie only once nothing can fail any more
+        w.tie(first.space, ts.space)
+    w.set_space(node.output[0], out)
+    return "carrier", None, first, out
+
+
+def _pool(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    if x.axis != 1 or x.expand != 1:
+        raise _Unsupported("pools an axis that holds the channels")
+    w.set_space(node.output[0], x)
+    for extra in node.output[1:]:
+        if extra:
+            w.opaque.add(extra)  # MaxPool indices
+    return "carrier", None, x, x
+
+
+def _axes(w: _Walk, node, rank: int):
+    axes = w.attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = w.const(node.input[1])
+        if value is None:
+            raise _Unsupported("its axes are computed, not constant")
+        axes = value.tolist()
+    if axes is None:
+        return None
+    return sorted(a % rank for a in axes)
+
+
+def _reduce(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    rank = w.rank(node.input[0])
+    axes = _axes(w, node, rank)
+    if axes is None:
+        if w.attr(node, "noop_with_empty_axes", 0):
+            w.set_space(node.output[0], x)
+            return "carrier", None, x, x
+        raise _Unsupported("reduces over every axis, the channels included")
+    if x.axis in axes:
+        raise _Unsupported("reduces over the channel axis")
+    if x.expand != 1 and any(a > x.axis for a in axes):
+        raise _Unsupported("reduces inside a flattened channel axis")
+    keep = w.attr(node, "keepdims", 1)
+    out = TensorSpace(x.space, x.axis if keep else x.axis - sum(a < x.axis for a in axes), x.expand)
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _flatten_like(w: _Walk, node, in_shape, out_shape):
+    """Flatten/Reshape: follow the channels where the map is flattened channel-major or left alone."""
+    x = w.space_of(node.input[0])
+    a = x.axis
+    if in_shape is None or out_shape is None:
+        raise _Unsupported("the shapes around it are unknown to ONNX shape inference")
+    if tuple(out_shape[: a + 1]) == tuple(in_shape[: a + 1]):
+        out = x  # channels and everything before them untouched
+    elif tuple(out_shape[:a]) == tuple(in_shape[:a]) and len(out_shape) == a + 1:
+        out = TensorSpace(x.space, a, x.expand * int(np.prod(in_shape[a + 1 :], dtype=np.int64)))
+    else:
+        raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} across the channel axis {a}")
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _flatten(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    in_shape = w.shape(node.input[0])
+    if in_shape is None:
+        raise _Unsupported("the shape of its input is unknown to ONNX shape inference")
+    k = w.attr(node, "axis", 1) % max(len(in_shape), 1)
+    if x.axis < k:
+        raise _Unsupported("flattens the channel axis into the leading (batch) dimension")
+    if any(d != 1 for d in in_shape[k : x.axis]):
+        raise _Unsupported("flattens axes that come before the channels into them")
+    # the output is 2-D; channel c of the input covers entries c*expand ... (c+1)*expand-1 of axis 1
+    out = TensorSpace(x.space, 1, x.expand * int(np.prod(in_shape[x.axis + 1 :], dtype=np.int64)))
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _reshape(w: _Walk, node):
+    return _flatten_like(w, node, w.shape(node.input[0]), w.shape(node.output[0]))
+
+
+def _squeeze(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    in_rank = w.rank(node.input[0])
+    out_rank = w.rank(node.output[0])
+    if node.op_type == "Squeeze":
+        axes = _axes(w, node, in_rank)
+        if axes is None:
+            shape = w.shape(node.input[0])
+            axes = [i for i, d in enumerate(shape) if d == 1]
+        if x.axis in axes:
+            raise _Unsupported("squeezes the channel axis")
+        out = TensorSpace(x.space, x.axis - sum(a < x.axis for a in axes), x.expand)
+    else:
+        axes = _axes(w, node, out_rank)
+        axis = x.axis
+        for a in axes:  # sorted: each inserted axis at or before the channel shifts it right
+            if a <= axis:
+                axis += 1
+        out = TensorSpace(x.space, axis, x.expand)
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _transpose(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    rank = w.rank(node.input[0])
+    perm = w.attr(node, "perm") or list(reversed(range(rank)))
+    out = TensorSpace(x.space, list(perm).index(x.axis), x.expand)
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _concat(w: _Walk, node):
+    rank = w.rank(node.output[0])
+    axis = w.attr(node, "axis") % rank
+    spaced = [w.space_of(n) for n in node.input]
+    if any(ts is None for ts in spaced):
+        raise _Unsupported("concatenates features with something else")
+    if any(ts.axis == axis for ts in spaced):
+        raise _Unsupported("concatenates along the channel axis")
+    return _elementwise(w, node)
+
+
+def _pad(w: _Walk, node):
+    x = w.space_of(node.input[0])
+    rank = w.rank(node.input[0])
+    pads = w.attr(node, "pads")
+    if pads is None and len(node.input) > 1:
+        value = w.const(node.input[1])
+        pads = None if value is None else value.tolist()
+    if pads is None:
+        raise _Unsupported("its pads are computed")
+    if len(node.input) > 3 and node.input[3]:
+        raise _Unsupported("pads only some axes")
+    if pads[x.axis] or pads[x.axis + rank]:
+        raise _Unsupported("pads the channel axis")
+    w.set_space(node.output[0], x)
+    return "carrier", None, x, x
+
+
+def _shape_op(w: _Walk, node):
+    for out in node.output:
+        w.static.add(out)
+    return "static", None, None, None
+
+
+HANDLERS = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "BatchNormalization": _batchnorm,
+    "InstanceNormalization": _instancenorm,
+    "Add": _elementwise,
+    "Sub": _elementwise,
+    "Mul": _elementwise,
+    "Div": _elementwise,
+    "Max": _elementwise,
+    "Min": _elementwise,
+    "Sum": _elementwise,
+    "Mean": _elementwise,
+    "PRelu": _elementwise,
+    "Where": None,  # filled below: unsupported on purpose (data-dependent selection)
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "GlobalAveragePool": _pool,
+    "GlobalMaxPool": _pool,
+    "LpPool": _pool,
+    "GlobalLpPool": _pool,
+    "ReduceMean": _reduce,
+    "ReduceMax": _reduce,
+    "ReduceMin": _reduce,
+    "ReduceSum": _reduce,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _squeeze,
+    "Transpose": _transpose,
+    "Concat": _concat,
+    "Pad": _pad,
+    "Shape": _shape_op,
+    "Size": _shape_op,
+}
+for _op in ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "HardSigmoid", "HardSwish",
+            "Softplus", "Softsign", "Mish", "Erf", "Identity", "Dropout", "Clip", "Abs", "Neg", "Exp", "Log",
+            "Sqrt", "Reciprocal", "Sin", "Cos", "ThresholdedRelu", "Floor", "Ceil", "Round", "Sign"):
+    HANDLERS[_op] = _unary
+del HANDLERS["Where"]
+
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def analyse(model: onnx.ModelProto) -> Analysis:
+    """Find the feature spaces, weights, task heads and unmergeable regions of one model."""
+    model = normalise(model)
+    w = _Walk(model)
+    graph = model.graph
+    infos = []
+    producer, consumers = {}, {}
+    for inp in graph.input:
+        if inp.name in w.initializers:
+            continue
+        shape = w.shape(inp.name)
+        if shape is not None and len(shape) >= 2 and w.types.get(inp.name) in (1, 10, 11, 16):
+            axis = 1
+            sid = w.new_space(shape[axis], identity=True)
+            w.tensor_spaces[inp.name] = TensorSpace(sid, axis)
+        else:
+            w.opaque.add(inp.name)  # integer or 1-D inputs: nothing onnxzip follows
+    for i, node in enumerate(graph.node):
+        w.node_index = i
+        for j, name in enumerate(node.input):
+            if name:
+                consumers.setdefault(name, []).append((i, j))
+        for j, name in enumerate(node.output):
+            producer[name] = (i, j)
+        info = NodeInfo(i, node.name, node.op_type, "static")
+        inputs = [n for n in node.input if n]
+        if any(n in w.opaque for n in inputs):
+            info.kind = "opaque"
+        elif all(n in w.static for n in inputs):
+            info.kind = "static"  # computes the same value in both models, whatever the data
+            for out in node.output:
+                w.static.add(out)
+        else:
+            handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            saved = (len(w.weights), dict(w.tensor_spaces))
+            try:
+                if handler is None:
+                    raise _Unsupported(f"operator {node.domain + '.' if node.domain else ''}{node.op_type} "
+                                       "is not one onnxzip knows how channels move through")
+                kind, data_input, in_space, out_space = handler(w, node)
+                info.kind, info.data_input, info.in_space, info.out_space = kind, data_input, in_space, out_space
+            except _Unsupported as exc:
+                del w.weights[saved[0]:]
+                w.tensor_spaces = saved[1]
+                info.kind, info.reason = "unsupported", str(exc)
+        if info.kind in ("opaque", "unsupported"):
+            for out in node.output:
+                if out:
+                    w.opaque.add(out)
+                    w.tensor_spaces.pop(out, None)
+        infos.append(info)
+
+    # canonical space ids after all ties
+    def canon(ts):
+        return None if ts is None else TensorSpace(w.find(ts.space), ts.axis, ts.expand)
+
+    tensor_spaces = {k: canon(v) for k, v in w.tensor_spaces.items()}
+    weights = [WeightAxis(x.node, x.input, x.axis, w.find(x.space), x.role, x.expand) for x in w.weights]
+    for info in infos:
+        info.in_space, info.out_space = canon(info.in_space), canon(info.out_space)
+    spaces = {}
+    for sid in w.parent:
+        root = w.find(sid)
+        if root not in spaces:
+            spaces[root] = FeatureSpace(root, w.widths[root], identity=root in w.identity)
+    for name, ts in tensor_spaces.items():
+        spaces[ts.space].tensors.append(name)
+    spaces = {k: v for k, v in spaces.items() if v.tensors}
+    for info in infos:
+        if info.kind == "weighted":
+            spaces[info.out_space.space].producers.append(info.index)
+            spaces[info.in_space.space].consumers.append(info.index)
+        elif info.kind == "carrier" and info.out_space is not None:
+            spaces[info.out_space.space].carriers.append(info.index)
+
+    analysis = Analysis(model, infos, spaces, tensor_spaces, w.static, w.opaque, weights, w.initializers,
+                        w.shapes, producer, consumers)
+    _find_heads_and_blocked(analysis)
+    return analysis
+
+
+def descendants(analysis: Analysis, roots) -> set:
+    """Node indices downstream of (and including) the given nodes."""
+    graph = analysis.model.graph
+    out = set()
+    stack = list(roots)
+    while stack:
+        i = stack.pop()
+        if i in out:
+            continue
+        out.add(i)
+        for name in graph.node[i].output:
+            for j, _ in analysis.consumers.get(name, []):
+                stack.append(j)
+    return out
+
+
+def _find_heads_and_blocked(analysis: Analysis) -> None:
+    weighted = set(analysis.weighted)
+    heads = []
+    for i in sorted(weighted):
+        if not (descendants(analysis, [i]) - {i}) & weighted:
+            heads.append(i)
+    analysis.heads = heads
+    roots = {n.index: n.reason for n in analysis.nodes if n.kind == "unsupported"}
+    analysis.blocked_reasons = roots
+    analysis.blocked = descendants(analysis, list(roots) + heads)
+
+
+def block(analysis: Analysis, nodes: dict) -> None:
+    """Mark more nodes (index -> reason) as never in the trunk, with everything downstream of them."""
+    for i, reason in nodes.items():
+        analysis.blocked_reasons.setdefault(i, reason)
+    analysis.blocked |= descendants(analysis, list(nodes))
+
+
+def unsupported_report(analysis: Analysis) -> list:
+    """(node index, reason) of unmergeable nodes that are not merely after a task head."""
+    after_heads = descendants(analysis, analysis.heads)
+    return [(i, r) for i, r in sorted(analysis.blocked_reasons.items()) if i not in after_heads]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two models
+
+
+@dataclass
+class Correspondence:
+    """How model B's names map onto model A's, node for node."""
+
+    inputs: dict  # B input name -> A input name
+    tensors: dict  # A tensor name -> B tensor name (graph inputs, node outputs, initializers by use)
+
+
+def _source(analysis: Analysis, name: str):
+    if not name:
+        return ("none",)
+    if name in analysis.producer:
+        return ("node",) + analysis.producer[name]
+    inputs = analysis.input_names
+    if name in inputs:
+        return ("input", inputs.index(name))
+    if name in analysis.initializers:
+        return ("const",)
+    return ("unknown", name)
+
+
+def match(a: Analysis, b: Analysis, names=("A", "B")) -> Correspondence:
+    """Check that two models have the same structure and shapes (task heads aside); map B's names onto A's.
+
+    Constants that differ between the models where they must not (a per-channel constant on the shared input,
+    a scalar in the trunk) block those nodes from the trunk rather than failing.
+    """
+    na, nb = names
+    ga, gb = a.model.graph, b.model.graph
+    if len(a.input_names) != len(b.input_names):
+        raise MismatchError(f"{na} has {len(a.input_names)} inputs, {nb} has {len(b.input_names)}")
+    for ia, ib in zip(a.input_names, b.input_names):
+        sa, sb = a.shapes.get(ia), b.shapes.get(ib)
+        if sa != sb:
+            raise MismatchError(f"input '{ia}' of {na} has shape {sa}, input '{ib}' of {nb} has {sb} "
+                                "(batch dimension shown as 1)")
+    if len(ga.output) != len(gb.output):
+        raise MismatchError(f"{na} has {len(ga.output)} outputs, {nb} has {len(gb.output)}")
+    if len(ga.node) != len(gb.node):
+        first = next((i for i, (x, y) in enumerate(zip(ga.node, gb.node)) if x.op_type != y.op_type),
+                     min(len(ga.node), len(gb.node)))
+        raise MismatchError(f"{na} has {len(ga.node)} nodes, {nb} has {len(gb.node)}; they first differ at "
+                            f"node {first}: {_node_text(ga, first)} vs {_node_text(gb, first)}")
+    tensors = {ia: ib for ia, ib in zip(a.input_names, b.input_names)}
+    after_heads = descendants(a, a.heads)
+    differing = {}
+    for i, (x, y) in enumerate(zip(ga.node, gb.node)):
+        where = f"node {i}: {na} '{x.name}' ({x.op_type}), {nb} '{y.name}' ({y.op_type})"
+        if (x.op_type, x.domain) != (y.op_type, y.domain):
+            raise MismatchError(f"the models differ at {where}")
+        ax = {t.name: helper.get_attribute_value(t) for t in x.attribute}
+        ay = {t.name: helper.get_attribute_value(t) for t in y.attribute}
+        if _attr_key(ax) != _attr_key(ay):
+            diff = sorted(k for k in set(ax) | set(ay) if _attr_key({k: ax.get(k)}) != _attr_key({k: ay.get(k)}))
+            raise MismatchError(f"the models differ at {where}: attribute(s) {', '.join(diff)} differ")
+        if len(x.input) != len(y.input) or len(x.output) != len(y.output):
+            raise MismatchError(f"the models differ at {where}: different numbers of inputs or outputs")
+        for j, (p, q) in enumerate(zip(x.input, y.input)):
+            sp, sq = _source(a, p), _source(b, q)
+            if sp != sq:
+                raise MismatchError(f"the models differ at {where}: input {j} comes from different places")
+            if sp[0] == "const":
+                tensors[(i, j)] = q
+                vp, vq = a.initializers[p], b.initializers[q]
+                weight_axes = a.weight_axes(i, j)
+                if vp.shape != vq.shape or vp.dtype != vq.dtype:
+                    if i in after_heads or i in a.heads:
+                        continue
+                    raise MismatchError(f"the models differ at {where}: input {j} ('{p}') has shape "
+                                        f"{list(vp.shape)} in {na} and {list(vq.shape)} in {nb}")
+                shared_value = not weight_axes or all(a.spaces[wa.space].identity and wa.role == "out"
+                                                      for wa in weight_axes)
+                if shared_value and not np.array_equal(vp, vq) and i not in after_heads:
+                    differing[i] = f"constant input '{p}' differs between the models"
+        for p, q in zip(x.output, y.output):
+            tensors[p] = q
+    if differing:
+        block(a, differing)
+    for oa, ob in zip(ga.output, gb.output):
+        tensors.setdefault(oa.name, ob.name)
+    return Correspondence({ib: ia for ia, ib in zip(a.input_names, b.input_names)}, tensors)
+
+
+def _attr_key(attrs: dict):
+    out = []
+    for k in sorted(attrs):
+        v = attrs[k]
+        if isinstance(v, onnx.TensorProto):
+            v = numpy_helper.to_array(v).tobytes()
+        elif isinstance(v, (list, tuple)):
+            v = tuple(x if not isinstance(x, bytes) else x.decode(errors="replace") for x in v)
+        elif isinstance(v, (onnx.GraphProto, onnx.TypeProto, onnx.SparseTensorProto)):
+            v = v.SerializeToString()
+        out.append((k, v))
+    return tuple(out)
+
+
+def _node_text(graph, i) -> str:
+    if i >= len(graph.node):
+        return "(end of graph)"
+    return f"'{graph.node[i].name}' ({graph.node[i].op_type})"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trunk selection
+
+
+def trunk_nodes(analysis: Analysis, stop_at=None) -> set:
+    """Node indices computed once on merged features.
+
+    stop_at None/'heads'/'all': every node not blocked (the task heads, what follows them and unsupported
+    regions are blocked); an integer K: only nodes before the (K+1)-th weighted layer; 'input' or 0: nothing
+    but what acts on the shared input.
+    """
+    weighted = analysis.weighted
+    if stop_at in (None, "heads", "all"):
+        limit = len(analysis.nodes)
+    else:
+        k = 0 if stop_at == "input" else int(stop_at)
+        limit = weighted[k] if k < len(weighted) else len(analysis.nodes)
+    return {i for i in range(limit) if i not in analysis.blocked}
+
+
+def stop_points(analysis: Analysis) -> list:
+    """The values --stop-at accepts, as (value, description) pairs."""
+    out = [("input", "nothing zipped: the ensemble of both models")]
+    names = [analysis.nodes[i].name for i in analysis.weighted]
+    trunk_max = trunk_nodes(analysis)
+    for k in range(1, len(names) + 1):
+        if analysis.weighted[k - 1] not in trunk_max:
+            break
+        out.append((str(k), f"zip the first {k} weighted layers (up to '{names[k - 1]}')"))
+    out.append(("heads", "everything but the task heads (default)"))
+    return out

@@ -1,0 +1,294 @@
+"""Graph surgery: rewrite weights through merge/unmerge matrices and emit one model with a shared trunk.
+
+Trunk nodes are emitted once, from model A's graph, with weights
+``W* = sum_m M_m(out) . W_m . U_m(in)`` (ZIPIT.md, "Applying the matrices to weights"). Every other node is
+emitted once per model under the model's name (``a/...``, ``b/...``) with that model's own weights. Where a branch
+node reads a trunk tensor, the unmerge U_m is folded into its weights when it is a weighted layer reading its
+data input, and applied by a ``Gather`` along the channel axis otherwise (U is a 0/1 copy matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import Analysis, Correspondence, TensorSpace
+from .solver import Matching
+
+TRUNK_PREFIX = "zip"
+
+
+@dataclass
+class ZipPlan:
+    """Everything surgery needs: both analyses, how they correspond, the trunk and one matching per space."""
+
+    a: Analysis
+    b: Analysis
+    correspondence: Correspondence
+    trunk: set
+    matchings: dict  # space id -> Matching (zipped, non-identity spaces only)
+    names: tuple = ("a", "b")
+
+    @property
+    def analyses(self):
+        return (self.a, self.b)
+
+
+@dataclass
+class Surgery:
+    """The merged model and where each piece of the trunk ended up (statistics repair needs it)."""
+
+    model: onnx.ModelProto
+    trunk_tensors: dict = field(default_factory=dict)  # A tensor name -> merged tensor name
+    trunk_inputs: dict = field(default_factory=dict)  # (node index, input index) -> merged initializer name
+    trunk_nodes: dict = field(default_factory=dict)  # node index -> merged node name
+
+
+def zipped_spaces(a: Analysis, trunk: set) -> list:
+    """Ids of the non-identity spaces that have a tensor computed in the trunk, in graph order."""
+    out = []
+    for i in sorted(trunk):
+        for name in a.model.graph.node[i].output:
+            ts = a.tensor_spaces.get(name)
+            if ts is not None and not a.spaces[ts.space].identity and ts.space not in out:
+                out.append(ts.space)
+    return out
+
+
+def is_trunk_tensor(a: Analysis, trunk: set, name: str) -> bool:
+    if name in a.producer:
+        return a.producer[name][0] in trunk
+    return name in a.input_names or name in a.initializers
+
+
+def merge_points(a: Analysis, trunk: set) -> dict:
+    """Per zipped space, the trunk tensors where its features are consumed (ZIPIT.md: statistics are taken where
+    the features are read by the next weighted layer, or leave the trunk, or leave the graph)."""
+    outputs = set(a.output_names)
+    points = {}
+    for sid in zipped_spaces(a, trunk):
+        for name in a.spaces[sid].tensors:
+            if not is_trunk_tensor(a, trunk, name) or name in a.input_names:
+                continue
+            ends = name in outputs
+            for j, _ in a.consumers.get(name, []):
+                info = a.nodes[j]
+                if j not in trunk or (info.kind == "weighted" and info.data_input == name):
+                    ends = True
+            if ends:
+                points.setdefault(sid, []).append(name)
+        if sid not in points:  # read by nothing that ends it: fall back to every trunk tensor of the space
+            points[sid] = [n for n in a.spaces[sid].tensors if is_trunk_tensor(a, trunk, n)]
+    return points
+
+
+def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray) -> np.ndarray:
+    """Contract `axis` of `value` (size F*expand, channel-major) with `matrix` (F' x F) -> size F'*expand."""
+    x = np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0)
+    rest = x.shape[1:]
+    f_out, f_in = matrix.shape
+    x = x.reshape(f_in, expand, -1)
+    y = np.einsum("gf,fer->ger", matrix, x).reshape((f_out * expand,) + rest)
+    return np.moveaxis(y, 0, axis)
+
+
+def _merge_matrix(plan: ZipPlan, space: int, m: int) -> np.ndarray:
+    if plan.a.spaces[space].identity:
+        width = plan.a.spaces[space].width
+        return np.eye(width) / len(plan.analyses)  # both models see the same input: average
+    return plan.matchings[space].merge[m]
+
+
+def _unmerge_matrix(plan: ZipPlan, space: int, m: int) -> np.ndarray:
+    if plan.a.spaces[space].identity:
+        return np.eye(plan.a.spaces[space].width)
+    return plan.matchings[space].unmerge[m]
+
+
+def _const(plan: ZipPlan, m: int, node: int, j: int) -> np.ndarray:
+    analysis = plan.analyses[m]
+    return analysis.initializers[analysis.model.graph.node[node].input[j]]
+
+
+def trunk_weight(plan: ZipPlan, node: int, j: int) -> np.ndarray:
+    """Sum over models of M_m(out) . W_m . U_m(in) for one constant input of a trunk node."""
+    axes = plan.a.weight_axes(node, j)
+    total = None
+    for m in range(len(plan.analyses)):
+        value = _const(plan, m, node, j)
+        for wa in axes:
+            if wa.role == "out":
+                value = transform_axis(value, wa.axis, wa.expand, _merge_matrix(plan, wa.space, m))
+            else:
+                value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T)
+        total = value if total is None else total + value
+    return total
+
+
+def branch_weight(plan: ZipPlan, m: int, node: int, j: int) -> np.ndarray | None:
+    """Model m's constant with U_m folded into its input axis where that input comes from the trunk.
+
+    None when nothing changes (the constant is used as it is)."""
+    info = plan.a.nodes[node]
+    if info.kind != "weighted" or not is_trunk_tensor(plan.a, plan.trunk, info.data_input):
+        return None
+    axes = [wa for wa in plan.a.weight_axes(node, j) if wa.role == "in" and not plan.a.spaces[wa.space].identity]
+    if not axes:
+        return None
+    value = _const(plan, m, node, j)
+    for wa in axes:
+        value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T)
+    return value
+
+
+def unmerge_indices(matching: Matching, m: int, expand: int) -> np.ndarray:
+    """Gather indices that restore model m's features (each a copy of its cluster) from merged features."""
+    clusters = np.asarray(matching.unmerge_index(m), dtype=np.int64)
+    if expand == 1:
+        return clusters
+    return (clusters[:, None] * expand + np.arange(expand)[None, :]).reshape(-1)
+
+
+class _Emitter:
+    def __init__(self, plan: ZipPlan):
+        self.plan = plan
+        self.nodes = []
+        self.initializers = {}
+        self.unmerged = {}  # (A tensor, model) -> merged-graph name
+        self.surgery = None
+
+    def init(self, name: str, value: np.ndarray, like: np.ndarray) -> str:
+        array = np.asarray(value).astype(like.dtype)
+        if name in self.initializers:
+            if np.array_equal(numpy_helper.to_array(self.initializers[name]), array):
+                return name
+            k = 1
+            while f"{name}#{k}" in self.initializers:
+                k += 1
+            name = f"{name}#{k}"
+        self.initializers[name] = numpy_helper.from_array(array, name)
+        return name
+
+    def unmerge(self, tensor_a: str, m: int) -> str:
+        """A trunk tensor seen in model m's own feature basis."""
+        plan = self.plan
+        merged = self.surgery.trunk_tensors[tensor_a]
+        ts = plan.a.tensor_spaces.get(tensor_a)
+        if ts is None or plan.a.spaces[ts.space].identity:
+            return merged
+        key = (tensor_a, m)
+        if key not in self.unmerged:
+            prefix = plan.names[m]
+            name = f"{prefix}/unmerge/{tensor_a}"
+            idx = self.init(f"{prefix}/unmerge/{tensor_a}/indices",
+                            unmerge_indices(plan.matchings[ts.space], m, ts.expand), np.zeros(0, np.int64))
+            self.nodes.append(helper.make_node("Gather", [merged, idx], [name], name=name, axis=ts.axis))
+            self.unmerged[key] = name
+        return self.unmerged[key]
+
+
+def build(plan: ZipPlan) -> Surgery:
+    """Emit the merged model: shared inputs, trunk, one branch per model, outputs named <name>/<output>."""
+    a = plan.a
+    em = _Emitter(plan)
+    surgery = Surgery(model=None)
+    em.surgery = surgery
+    for name in a.input_names:
+        surgery.trunk_tensors[name] = name
+    b_to_a = {v: k for k, v in plan.correspondence.tensors.items() if isinstance(k, str)}
+
+    for i, info in enumerate(a.nodes):
+        if i in plan.trunk:
+            node = a.model.graph.node[i]
+            inputs = []
+            for j, name in enumerate(node.input):
+                if not name:
+                    inputs.append("")
+                elif name in a.initializers and name not in a.producer:
+                    if a.weight_axes(i, j):
+                        merged = em.init(f"{TRUNK_PREFIX}/{node.name}/{j}", trunk_weight(plan, i, j),
+                                         a.initializers[name])
+                    else:
+                        merged = em.init(f"{TRUNK_PREFIX}/{name}", a.initializers[name], a.initializers[name])
+                    surgery.trunk_inputs[(i, j)] = merged
+                    inputs.append(merged)
+                else:
+                    inputs.append(surgery.trunk_tensors[name])
+            outputs = []
+            for name in node.output:
+                if name:
+                    surgery.trunk_tensors[name] = f"{TRUNK_PREFIX}/{name}"
+                outputs.append(surgery.trunk_tensors.get(name, ""))
+            new = helper.make_node(node.op_type, inputs, outputs, name=f"{TRUNK_PREFIX}/{node.name}",
+                                   domain=node.domain)
+            new.attribute.extend(node.attribute)
+            em.nodes.append(new)
+            surgery.trunk_nodes[i] = new.name
+            continue
+        for m, analysis in enumerate(plan.analyses):
+            prefix = plan.names[m]
+            node = analysis.model.graph.node[i]
+            inputs = []
+            for j, name in enumerate(node.input):
+                if not name:
+                    inputs.append("")
+                    continue
+                if name in analysis.initializers and name not in analysis.producer:
+                    value = branch_weight(plan, m, i, j)
+                    if value is None:
+                        inputs.append(em.init(f"{prefix}/{name}", analysis.initializers[name],
+                                              analysis.initializers[name]))
+                    else:
+                        inputs.append(em.init(f"{prefix}/{node.name}/{j}", value, analysis.initializers[name]))
+                    continue
+                tensor_a = name if m == 0 else b_to_a.get(name, name)
+                if is_trunk_tensor(a, plan.trunk, tensor_a):
+                    if info.kind == "weighted" and tensor_a == info.data_input:
+                        inputs.append(surgery.trunk_tensors[tensor_a])  # U_m is folded into the weights
+                    else:
+                        inputs.append(em.unmerge(tensor_a, m))
+                else:
+                    inputs.append(f"{prefix}/{name}")
+            outputs = [f"{prefix}/{name}" if name else "" for name in node.output]
+            new = helper.make_node(node.op_type, inputs, outputs, name=f"{prefix}/{node.name}", domain=node.domain)
+            new.attribute.extend(node.attribute)
+            em.nodes.append(new)
+
+    outputs = []
+    for m, analysis in enumerate(plan.analyses):
+        prefix = plan.names[m]
+        for k, out in enumerate(analysis.model.graph.output):
+            tensor_a = a.model.graph.output[k].name
+            name = f"{prefix}/{out.name}"
+            if is_trunk_tensor(a, plan.trunk, tensor_a):
+                source = em.unmerge(tensor_a, m)
+                em.nodes.append(helper.make_node("Identity", [source], [name], name=f"{name}/output"))
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(out)
+            vi.name = name
+            outputs.append(vi)
+
+    graph = helper.make_graph(em.nodes, "onnxzip_merged",
+                              [i for i in a.model.graph.input if i.name not in a.initializers],
+                              outputs, list(em.initializers.values()))
+    opsets = {}
+    for analysis in plan.analyses:
+        for op in analysis.model.opset_import:
+            opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+                              producer_name="onnxzip")
+    model.ir_version = ir_version_for(model, a.model.ir_version)
+    surgery.model = model
+    return surgery
+
+
+def ir_version_for(model: onnx.ModelProto, source_ir: int) -> int:
+    """IR 10 at most (the current onnxruntime-gpu rejects newer), but never below what the opsets need."""
+    try:
+        needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except TypeError:  # older onnx without ignore_unknown
+        needed = helper.find_min_ir_version_for(list(model.opset_import))
+    return max(needed, min(source_ir or 10, 10))
