@@ -1,0 +1,114 @@
+"""PyTorch architectures for the Fashion-MNIST model pairs (as in the ZipIt! paper: ResNet-20 of width ×w, a VGG, an MLP).
+
+All take normalised (N,1,28,28) float32 input and return (N,num_classes) logits.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU.
+
+    The shortcut is a 1x1 conv + BN when stride or width changes (option B), so every residual Add sees two
+    weighted producers -- the case onnxzip has to tie into one feature space.
+    """
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, num_blocks=(3, 3, 3), width_multiplier=1, num_classes=10, in_channels=1):
+        super().__init__()
+        widths = [16 * width_multiplier, 32 * width_multiplier, 64 * width_multiplier]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers = []
+        in_planes = widths[0]
+        for stage, (planes, blocks) in enumerate(zip(widths, num_blocks)):
+            for i in range(blocks):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                layers.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
+            layers = []
+        self.linear = nn.Linear(widths[2], num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+def resnet20(width_multiplier=1, num_classes=10):
+    """CIFAR-style ResNet-20 (3 stages x 3 basic blocks, 16w/32w/64w channels); 28x28 -> 28/14/7 maps."""
+    return ResNet((3, 3, 3), width_multiplier, num_classes)
+
+
+def vgg(num_classes=10, cfg=(32, 32, "M", 64, 64, "M", 128, 128, "M"), hidden=256):
+    """Small VGG: conv3x3-BN-ReLU blocks with max-pools, then flatten of the 3x3 map -> linear -> ReLU -> linear.
+
+    Flatten (not global pooling) on purpose: the classifier's first Linear consumes each channel as 3*3 features.
+    """
+    layers = []
+    in_channels = 1
+    size = 28
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        else:
+            layers += [nn.Conv2d(in_channels, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            in_channels = v
+    return nn.Sequential(
+        *layers,
+        nn.Flatten(),
+        nn.Linear(in_channels * size * size, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def mlp(num_classes=10, hidden=(256, 256, 256), in_features=784):
+    """MLP 784 -> 256 -> 256 -> 256 -> num_classes with ReLU; flattens its (N,1,28,28) input itself."""
+    layers = [nn.Flatten()]
+    prev = in_features
+    for h in hidden:
+        layers += [nn.Linear(prev, h), nn.ReLU(inplace=True)]
+        prev = h
+    layers.append(nn.Linear(prev, num_classes))
+    return nn.Sequential(*layers)
+
+
+ARCHS = {
+    "resnet20": lambda num_classes: resnet20(1, num_classes),
+    "resnet20x2": lambda num_classes: resnet20(2, num_classes),
+    "vgg": vgg,
+    "mlp": mlp,
+}
+
+
+def build(arch, num_classes):
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    return ARCHS[arch](num_classes)
+
+
+def num_parameters(model):
+    return sum(p.numel() for p in model.parameters())
