@@ -564,6 +564,25 @@ def _shape_op(w: _Walk, node):
     return "static", None, None, None
 
 
+def _weighted_after_opaque(w: _Walk, node) -> TensorSpace | None:
+    """The output space of a weighted layer whose input onnxzip does not follow (it stays per model)."""
+    weight = w.const(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or weight.ndim < 2:
+        return None
+    if node.op_type == "Conv":
+        width, axis = weight.shape[0], 1
+    elif node.op_type == "Gemm":
+        width, axis = weight.shape[0 if w.attr(node, "transB", 0) else 1], 1
+    else:
+        shape = w.shape(node.output[0])
+        if shape is None or weight.ndim != 2:
+            return None
+        width, axis = weight.shape[1], len(shape) - 1
+    ts = TensorSpace(w.new_space(width), axis)
+    w.tensor_spaces[node.output[0]] = ts
+    return ts
+
+
 HANDLERS = {
     "Conv": _conv,
     "Gemm": _gemm,
@@ -637,6 +656,12 @@ def analyse(model: onnx.ModelProto) -> Analysis:
         inputs = [n for n in node.input if n]
         if any(n in w.opaque for n in inputs):
             info.kind = "opaque"
+            if node.op_type in WEIGHTED_OPS and node.input[0] in w.opaque:
+                # a weighted layer after an unmergeable region: it is still a layer (the task heads and the
+                # spaces after it are found as usual), it just never joins the trunk (it is blocked)
+                out = _weighted_after_opaque(w, node)
+                if out is not None:
+                    info.kind, info.data_input, info.out_space = "weighted", node.input[0], out
         elif all(n in w.static for n in inputs):
             info.kind = "static"  # computes the same value in both models, whatever the data
             for out in node.output:
@@ -680,7 +705,8 @@ def analyse(model: onnx.ModelProto) -> Analysis:
     for info in infos:
         if info.kind == "weighted":
             spaces[info.out_space.space].producers.append(info.index)
-            spaces[info.in_space.space].consumers.append(info.index)
+            if info.in_space is not None:
+                spaces[info.in_space.space].consumers.append(info.index)
         elif info.kind == "carrier" and info.out_space is not None:
             spaces[info.out_space.space].carriers.append(info.index)
 
