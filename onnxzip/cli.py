@@ -1,0 +1,291 @@
+"""The `onnxzip` command line: parses options, calls the Python API, reports.
+
+All the work is done by the library (`onnxzip.merge`, `onnxzip.evaluate`). Errors are turned into messages and
+exit codes in one place, `_Group.invoke`: an `OnnxzipError` exits with its class's `exit_code` (see
+`onnxzip.errors` and README.md), an interrupt with 130, anything else is an internal error (1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .errors import OnnxzipError, UsageError
+
+LOGGER_NAME = "onnxzip"
+_VERBOSE_KEY = "onnxzip.verbose"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class _Group(click.Group):
+    """The one place where errors become messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own: --help, usage errors (exit 2)
+        except OnnxzipError as e:
+            _print_traceback_if_verbose(ctx)
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            _print_traceback_if_verbose(ctx)
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug: say so, and how to get the details
+            _print_traceback_if_verbose(ctx)
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            verbose = ctx.meta.get(_VERBOSE_KEY)
+            hint = " (please report it)" if verbose else " (run with -v for the traceback, please report it)"
+            click.echo(f"internal error: {detail}{hint}", err=True)
+            ctx.exit(1)
+
+
+def _print_traceback_if_verbose(ctx: click.Context) -> None:
+    if ctx.meta.get(_VERBOSE_KEY):
+        traceback.print_exc(file=sys.stderr)
+
+
+def _setup_logging(ctx: click.Context, verbose: bool, quiet: bool) -> logging.Logger:
+    """Log to stderr: INFO by default, DEBUG with -v, WARNING with -q."""
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other; give one of them")
+    ctx.meta[_VERBOSE_KEY] = verbose
+    logger = logging.getLogger(LOGGER_NAME)
+    for h in [h for h in logger.handlers if getattr(h, "_onnxzip_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(click.get_text_stream("stderr"))
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    handler._onnxzip_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    return logger
+
+
+def _verbosity_options(f):
+    f = click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only; no progress bars or summary.")(f)
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# option parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _parse_names(ctx, param, value):
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(","))
+    if len(names) != 2:
+        raise click.BadParameter(f"give two names separated by a comma (e.g. a,b), got {value!r}")
+    for n in names:
+        if not n or not _NAME_RE.match(n):
+            raise click.BadParameter(f"{n!r} is not a valid name: use letters, digits, '_', '.' or '-'")
+    if names[0] == names[1]:
+        raise click.BadParameter(f"the two names must differ, got {value!r} twice the same")
+    return names
+
+
+def _parse_alpha(ctx, param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def parse_stop_at(value: str | None):
+    """--stop-at: None/'heads'/'all' -> 'heads' (everything but the task heads), 'input' -> 'input' (nothing
+    zipped), an integer K >= 0 -> K (zip the first K weighted layers)."""
+    if value is None:
+        return "heads"
+    v = value.strip().lower()
+    if v in ("heads", "all"):
+        return "heads"
+    if v == "input":
+        return "input"
+    try:
+        k = int(v)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give an integer K (zip the first K weighted layers), "
+                                 "'heads' or 'all' (everything but the task heads) or 'input' (nothing zipped)")
+    if k < 0:
+        raise click.BadParameter(f"{value!r}: the number of layers to zip must be ≥ 0")
+    return k
+
+
+def _stop_at_callback(ctx, param, value):
+    return parse_stop_at(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="onnxzip", message="%(prog)s %(version)s")
+def cli():
+    """Merge two ONNX models trained on disjoint tasks into one multi-task model, without training (ZipIt!)."""
+
+
+@cli.command()
+@click.argument("model_a", metavar="A")
+@click.argument("model_b", metavar="B")
+@click.option("--data", "data", required=True, metavar="PATH",
+              help="Unlabeled calibration inputs: .npy (one input) or .npz (arrays named after the inputs).")
+@click.option("-o", "--output", required=True, metavar="OUT", help="Where to write the merged .onnx model.")
+@click.option("--method", type=click.Choice(["zip", "permute", "average", "ensemble"]), default="zip",
+              show_default=True, help="zip: ZipIt!; permute: one-to-one matching; average: identity matching; "
+                                      "ensemble: both models side by side, no merging.")
+@click.option("--alpha", type=float, default=0.3, show_default=True, callback=_parse_alpha,
+              help="ZipIt! alpha: similarity multiplier of a cluster that already merged (≤ 0: merge once).")
+@click.option("--beta", type=click.FloatRange(0.0, 1.0), default=0.125, show_default=True,
+              help="ZipIt! beta: budget of same-model merges, in [0, 1] (0: only A↔B merges).")
+@click.option("--stop-at", "stop_at", default=None, metavar="TEXT", callback=_stop_at_callback,
+              help="How far to zip: an integer K (the first K weighted layers), 'heads'/'all' (everything but the "
+                   "task heads, the default) or 'input' (nothing zipped).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Calibration samples to use.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Calibration batch size.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where onnxruntime runs the calibration.")
+@click.option("--names", default="a,b", show_default=True, metavar="A,B", callback=_parse_names,
+              help="Names of the two tasks: prefixes of the branches and outputs in the merged model.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sample selection).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--repair/--no-repair", default=True, show_default=True,
+              help="Correct the merged trunk's per-channel statistics (REPAIR).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the merged model: finite outputs, close to the originals on held-out samples.")
+@click.option("--strict", is_flag=True,
+              help="Fail on any operator onnxzip cannot merge instead of leaving it and everything after it unzipped.")
+@_verbosity_options
+@click.pass_context
+def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device,
+          names, seed, force, repair, verify, strict, quiet, verbose):
+    """Merge models A and B into one model OUT with one head per task."""
+    logger = _setup_logging(ctx, verbose, quiet)
+    import onnxzip  # the API; imported here so that `--help` stays fast
+
+    result = onnxzip.merge(
+        model_a, model_b, data, output,
+        method=method, alpha=alpha, beta=beta, stop_at=stop_at, num_samples=num_samples, batch_size=batch_size,
+        device=device, names=names, seed=seed, force=force, repair=repair, verify=verify, strict=strict,
+        progress=not quiet, logger=logger,
+    )
+    if not quiet:
+        for line in result.summary_lines():
+            click.echo(line)
+
+
+def _parse_heads(values) -> dict | None:
+    if not values:
+        return None
+    heads = {}
+    for v in values:
+        task, sep, output = v.partition("=")
+        if not sep or not task or not output:
+            raise click.BadParameter(f"{v!r}: write TASK=OUTPUT, e.g. a=a/logits", param_hint="--head")
+        if task in heads:
+            raise click.BadParameter(f"task {task!r} is given twice", param_hint="--head")
+        heads[task] = output
+    return heads
+
+
+def _read_tasks(card_path: str) -> dict:
+    try:
+        with open(card_path, encoding="utf-8") as f:
+            card = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--card {card_path!r}: no such file")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--card {card_path!r} is not a readable JSON file: {e}")
+    tasks = card.get("tasks") if isinstance(card, dict) else None
+    if not isinstance(tasks, dict) or not tasks or not all(
+            isinstance(c, list) and all(isinstance(i, int) for i in c) for c in tasks.values()):
+        raise UsageError(f"--card {card_path!r} has no \"tasks\" entry of the form "
+                         "{\"a\": [class ids], \"b\": [class ids]}")
+    return tasks
+
+
+@cli.command("eval")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--data", "data", required=True, metavar="PATH",
+              help="Labeled evaluation data: .npz with 'x' (images) and 'y' (global class ids).")
+@click.option("--card", "card", required=True, metavar="PATH",
+              help="card.json whose \"tasks\" lists each task's class ids in head order.")
+@click.option("--head", "head", multiple=True, metavar="TASK=OUTPUT",
+              help="Graph output that is TASK's head (repeatable). Default: the outputs named TASK/...")
+@click.option("--task", default=None, metavar="TASK",
+              help="Evaluate a single-head model (an original model) as TASK's model.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where onnxruntime runs the model (accuracy and latency).")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Measure the latency (ms per image, batch 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_verbosity_options
+@click.pass_context
+def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, as_json, quiet, verbose):
+    """Per-task and joint accuracy, parameters, MACs and latency of MODEL."""
+    _setup_logging(ctx, verbose, quiet)
+    from .evaluate import evaluate, load_eval_data
+    from .onnx_io import load_model
+
+    heads = _parse_heads(head)
+    if task is not None and heads is not None:
+        raise click.UsageError("give either --task or --head, not both")
+    tasks = _read_tasks(card)
+    if task is not None and task not in tasks:
+        raise UsageError(f"--task {task!r} is not a task of {card!r} (tasks: {', '.join(tasks)})")
+    model = load_model(model_path)
+    x, y = load_eval_data(data)
+    if task is not None:
+        outputs = [o.name for o in model.graph.output]
+        if len(outputs) != 1:
+            raise UsageError(f"--task needs a model with one output; {model_path!r} has {len(outputs)} "
+                             f"({', '.join(outputs)}); use --head TASK=OUTPUT")
+        heads = {task: outputs[0]}
+    report = evaluate(model, x, y, tasks, heads, batch_size=batch_size, device=device, latency=latency)
+
+    if as_json:
+        click.echo(json.dumps({"model": model_path, **report.to_dict()}, indent=2))
+        return
+    rows = [("model", model_path)]
+    for t in tasks:
+        if t in report.per_task_accuracy:
+            rows.append((f"task {t}", f"{_pct(report.per_task_accuracy[t])}  ({report.num_images[t]} images, "
+                                      f"head {report.heads[t]})"))
+        else:
+            rows.append((f"task {t}", f"no head  ({report.num_images[t]} images)"))
+    rows.append(("joint", f"{_pct(report.joint_accuracy)}  ({report.num_joint_images} images, "
+                          f"classes of {', '.join(report.heads)})"))
+    rows.append(("params", f"{report.params:,}"))
+    rows.append(("MACs", f"{report.macs:,} per image"))
+    if report.latency_ms is not None:
+        rows.append(("latency", f"{report.latency_ms:.3f} ms/image ({device}, batch 1)"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value != value else f"{100 * value:.2f} %"
+
+
+def main(argv=None):
+    """Console entry point (`onnxzip`, `python -m onnxzip`)."""
+    cli.main(args=argv, prog_name="onnxzip")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures.
+
+`logits_model` builds a tiny model whose outputs are slices of its input, so a test chooses the logits a model
+"predicts" by choosing its input: ``logits_model({"a/logits": (0, 3), "b/logits": (3, 5)}, width=5)``.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def build_logits_model(heads: dict, width: int) -> onnx.ModelProto:
+    """Input `input` (N, width) float32; output `name` = input[:, start:stop] for each name -> (start, stop)."""
+    nodes, inits, outputs = [], [], []
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    inits.append(axes)
+    for i, (name, (start, stop)) in enumerate(heads.items()):
+        inits.append(numpy_helper.from_array(np.array([start], np.int64), f"start{i}"))
+        inits.append(numpy_helper.from_array(np.array([stop], np.int64), f"stop{i}"))
+        nodes.append(helper.make_node("Slice", ["input", f"start{i}", f"stop{i}", "axes"], [name], name=f"slice{i}"))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", stop - start]))
+    graph = helper.make_graph(nodes, "logits", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                             ["N", width])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture
+def logits_model():
+    return build_logits_model
