@@ -173,7 +173,7 @@ def test_existing_output_without_force(dirs, vgg_pair):
     # and with force the file is replaced by a valid model
     onnxzip.merge(a, b, F.calib(a, 64), output=path, force=True, progress=False)
     onnx.checker.check_model(str(path), full_check=True)
-    assert sorted(os.listdir(out)) == ["merged.onnx"]
+    assert sorted(os.listdir(out)) == ["merged.onnx", "merged.onnx.json"]  # the model and its merge card
 
 
 def test_errors_share_one_family():

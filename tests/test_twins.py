@@ -64,6 +64,23 @@ def check_interface(merged, a):
     assert merged.ir_version <= 10, f"ir_version {merged.ir_version}"
 
 
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+
+
+def weighted_count(model):
+    return sum(n.op_type in WEIGHTED for n in model.graph.node)
+
+
+def check_trunk(merged, a, shared, what):
+    """The first `shared` weighted layers of A are computed once, every other one once per model.
+
+    Without this an 'ensemble' in disguise (nothing merged) would pass every exactness test."""
+    n = weighted_count(a)
+    got = weighted_count(merged)
+    want = shared + 2 * (n - shared)
+    assert got == want, f"{what}: {got} weighted layers in the merged graph, expected {want} ({shared} shared of {n})"
+
+
 def check_file(path, a, x, want_a, want_b, atol):
     """The merged file passes the full checker and computes the same at every ORT optimisation level."""
     onnx.checker.check_model(str(path), full_check=True)
@@ -137,6 +154,9 @@ def test_twin_merge_is_exact(twins, arch, method, repair):
     result = merge(a, b, F.calib(a, 256, seed=0), method=method, repair=repair, **kw)
     merged = result.model
     check_interface(merged, a)
+    check_trunk(merged, a, weighted_count(a) - 1, f"{arch} {method}")
+    n_a, n_m = F.float_param_count(a), F.float_param_count(merged)
+    assert n_m < 1.15 * n_a, f"{arch}: merged twin has {n_m} float parameters, A has {n_a}"
     x = held_out(a)
     want = F.run(a, x)["logits"]
     ya, yb = outputs(merged, x)
@@ -150,6 +170,7 @@ def test_self_merge_gives_back_the_model(twins, arch, method):
     a = twins[arch][0]
     merged = merge(a, a, F.calib(a, 256, seed=0), method=method).model
     check_interface(merged, a)
+    check_trunk(merged, a, weighted_count(a) - 1, f"{arch} {method} self-merge")
     x = held_out(a)
     want = F.run(a, x)["logits"]
     ya, yb = outputs(merged, x)
@@ -157,15 +178,22 @@ def test_self_merge_gives_back_the_model(twins, arch, method):
     assert_close(yb, want, EXACT, f"{arch} {method} self-merge b/logits")
 
 
-@pytest.mark.parametrize("arch", ["vgg", "resnet"])
-def test_partial_zip_of_twins_is_exact(twins, arch):
+# every stop point: branches read trunk tensors through U folded into conv / Gemm / MatMul weights (the vgg's
+# K=3 folds through the flatten), through a Gather (the resnet's residual Adds), and at the resnet's K=7 the
+# downsampling block is cut between its main path (b3c2, shared) and its shortcut (b3sc, per model)
+PARTIAL = [("mlp", 1), ("mlp", 2)] + [("vgg", k) for k in range(1, 5)] + [("resnet", k) for k in range(1, 9)]
+
+
+@pytest.mark.parametrize("arch,k", PARTIAL)
+def test_partial_zip_of_twins_is_exact(twins, arch, k):
     a, _, b, _ = twins[arch]
-    merged = merge(a, b, F.calib(a, 256, seed=0), method="zip", beta=0.0, stop_at=2).model
+    merged = merge(a, b, F.calib(a, 256, seed=0), method="zip", beta=0.0, stop_at=k).model
+    check_trunk(merged, a, min(k, weighted_count(a) - 1), f"{arch} stop_at={k}")
     x = held_out(a)
     want = F.run(a, x)["logits"]
     ya, yb = outputs(merged, x)
-    assert_close(ya, want, ATOL, f"{arch} stop_at=2 a/logits")
-    assert_close(yb, want, ATOL, f"{arch} stop_at=2 b/logits")
+    assert_close(ya, want, ATOL, f"{arch} stop_at={k} a/logits")
+    assert_close(yb, want, ATOL, f"{arch} stop_at={k} b/logits")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,6 +217,7 @@ def test_stop_at_input_is_the_ensemble(pairs, arch, stop_at, tmp_path):
     path = tmp_path / "m.onnx"
     result = merge(a, b, F.calib(a, 256, seed=0), output=path, stop_at=stop_at)
     assert path.exists()
+    check_trunk(result.model, a, 0, f"{arch} stop_at={stop_at!r}")
     x = held_out(a)
     want_a, want_b = F.run(a, x)["logits"], F.run(b, x)["logits"]
     ya, yb = outputs(result.model, x)
@@ -202,6 +231,7 @@ def test_ensemble_is_a_and_b_side_by_side(pairs, arch, tmp_path):
     a, b = pairs[arch, (5, 7)]
     path = tmp_path / "ens.onnx"
     result = merge(a, b, F.calib(a, 256, seed=0), output=path, method="ensemble")
+    check_trunk(result.model, a, 0, f"{arch} ensemble")
     x = held_out(a)
     want_a, want_b = F.run(a, x)["logits"], F.run(b, x)["logits"]
     ya, yb = outputs(result.model, x)
@@ -218,10 +248,13 @@ def test_full_zip_costs_about_one_model(pairs, arch, tmp_path):
     a, b = pairs[arch, (5, 5)]
     path = tmp_path / "zip.onnx"
     merged = merge(a, b, F.calib(a, 256, seed=0), output=path).model
+    check_trunk(merged, a, weighted_count(a) - 1, f"{arch} full zip")
     x = held_out(a)
     ya, yb = outputs(merged, x)
     assert np.isfinite(ya).all() and np.isfinite(yb).all()
     assert ya.shape == (64, 5) and yb.shape == (64, 5)
+    # a real merge of two different models is not exact (else nothing was merged)
+    assert np.abs(ya - F.run(a, x)["logits"]).max() > 1e-3
     n_a, n_m = F.float_param_count(a), F.float_param_count(merged)
     assert n_m < 1.15 * n_a, f"{arch}: merged model has {n_m} float parameters, A has {n_a} ({n_m / n_a:.2f}x)"
     # file valid and the same at every optimisation level
@@ -233,6 +266,7 @@ def test_partial_zip_of_random_pair_with_different_heads(pairs, arch, tmp_path):
     a, b = pairs[arch, (5, 7)]
     path = tmp_path / "p.onnx"
     merged = merge(a, b, F.calib(a, 256, seed=0), output=path, stop_at=2).model
+    check_trunk(merged, a, 2, f"{arch} stop_at=2")
     x = held_out(a)
     ya, yb = outputs(merged, x)
     assert ya.shape == (64, 5) and yb.shape == (64, 7)
@@ -261,3 +295,13 @@ def test_models_and_data_by_path_array_or_dict(twins, tmp_path):
             what = f"models {type(models[0]).__name__}, data {type(d).__name__}"
             assert_close(ya, want, ATOL, what + " a/logits")
             assert_close(yb, want, ATOL, what + " b/logits")
+
+
+def test_same_seed_same_model_and_names(pairs):
+    a, b = pairs["vgg", (5, 7)]
+    data = F.calib(a, 256, seed=0)
+    m1 = merge(a, b, data, seed=3).model
+    m2 = merge(a, b, data, seed=3).model
+    assert m1.SerializeToString() == m2.SerializeToString(), "merge is not deterministic for a fixed seed"
+    m3 = merge(a, b, data, names=("shirts", "shoes"), method="ensemble").model
+    assert [o.name for o in m3.graph.output] == ["shirts/logits", "shoes/logits"]
