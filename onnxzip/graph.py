@@ -59,6 +59,11 @@ class FeatureSpace:
     consumers: list = field(default_factory=list)  # node indices of weighted layers reading it
     carriers: list = field(default_factory=list)  # node indices that carry or tie it
     tensors: list = field(default_factory=list)  # tensor names in it
+    parts: list = field(default_factory=list)  # a channel Concat: the spaces it is made of, in order
+
+    @property
+    def composite(self) -> bool:
+        return bool(self.parts)
 
 
 @dataclass
@@ -202,6 +207,7 @@ class _Walk:
         self.parent: dict = {}  # union-find over space ids
         self.widths: dict = {}
         self.identity: set = set()
+        self.parts: dict = {}  # composite space id -> the space ids it concatenates
         self.node_index = -1
 
     # union-find ------------------------------------------------------------------------------------------------
@@ -223,6 +229,8 @@ class _Walk:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
+        if ra in self.parts or rb in self.parts:
+            raise _Unsupported("ties a concatenation of channels to another feature space")
         if self.widths[ra] != self.widths[rb]:
             raise _Unsupported(f"ties spaces of different widths ({self.widths[ra]} and {self.widths[rb]})")
         if (ra in self.identity) != (rb in self.identity):
@@ -531,14 +539,64 @@ def _transpose(w: _Walk, node):
 
 
 def _concat(w: _Walk, node):
+    """Along another axis: the inputs share one space (tied). Along the channel axis: a composite space whose
+    merge is block-diagonal over its parts (DenseNet / Inception)."""
     rank = w.rank(node.output[0])
     axis = w.attr(node, "axis") % rank
     spaced = [w.space_of(n) for n in node.input]
     if any(ts is None for ts in spaced):
         raise _Unsupported("concatenates features with something else")
-    if any(ts.axis == axis for ts in spaced):
-        raise _Unsupported("concatenates along the channel axis")
-    return _elementwise(w, node)
+    on_axis = [ts.axis == axis for ts in spaced]
+    if not any(on_axis):
+        return _elementwise(w, node)
+    if not all(on_axis):
+        raise _Unsupported("concatenates tensors that hold channels on different axes")
+    expand = spaced[0].expand
+    if any(ts.expand != expand for ts in spaced):
+        raise _Unsupported("concatenates flattened features of different spatial sizes")
+    parts = [ts.space for ts in spaced]
+    identity = all(w.find(p) in w.identity for p in parts)
+    sid = w.new_space(sum(w.width(ts) for ts in spaced), identity=identity)
+    w.parts[sid] = parts
+    out = TensorSpace(sid, axis, expand)
+    w.set_space(node.output[0], out)
+    return "carrier", None, spaced[0], out
+
+
+def _layernorm(w: _Walk, node):
+    """LayerNormalization: per-channel scale and bias. Where the channel axis is among the normalised axes the
+    statistics mix channels: exact for permutations, an approximation for zipped (averaged) features."""
+    x = w.space_of(node.input[0])
+    rank = w.rank(node.input[0])
+    for i in (1, 2):
+        if len(node.input) > i and node.input[i]:
+            _channel_param(w, node, i, x, rank)
+    w.set_space(node.output[0], x)
+    for extra in node.output[1:]:
+        if extra:
+            w.opaque.add(extra)
+    return "carrier", None, x, x
+
+
+def _groupnorm(w: _Walk, node):
+    """GroupNormalization with one group (all channels together) or one group per channel; groups of several
+    channels would be broken up by a merge."""
+    x = w.space_of(node.input[0])
+    groups = w.attr(node, "num_groups")
+    width = w.width(x)
+    if x.axis != 1 or x.expand != 1:
+        raise _Unsupported("normalises an axis that does not hold the channels")
+    if groups not in (1, width):
+        raise _Unsupported(f"normalises groups of {width // max(groups, 1)} channels together (num_groups={groups})")
+    for i in (1, 2):
+        _require_const(w, node, i, "scale and bias")
+        value = w.const(node.input[i])
+        if value.size == width and value.ndim == 1:
+            w.add_weight(i, 0, x.space, "out")
+        elif value.size != 1:
+            raise _Unsupported(f"its {'scale' if i == 1 else 'bias'} has shape {list(value.shape)}")
+    w.set_space(node.output[0], x)
+    return "carrier", None, x, x
 
 
 def _pad(w: _Walk, node):
@@ -615,6 +673,8 @@ HANDLERS = {
     "Unsqueeze": _squeeze,
     "Transpose": _transpose,
     "Concat": _concat,
+    "LayerNormalization": _layernorm,
+    "GroupNormalization": _groupnorm,
     "Pad": _pad,
     "Shape": _shape_op,
     "Size": _shape_op,
@@ -698,7 +758,8 @@ def analyse(model: onnx.ModelProto) -> Analysis:
     for sid in w.parent:
         root = w.find(sid)
         if root not in spaces:
-            spaces[root] = FeatureSpace(root, w.widths[root], identity=root in w.identity)
+            spaces[root] = FeatureSpace(root, w.widths[root], identity=root in w.identity,
+                                        parts=[w.find(p) for p in w.parts.get(root, [])])
     for name, ts in tensor_spaces.items():
         spaces[ts.space].tensors.append(name)
     spaces = {k: v for k, v in spaces.items() if v.tensors}
@@ -833,7 +894,7 @@ def match(a: Analysis, b: Analysis, names=("A", "B")) -> Correspondence:
                                         f"{list(vp.shape)} in {na} and {list(vq.shape)} in {nb}")
                 shared_value = not weight_axes or all(a.spaces[wa.space].identity and wa.role == "out"
                                                       for wa in weight_axes)
-                if shared_value and not np.array_equal(vp, vq) and i not in after_heads:
+                if shared_value and not np.array_equal(vp, vq) and i not in after_heads and i not in a.blocked:
                     differing[i] = f"constant input '{p}' differs between the models"
         for p, q in zip(x.output, y.output):
             tensors[p] = q

@@ -161,7 +161,7 @@ def repair(plan: ZipPlan, surgery: Surgery, targets: dict, data: CalibrationData
         width = plan.a.spaces[point.space.space].width
         source = targets[point.key]
         mu_src, sd_src = source.mean, source.std()
-        matching = plan.matchings[point.space.space]
+        matching = plan.matching(point.space.space)
         mu_t = sum(matching.merge[m] @ mu_src[m * width:(m + 1) * width] for m in range(len(matching.merge)))
         sd_t = sum(matching.merge[m] @ sd_src[m * width:(m + 1) * width] for m in range(len(matching.merge)))
         mu, sd = stats.mean, stats.std()

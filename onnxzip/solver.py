@@ -107,6 +107,28 @@ def matching_from_clusters(
     )
 
 
+def concat_matchings(parts: list) -> Matching:
+    """The matching of channels concatenated from several spaces: block-diagonal, each part merged by its own
+    matching (a channel Concat moves no feature across parts)."""
+    if not parts:
+        raise ValueError("concat_matchings needs at least one matching")
+    n = parts[0].num_models
+    if any(p.num_models != n for p in parts):
+        raise ValueError("every part must match the same number of models")
+    per_model, offset = [[] for _ in range(n)], 0
+    for p in parts:
+        for m in range(n):
+            per_model[m].append(p.clusters[m * p.width:(m + 1) * p.width] + offset)
+        offset += p.merged_width
+    clusters = np.concatenate([np.concatenate(c) for c in per_model])
+    return matching_from_clusters(
+        clusters, n, offset,
+        cross_merges=sum(p.cross_merges for p in parts),
+        within_merges=[sum(p.within_merges[m] for p in parts) for m in range(n)],
+        forced_merges=sum(p.forced_merges for p in parts),
+    )
+
+
 def _check_num_models(num_models: int) -> int:
     if int(num_models) != num_models or num_models < 1:
         raise ValueError(f"num_models must be a positive integer, got {num_models!r}")

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import Analysis, Correspondence, TensorSpace
-from .solver import Matching
+from .solver import Matching, concat_matchings, identity_match
 
 TRUNK_PREFIX = "zip"
 
@@ -36,6 +36,19 @@ class ZipPlan:
     def analyses(self):
         return (self.a, self.b)
 
+    def matching(self, space: int) -> Matching:
+        """The matching of a space: solved ones from `matchings`; the shared input matched to itself; a channel
+        Concat block-diagonal over its parts."""
+        if space not in self.matchings:
+            info = self.a.spaces[space]
+            if info.composite:
+                self.matchings[space] = concat_matchings([self.matching(p) for p in info.parts])
+            elif info.identity:
+                self.matchings[space] = identity_match(info.width, len(self.analyses))
+            else:
+                raise KeyError(f"feature space {space} was not solved")
+        return self.matchings[space]
+
 
 @dataclass
 class Surgery:
@@ -48,12 +61,16 @@ class Surgery:
 
 
 def zipped_spaces(a: Analysis, trunk: set) -> list:
-    """Ids of the non-identity spaces that have a tensor computed in the trunk, in graph order."""
+    """Ids of the spaces to solve: learned (not the shared input), not a channel Concat of others (those follow
+    their parts), with a tensor computed in the trunk; in graph order."""
     out = []
     for i in sorted(trunk):
         for name in a.model.graph.node[i].output:
             ts = a.tensor_spaces.get(name)
-            if ts is not None and not a.spaces[ts.space].identity and ts.space not in out:
+            if ts is None or ts.space in out:
+                continue
+            space = a.spaces[ts.space]
+            if not space.identity and not space.composite:
                 out.append(ts.space)
     return out
 
@@ -78,6 +95,8 @@ def merge_points(a: Analysis, trunk: set) -> dict:
                 info = a.nodes[j]
                 if j not in trunk or (info.kind == "weighted" and info.data_input == name):
                     ends = True
+                elif info.out_space is not None and a.spaces[info.out_space.space].composite:
+                    ends = True  # read into a channel Concat: its consumers see these features as they are
             if ends:
                 points.setdefault(sid, []).append(name)
         if sid not in points:  # read by nothing that ends it: fall back to every trunk tensor of the space
@@ -96,16 +115,11 @@ def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray
 
 
 def _merge_matrix(plan: ZipPlan, space: int, m: int) -> np.ndarray:
-    if plan.a.spaces[space].identity:
-        width = plan.a.spaces[space].width
-        return np.eye(width) / len(plan.analyses)  # both models see the same input: average
-    return plan.matchings[space].merge[m]
+    return plan.matching(space).merge[m]
 
 
 def _unmerge_matrix(plan: ZipPlan, space: int, m: int) -> np.ndarray:
-    if plan.a.spaces[space].identity:
-        return np.eye(plan.a.spaces[space].width)
-    return plan.matchings[space].unmerge[m]
+    return plan.matching(space).unmerge[m]
 
 
 def _const(plan: ZipPlan, m: int, node: int, j: int) -> np.ndarray:
@@ -184,7 +198,7 @@ class _Emitter:
             prefix = plan.names[m]
             name = f"{prefix}/unmerge/{tensor_a}"
             idx = self.init(f"{prefix}/unmerge/{tensor_a}/indices",
-                            unmerge_indices(plan.matchings[ts.space], m, ts.expand), np.zeros(0, np.int64))
+                            unmerge_indices(plan.matching(ts.space), m, ts.expand), np.zeros(0, np.int64))
             self.nodes.append(helper.make_node("Gather", [merged, idx], [name], name=name, axis=ts.axis))
             self.unmerged[key] = name
         return self.unmerged[key]

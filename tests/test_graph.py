@@ -1,0 +1,237 @@
+"""Graph analysis: the feature spaces found, and exact permuted-twin merges of the less common structures
+(channel Concat, depthwise conv, squeeze-and-excitation gate, LayerNorm on the channel axis)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxzip
+from onnxzip.graph import analyse, stop_points, trunk_nodes, unsupported_report
+
+import fixtures as F
+
+RNG = np.random.RandomState(0)
+
+
+def learned_spaces(model):
+    return [s for s in analyse(model).spaces.values() if not s.identity and not s.composite]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a tiny builder: nodes + named weights; the twin permutes the weights, the graph stays the same
+
+
+def conv_w(o, i, k=3, groups=1):
+    return (RNG.randn(o, i // groups, k, k) * np.sqrt(2.0 / (i // groups * k * k))).astype(np.float32)
+
+
+def bias(n):
+    return RNG.uniform(0.0, 0.2, n).astype(np.float32)
+
+
+def make(nodes, weights, in_shape, out_width, opset=17):
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N"] + list(in_shape))
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", out_width])
+    inits = [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in weights.items()]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def perm(n):
+    return RNG.permutation(n)
+
+
+def head(nodes, w, source, width, classes=5):
+    nodes += [helper.make_node("GlobalAveragePool", [source], ["gap"]),
+              helper.make_node("Flatten", ["gap"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], transB=1)]
+    w["fc.w"] = (RNG.randn(classes, width) / np.sqrt(width)).astype(np.float32)
+    w["fc.b"] = bias(classes)
+
+
+def concat_model():
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "c2a.w", "c2a.b"], ["c2a"], pads=[1] * 4),
+         helper.make_node("Relu", ["c2a"], ["r2a"]),
+         helper.make_node("Conv", ["r1", "c2b.w", "c2b.b"], ["c2b"], kernel_shape=[1, 1]),
+         helper.make_node("Relu", ["c2b"], ["r2b"]),
+         helper.make_node("Concat", ["r2a", "r2b", "r1"], ["cat"], axis=1),
+         helper.make_node("Conv", ["cat", "c3.w", "c3.b"], ["c3"], pads=[1] * 4),
+         helper.make_node("Relu", ["c3"], ["r3"])]
+    w = {"c1.w": conv_w(6, 3), "c1.b": bias(6), "c2a.w": conv_w(4, 6), "c2a.b": bias(4),
+         "c2b.w": conv_w(5, 6, 1), "c2b.b": bias(5), "c3.w": conv_w(7, 15), "c3.b": bias(7)}
+    head(n, w, "r3", 7)
+
+    def twin(w):
+        p1, pa, pb, p3 = perm(6), perm(4), perm(5), perm(7)
+        cat = np.concatenate([pa, 4 + pb, 9 + p1])
+        return {"c1.w": w["c1.w"][p1], "c1.b": w["c1.b"][p1],
+                "c2a.w": w["c2a.w"][pa][:, p1], "c2a.b": w["c2a.b"][pa],
+                "c2b.w": w["c2b.w"][pb][:, p1], "c2b.b": w["c2b.b"][pb],
+                "c3.w": w["c3.w"][p3][:, cat], "c3.b": w["c3.b"][p3],
+                "fc.w": w["fc.w"][:, p3], "fc.b": w["fc.b"]}
+    return n, w, twin, (3, 8, 8), 4  # learned spaces: c1, c2a, c2b, c3 (the head is the 5th)
+
+
+def depthwise_model():
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "dw.w", "dw.b"], ["dw"], pads=[1] * 4, group=6),
+         helper.make_node("Relu", ["dw"], ["r2"]),
+         helper.make_node("Conv", ["r2", "pw.w", "pw.b"], ["pw"], kernel_shape=[1, 1]),
+         helper.make_node("Relu", ["pw"], ["r3"])]
+    w = {"c1.w": conv_w(6, 3), "c1.b": bias(6), "dw.w": conv_w(6, 6, groups=6), "dw.b": bias(6),
+         "pw.w": conv_w(8, 6, 1), "pw.b": bias(8)}
+    head(n, w, "r3", 8)
+
+    def twin(w):
+        p1, p2 = perm(6), perm(8)
+        return {"c1.w": w["c1.w"][p1], "c1.b": w["c1.b"][p1], "dw.w": w["dw.w"][p1], "dw.b": w["dw.b"][p1],
+                "pw.w": w["pw.w"][p2][:, p1], "pw.b": w["pw.b"][p2], "fc.w": w["fc.w"][:, p2], "fc.b": w["fc.b"]}
+    return n, w, twin, (3, 8, 8), 2
+
+
+def se_model():
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("GlobalAveragePool", ["r1"], ["sq"]),
+         helper.make_node("Conv", ["sq", "s.w", "s.b"], ["s"], kernel_shape=[1, 1]),
+         helper.make_node("Relu", ["s"], ["rs"]),
+         helper.make_node("Conv", ["rs", "e.w", "e.b"], ["e"], kernel_shape=[1, 1]),
+         helper.make_node("Sigmoid", ["e"], ["gate"]),
+         helper.make_node("Mul", ["r1", "gate"], ["gated"])]
+    w = {"c1.w": conv_w(8, 3), "c1.b": bias(8), "s.w": conv_w(3, 8, 1), "s.b": bias(3),
+         "e.w": conv_w(8, 3, 1), "e.b": bias(8)}
+    head(n, w, "gated", 8)
+
+    def twin(w):
+        p1, ps = perm(8), perm(3)
+        return {"c1.w": w["c1.w"][p1], "c1.b": w["c1.b"][p1], "s.w": w["s.w"][ps][:, p1], "s.b": w["s.b"][ps],
+                "e.w": w["e.w"][p1][:, ps], "e.b": w["e.b"][p1], "fc.w": w["fc.w"][:, p1], "fc.b": w["fc.b"]}
+    return n, w, twin, (3, 8, 8), 2  # the gate is tied to the map it gates
+
+
+def layernorm_model():
+    n = [helper.make_node("MatMul", ["input", "l1.w"], ["m1"]),
+         helper.make_node("Add", ["m1", "l1.b"], ["a1"]),
+         helper.make_node("LayerNormalization", ["a1", "ln.s", "ln.b"], ["ln"], axis=-1),
+         helper.make_node("Relu", ["ln"], ["r1"]),
+         helper.make_node("Gemm", ["r1", "fc.w", "fc.b"], ["logits"])]
+    w = {"l1.w": (RNG.randn(10, 6) / 3).astype(np.float32), "l1.b": bias(6),
+         "ln.s": RNG.uniform(0.5, 1.5, 6).astype(np.float32), "ln.b": bias(6),
+         "fc.w": (RNG.randn(6, 5) / 3).astype(np.float32), "fc.b": bias(5)}
+
+    def twin(w):
+        p = perm(6)
+        return {"l1.w": w["l1.w"][:, p], "l1.b": w["l1.b"][p], "ln.s": w["ln.s"][p], "ln.b": w["ln.b"][p],
+                "fc.w": w["fc.w"][p], "fc.b": w["fc.b"]}
+    return n, w, twin, (10,), 1
+
+
+BUILDERS = {"concat": concat_model, "depthwise": depthwise_model, "se": se_model, "layernorm": layernorm_model}
+
+
+@pytest.mark.parametrize("method", ["permute", "zip"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_twin_of_special_structures_is_exact(name, method):
+    nodes, w, twin, in_shape, _ = BUILDERS[name]()
+    a = make(nodes, w, in_shape, 5)
+    b = make(nodes, twin(w), in_shape, 5)
+    x = RNG.randn(64, *in_shape).astype(np.float32)
+    (want,) = run(a, x)
+    np.testing.assert_allclose(run(b, x)[0], want, atol=1e-5)  # the fixture is a twin
+    res = onnxzip.merge(a, b, RNG.randn(256, *in_shape).astype(np.float32), method=method, beta=0.0)
+    assert not res.card["unmerged"], res.card["unmerged"]
+    assert res.card["trunk"]["weighted_layers_zipped"] == res.card["trunk"]["weighted_layers"] - 1
+    got_a, got_b = run(res.model, x)
+    np.testing.assert_allclose(got_a, want, atol=1e-4)
+    np.testing.assert_allclose(got_b, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_spaces_counted(name):
+    nodes, w, _, in_shape, expected = BUILDERS[name]()
+    spaces = learned_spaces(make(nodes, w, in_shape, 5))
+    assert len(spaces) == expected + 1  # + the head's output space
+
+
+def test_concat_output_is_composite_of_its_parts():
+    nodes, w, _, in_shape, _ = concat_model()
+    an = analyse(make(nodes, w, in_shape, 5))
+    cat = an.spaces[an.tensor_spaces["cat"].space]
+    assert cat.composite and cat.width == 15
+    assert [an.spaces[p].width for p in cat.parts] == [4, 5, 6]
+    assert cat.parts[2] == an.tensor_spaces["r1"].space
+
+
+def test_resnet_residual_stream_is_one_space():
+    model, _ = F.resnet()
+    an = analyse(model)
+    adds = [n.index for n in an.nodes if n.op_type == "Add" and n.out_space is not None
+            and an.spaces[n.out_space.space].width == 8 and len(an.spaces[n.out_space.space].producers) > 1]
+    assert adds, "the residual adds tie the stem's and the blocks' outputs into one space"
+    stream = an.spaces[an.nodes[adds[0]].out_space.space]
+    assert len(stream.producers) == 3  # stem conv + the second conv of each of the two blocks
+
+
+def test_flatten_widens_the_space_by_the_positions():
+    model, _ = F.vgg()
+    an = analyse(model)
+    flat = next(n for n in an.nodes if n.op_type == "Flatten")
+    assert flat.out_space.expand == 36 and flat.in_space.expand == 1
+
+
+def test_heads_and_stop_points():
+    model, _ = F.mlp()
+    an = analyse(model)
+    assert [an.nodes[i].op_type for i in an.heads] == ["Gemm"]
+    points = [p for p, _ in stop_points(an)]
+    assert points[0] == "input" and points[-1] == "heads" and "1" in points
+    assert trunk_nodes(an, "input") == set(range(an.weighted[0]))
+    assert an.heads[0] not in trunk_nodes(an)
+
+
+def test_unsupported_operator_is_reported_with_node_and_reason():
+    model, _ = F.vgg(lrn=True)
+    an = analyse(model)
+    ((i, reason),) = unsupported_report(an)
+    assert an.nodes[i].op_type == "LRN" and "LRN" in reason
+    assert i in an.blocked and an.heads[0] in an.blocked
+
+
+def test_grouped_conv_is_left_unmerged_and_exact():
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "g.w"], ["g"], pads=[1] * 4, group=2),
+         helper.make_node("Relu", ["g"], ["r2"])]
+    w = {"c1.w": conv_w(6, 3), "c1.b": bias(6), "g.w": conv_w(6, 6, groups=2)}
+    head(n, w, "r2", 6)
+    a = make(n, w, (3, 8, 8), 5)
+    an = analyse(a)
+    ((i, reason),) = unsupported_report(an)
+    assert "group" in reason
+    w2 = dict(w)
+    p = perm(6)
+    w2["c1.w"], w2["c1.b"], w2["g.w"] = w["c1.w"][p], w["c1.b"][p], w["g.w"][:, :, :, :]
+    w2["g.w"] = w["g.w"]  # grouped conv input channels can't be permuted freely: only the first space is
+    b = make(n, w2, (3, 8, 8), 5)
+    x = RNG.randn(32, 3, 8, 8).astype(np.float32)
+    res = onnxzip.merge(a, b, RNG.randn(128, 3, 8, 8).astype(np.float32), method="ensemble")
+    got_a, got_b = run(res.model, x)
+    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-5)
+    np.testing.assert_allclose(got_b, run(b, x)[0], atol=1e-5)
+    res = onnxzip.merge(a, a, RNG.randn(128, 3, 8, 8).astype(np.float32), method="zip")
+    assert res.card["unmerged"] and res.card["unmerged"][0]["op"] == "Conv"
+    got_a, _ = run(res.model, x)
+    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-4)
