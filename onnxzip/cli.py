@@ -278,6 +278,27 @@ def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, 
         click.echo(f"{k:<{width}}  {v}")
 
 
+@cli.command("inspect")
+@click.argument("model_a", metavar="A")
+@click.argument("model_b", metavar="[B]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_verbosity_options
+@click.pass_context
+def inspect_(ctx, model_a, model_b, as_json, quiet, verbose):
+    """Show the feature spaces, task heads, unmerged regions and stop points found in A; with B, whether the two
+    models match and, if not, the first node where they differ. Nothing is run."""
+    _setup_logging(ctx, verbose, quiet)
+    from .inspect import format_report, inspect_models
+    from .onnx_io import load_model
+
+    a = load_model(model_a, "model A")
+    b = load_model(model_b, "model B") if model_b else None
+    report = inspect_models(a, b, model_a, model_b)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if report["match"] is not None and not report["match"]["ok"]:
+        ctx.exit(4)  # the MismatchError exit code: scripts can test it
+
+
 def _pct(value: float) -> str:
     return "n/a" if value != value else f"{100 * value:.2f} %"
 

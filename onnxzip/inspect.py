@@ -1,0 +1,114 @@
+"""What graph analysis found in a model (and whether two models match), as plain data and as text.
+
+Backs `onnxzip inspect`: nothing runs, nothing is calibrated; this is the declarative result of `graph.analyse`.
+"""
+
+from __future__ import annotations
+
+from .errors import MismatchError
+from .graph import Analysis, analyse, descendants, match, stop_points, trunk_nodes, unsupported_report
+from .surgery import merge_points, zipped_spaces
+
+
+def describe(analysis: Analysis, path: str | None = None) -> dict:
+    """A JSON-able report: feature spaces, task heads, unmerged regions and stop points of one model."""
+    a = analysis
+    trunk = trunk_nodes(a)
+    zipped = set(zipped_spaces(a, trunk))
+    points = merge_points(a, trunk)
+    names = {n.index: n.name for n in a.nodes}
+    after_heads = descendants(a, a.heads)
+    spaces = []
+    for sid, space in sorted(a.spaces.items()):
+        if space.identity:
+            continue
+        tied_by = sorted({a.nodes[i].op_type for i in space.carriers
+                          if a.nodes[i].op_type in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean")
+                          and sum(1 for t in a.model.graph.node[i].input if t in a.tensor_spaces) > 1})
+        entry = {
+            "id": sid,
+            "width": space.width,
+            "producers": [names[i] for i in space.producers],
+            "consumers": [names[i] for i in space.consumers],
+            "carried_by": sorted({a.nodes[i].op_type for i in space.carriers}),
+            "tied_by": tied_by,
+            "merge_points": points.get(sid, []),
+            "zipped_by_default": sid in zipped,
+            "head_output": any(i in a.heads for i in space.producers),
+        }
+        if space.composite:
+            entry["concat_of"] = space.parts
+            entry["zipped_by_default"] = all(p in zipped or a.spaces[p].identity for p in space.parts) and any(
+                t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
+        spaces.append(entry)
+    heads = []
+    for i in a.heads:
+        out = a.nodes[i].out_space
+        heads.append({"node": names[i], "op": a.nodes[i].op_type,
+                      "width": a.spaces[out.space].width if out else None,
+                      "after": sorted({a.nodes[j].op_type for j in after_heads if j != i})})
+    return {
+        "model": path,
+        "opset": {op.domain or "ai.onnx": op.version for op in a.model.opset_import},
+        "nodes": len(a.nodes),
+        "weighted_layers": len(a.weighted),
+        "inputs": a.input_names,
+        "outputs": a.output_names,
+        "feature_spaces": spaces,
+        "task_heads": heads,
+        "unmerged": [{"node": names[i], "op": a.nodes[i].op_type, "reason": r} for i, r in unsupported_report(a)],
+        "stop_points": [{"value": v, "meaning": d} for v, d in stop_points(a)],
+    }
+
+
+def inspect_models(model_a, model_b=None, path_a=None, path_b=None) -> dict:
+    """Report on model A; with model B, also whether the two match (and where they first differ)."""
+    a = analyse(model_a)
+    report = {"a": None, "match": None}
+    if model_b is not None:
+        b = analyse(model_b)
+        try:
+            match(a, b, (path_a or "A", path_b or "B"))
+            report["match"] = {"ok": True, "message": "the models match node for node (task heads aside)"}
+        except MismatchError as exc:
+            report["match"] = {"ok": False, "message": str(exc)}
+    report["a"] = describe(a, path_a)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as text for a terminal."""
+    r = report["a"]
+    lines = [f"model: {r['model'] or '(in memory)'}",
+             f"  opset {', '.join(f'{d} {v}' for d, v in r['opset'].items())}; {r['nodes']} nodes, "
+             f"{r['weighted_layers']} weighted layers; inputs {', '.join(r['inputs'])}; "
+             f"outputs {', '.join(r['outputs'])}"]
+    lines.append(f"feature spaces ({len(r['feature_spaces'])}):")
+    for s in r["feature_spaces"]:
+        flag = "zipped" if s["zipped_by_default"] else ("head" if s["head_output"] else "unmerged")
+        extra = f" concat of spaces {s['concat_of']}" if "concat_of" in s else ""
+        tied = f" tied by {', '.join(s['tied_by'])}" if s["tied_by"] else ""
+        lines.append(f"  space {s['id']:>3}: width {s['width']:>5}  [{flag}]{extra}{tied}")
+        if s["producers"]:
+            lines.append(f"      written by {', '.join(s['producers'])}")
+        if s["consumers"]:
+            lines.append(f"      read by    {', '.join(s['consumers'])}")
+        if s["merge_points"]:
+            lines.append(f"      merge point(s) {', '.join(s['merge_points'])}")
+    lines.append("task heads:")
+    for h in r["task_heads"]:
+        after = f", then {', '.join(h['after'])}" if h["after"] else ""
+        lines.append(f"  {h['node']} ({h['op']}, {h['width']} outputs{after})")
+    if r["unmerged"]:
+        lines.append("left unmerged (both copies kept; --strict makes this an error):")
+        for u in r["unmerged"]:
+            lines.append(f"  {u['node']} ({u['op']}): {u['reason']}")
+    else:
+        lines.append("left unmerged: nothing")
+    lines.append("--stop-at accepts:")
+    for p in r["stop_points"]:
+        lines.append(f"  {p['value']:>6}  {p['meaning']}")
+    if report.get("match") is not None:
+        m = report["match"]
+        lines.append(("models match: " if m["ok"] else "models DO NOT match: ") + m["message"])
+    return "\n".join(lines)
