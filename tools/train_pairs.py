@@ -355,6 +355,9 @@ def main(argv=None):
             seconds = time.time() - t0
             acc_torch = evaluate(model, torch.from_numpy(xe), torch.from_numpy(ye))
             path = os.path.join(pair_dir, f"{k}.onnx")
+            # the trained weights too, so the same models can be exported again with other exporters
+            # (tools/export_variants.py: dynamo, BatchNorm kept)
+            torch.save(model.state_dict(), os.path.join(pair_dir, f"{k}.pt"))
             export = export_onnx(model, path, args.exporter, args.opset)
             diffs[k] = check_onnx(path, model, xe[:256])
             acc = onnx_accuracy(path, xe, ye)

@@ -1,0 +1,71 @@
+"""Statistics repair: after it, every corrected trunk tensor has, channel by channel, the mean and standard
+deviation of the average of the source channels it stands for (REPAIR's target), on the calibration data."""
+
+import numpy as np
+import pytest
+
+from onnxzip.calibration import FeatureRequest, calibration_from_arrays, collect_stats, input_specs
+from onnxzip.graph import analyse, match, trunk_nodes
+from onnxzip.repair import repair, repair_points, target_requests
+from onnxzip.solver import solve
+from onnxzip.surgery import ZipPlan, build, merge_points, zipped_spaces
+
+import fixtures as F
+
+
+def plan_for(a_model, b_model, data, method):
+    a, b = analyse(a_model), analyse(b_model)
+    corr = match(a, b)
+    trunk = trunk_nodes(a)
+    plan = ZipPlan(a, b, corr, trunk, {})
+    requests = []
+    for sid, names in merge_points(a, trunk).items():
+        for name in names:
+            ts = a.tensor_spaces[name]
+            requests.append(FeatureRequest(f"space:{sid}", [name, corr.tensors[name]], ts.axis, ts.expand))
+    requests += target_requests(plan, repair_points(a, trunk))
+    stats = collect_stats([a.model, b.model], requests, data)
+    for sid in zipped_spaces(a, trunk):
+        plan.matchings[sid] = solve(method, stats[f"space:{sid}"].correlation(), a.spaces[sid].width)
+    return plan, stats
+
+
+def merged_moments(surgery, point, data):
+    ts = point.space
+    req = FeatureRequest("m", [surgery.trunk_tensors[point.tensor]], ts.axis, ts.expand, full=False)
+    st = collect_stats([surgery.model], [req], data)["m"]
+    return st.mean, st.std()
+
+
+@pytest.mark.parametrize("method", ["zip", "average"])
+@pytest.mark.parametrize("arch", ["vgg", "resnet", "mlp"])
+def test_repair_matches_target_statistics(arch, method):
+    (a_model, _), (b_model, _) = F.random_pair(arch, seed=3)
+    data = calibration_from_arrays(F.calib(a_model, 256, seed=1), input_specs(a_model))
+    plan, stats = plan_for(a_model, b_model, data, method)
+    surgery = build(plan)
+    points = repair_points(plan.a, plan.trunk)
+    assert points, "the fixture has weighted trunk layers"
+    before = [merged_moments(surgery, p, data) for p in points]
+    summary = repair(plan, surgery, stats, data)
+    assert summary["layers"] == len(points) and not summary["unshifted"]
+    for p, (mu0, sd0) in zip(points, before):
+        width = plan.a.spaces[p.space.space].width
+        src = stats[p.key]
+        m = plan.matching(p.space.space)
+        mu_t = sum(m.merge[k] @ src.mean[k * width:(k + 1) * width] for k in range(2))
+        sd_t = sum(m.merge[k] @ src.std()[k * width:(k + 1) * width] for k in range(2))
+        mu, sd = merged_moments(surgery, p, data)
+        np.testing.assert_allclose(mu, mu_t, atol=1e-4, rtol=1e-4, err_msg=f"mean at {p.tensor}")
+        np.testing.assert_allclose(sd, sd_t, atol=1e-4, rtol=1e-3, err_msg=f"std at {p.tensor}")
+    # and it changed something: averaging different models shrinks the features
+    assert any(not np.allclose(sd0, merged_moments(surgery, p, data)[1], rtol=1e-3) for p, (_, sd0) in
+               zip(points, before))
+
+
+def test_bn_kept_is_repaired_in_the_bn_node():
+    (a_model, _), (b_model, _) = F.random_pair("vgg", seed=4)
+    data = calibration_from_arrays(F.calib(a_model, 128, seed=2), input_specs(a_model))
+    plan, _ = plan_for(a_model, b_model, data, "zip")
+    ops = {plan.a.nodes[p.chain[-1]].op_type for p in repair_points(plan.a, plan.trunk)}
+    assert "BatchNormalization" in ops and "Conv" in ops  # conv2 is followed by a BN node, conv1 is not
