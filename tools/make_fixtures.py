@@ -1,0 +1,671 @@
+"""Write the exporter-variety test fixtures (issue 4): pairs of tiny ONNX models from real exporters.
+
+    python tools/make_fixtures.py [--out tests/data] [--only NAME ...]
+
+Each fixture is ``tests/data/<name>/{a.onnx, b.onnx}``. For a *twin* fixture B is A with every hidden feature space
+randomly permuted, done on the weights (torch state dict / scikit-learn ``coefs_``) BEFORE export by code that knows
+the architecture -- never by onnxzip -- so B computes exactly A's function with differently ordered hidden units.
+Inputs and output classes are left as they are. Every pair is checked in onnxruntime at generation time (1e-5).
+``heads_5_7`` is not a twin: two independent random models of one trunk with 5 and 7 classes.
+
+``tests/data/manifest.json`` records, per fixture, what the exporter actually wrote (opset, op types with counts,
+input/output names and shapes) and ``expected_spaces``: the number of LEARNED feature spaces counted by hand from
+the architecture (rules in ``COUNTING``; each fixture says how it was counted).
+
+Tools-only dependencies (not needed by onnxzip or its tests): torch, onnxscript (for the dynamo exporter),
+scikit-learn, skl2onnx, onnxruntime. Weights are random (He init, positive biases, random BatchNorm running
+statistics), seeded, so a re-run writes the same weights; the exporters' byte output may differ across versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+
+REQUIRED = {"torch": "torch==2.13.0 (CPU is enough)", "onnx": "onnx", "onnxruntime": "onnxruntime",
+            "onnxscript": "onnxscript (torch's dynamo exporter needs it)", "sklearn": "scikit-learn",
+            "skl2onnx": "skl2onnx"}
+
+
+def _require():
+    missing = []
+    for mod, pip_name in REQUIRED.items():
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            missing.append(pip_name)
+    if missing:
+        sys.exit("make_fixtures.py needs packages that are not installed (tools-only dependencies, not onnxzip's):\n"
+                 + "".join(f"  pip install {m}\n" for m in missing))
+
+
+_require()
+
+import logging  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4 per dynamo export
+TS_OPSET = 17
+MAX_BYTES = 200_000
+CHECK_ATOL = 1e-5
+
+COUNTING = ("expected_spaces counts LEARNED feature spaces, by hand from the architecture: each weighted layer "
+            "(Conv, Gemm/Linear, MatMul) opens one space on its output; per-channel ops (BatchNorm, ReLU, pooling, "
+            "LayerNorm/GroupNorm, per-channel Sub/Div/Add) carry it; a residual Add ties its two inputs into one; "
+            "the SE gate Mul ties the excite conv's output to the gated feature map; a depthwise conv (groups = C) "
+            "does not open a new space (its output channel i is its input channel i); a Concat output is a "
+            "composite of its inputs' spaces, not a new one; the graph input is not counted; the heads' output "
+            "spaces ARE counted; a model with an unmergeable region is counted the same way.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Initialisation and twins
+# ---------------------------------------------------------------------------------------------------------------
+
+def init_weights(model: nn.Module, seed: int) -> nn.Module:
+    """He init, small positive biases; BatchNorm with random running statistics; random norm affines."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2)
+            elif isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.6 + 0.8 * torch.rand(c, generator=g))
+                m.bias.copy_(0.05 + 0.25 * torch.rand(c, generator=g))
+                m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                m.weight.copy_(0.6 + 0.8 * torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.05 + 0.25 * torch.rand(m.bias.shape, generator=g))
+            else:  # loose per-channel biases (NHWCNet's BiasAdd)
+                for p in m.parameters(recurse=False):
+                    p.copy_(torch.rand(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _perm(width: int, groups: int, rng: np.random.RandomState) -> np.ndarray:
+    """A random permutation of `width` channels; with groups > 1 one that keeps every group of width/groups
+    consecutive channels together (groups permuted among themselves, channels within each group), the most
+    general permutation a GroupNorm with 1 < groups < C is invariant to."""
+    if groups == 1:
+        return rng.permutation(width)
+    size = width // groups
+    return np.concatenate([g * size + rng.permutation(size) for g in rng.permutation(groups)])
+
+
+def permuted_twin(model: nn.Module, spaces: dict, rng: np.random.RandomState) -> tuple:
+    """(deep copy of `model` with each hidden space permuted, {space: permutation}) for
+    spaces = {name: (width, groups, [(param, axis), ...])}."""
+    twin = copy.deepcopy(model)
+    state = {k: v.clone() for k, v in twin.state_dict().items()}
+    perms = {}
+    for name, (width, groups, members) in spaces.items():
+        p = perms[name] = torch.as_tensor(_perm(width, groups, rng))
+        for param, axis in members:
+            t = state[param]
+            assert t.shape[axis] == width, f"space {name}: {param} axis {axis} has {t.shape[axis]}, not {width}"
+            state[param] = t.index_select(axis, p)
+    twin.load_state_dict(state)
+    return twin.eval(), perms
+
+
+def conv_out(name, bn=None):
+    """Members of a space for a conv/linear `name` writing it (weight axis 0, bias) and its BatchNorm."""
+    out = [(f"{name}.weight", 0), (f"{name}.bias", 0)]
+    if bn:
+        out += [(f"{bn}.{k}", 0) for k in ("weight", "bias", "running_mean", "running_var")]
+    return out
+
+
+def conv_in(name):
+    return [(f"{name}.weight", 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architectures: each has `spaces()` (hidden spaces, for the twin), `input_shape` and `expected` (hand count)
+# ---------------------------------------------------------------------------------------------------------------
+
+class ResCNN(nn.Module):
+    """conv1-bn-relu, one residual block (conv2-bn-relu-conv3-bn, + skip, relu), conv4(stride 2)-bn-relu, maxpool,
+    global average pool, linear head."""
+
+    input_shape = (3, 16, 16)
+    expected = (4, "conv1+conv3 (tied by the residual Add), conv2, conv4, fc head")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv4, self.bn4 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.relu1, self.relu2, self.relu3, self.relu4 = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        h = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(x + self.bn3(self.conv3(h)))
+        x = self.pool(self.relu4(self.bn4(self.conv4(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def spaces(self):
+        return {"stream": (8, 1, conv_out("conv1", "bn1") + conv_out("conv3", "bn3") + conv_in("conv2")
+                           + conv_in("conv4")),
+                "block": (8, 1, conv_out("conv2", "bn2") + conv_in("conv3")),
+                "conv4": (16, 1, conv_out("conv4", "bn4") + conv_in("fc"))}
+
+
+class TokenMLP(nn.Module):
+    """Linear layers acting on the last axis of an (N, T, C) input (MatMul + Add), mean over tokens, head."""
+
+    input_shape = (4, 6)
+    expected = (3, "fc1, fc2 (both on (N, T, C): MatMul + Add), fc3 head")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, classes)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        x = self.relu2(self.fc2(self.relu1(self.fc1(x))))
+        return self.fc3(x.mean(dim=1))
+
+    def spaces(self):
+        return {"fc1": (16, 1, conv_out("fc1") + conv_in("fc2")), "fc2": (16, 1, conv_out("fc2") + conv_in("fc3"))}
+
+
+class NHWCNet(nn.Module):
+    """Channels-last as TensorFlow converters write it: the input is (N, H, W, C); every conv is wrapped in
+    Transpose to NCHW and back, and the bias is added in NHWC (TF's BiasAdd), so Transposes cannot cancel."""
+
+    input_shape = (12, 12, 3)
+    expected = (3, "conv1, conv2 (each with its NHWC bias Add), fc head")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bias1, self.bias2 = nn.Parameter(torch.zeros(8)), nn.Parameter(torch.zeros(8))
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + self.bias1)
+        x = self.relu2(self.conv2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + self.bias2)
+        return self.fc(x.mean(dim=(1, 2)))
+
+    def spaces(self):
+        return {"conv1": (8, 1, [("conv1.weight", 0), ("bias1", 0), ("conv2.weight", 1)]),
+                "conv2": (8, 1, [("conv2.weight", 0), ("bias2", 0), ("fc.weight", 1)])}
+
+
+class LayerNormMLP(nn.Module):
+    """fc-LayerNorm-relu twice over the channel axis, linear head."""
+
+    input_shape = (12,)
+    expected = (3, "fc1, fc2, fc3 head (LayerNorm carries fc1's / fc2's space)")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.fc1, self.ln1 = nn.Linear(12, 16), nn.LayerNorm(16)
+        self.fc2, self.ln2 = nn.Linear(16, 16), nn.LayerNorm(16)
+        self.fc3 = nn.Linear(16, classes)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        x = self.relu1(self.ln1(self.fc1(x)))
+        x = self.relu2(self.ln2(self.fc2(x)))
+        return self.fc3(x)
+
+    def spaces(self):
+        return {"fc1": (16, 1, conv_out("fc1") + [("ln1.weight", 0), ("ln1.bias", 0)] + conv_in("fc2")),
+                "fc2": (16, 1, conv_out("fc2") + [("ln2.weight", 0), ("ln2.bias", 0)] + conv_in("fc3"))}
+
+
+class GroupNormCNN(nn.Module):
+    """conv1-GN(g1)-relu, conv2-GN(g2)-relu, global average pool, linear head."""
+
+    input_shape = (3, 12, 12)
+    expected = (3, "conv1, conv2, fc head (GroupNorm carries the conv's space)")
+
+    def __init__(self, classes=5, groups=(1, 8)):
+        super().__init__()
+        self.groups = groups
+        self.conv1, self.gn1 = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(groups[0], 8)
+        self.conv2, self.gn2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(groups[1], 8)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.gn1(self.conv1(x)))
+        x = self.relu2(self.gn2(self.conv2(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def spaces(self):
+        gn = lambda n: [(f"{n}.weight", 0), (f"{n}.bias", 0)]  # noqa: E731
+        # GroupNorm(1) and GroupNorm(C) are invariant to any channel permutation; 1 < g < C only to one that keeps
+        # the groups together (see _perm)
+        g1 = self.groups[0] if 1 < self.groups[0] < 8 else 1
+        g2 = self.groups[1] if 1 < self.groups[1] < 8 else 1
+        return {"conv1": (8, g1, conv_out("conv1") + gn("gn1") + conv_in("conv2")),
+                "conv2": (8, g2, conv_out("conv2") + gn("gn2") + conv_in("fc"))}
+
+
+class ConcatCNN(nn.Module):
+    """conv0-relu; two branches (3x3 conv, 1x1 conv) concatenated on the channel axis with conv0's output itself
+    (Inception branches + a DenseNet skip), then conv2-relu, global average pool, linear head."""
+
+    input_shape = (3, 12, 12)
+    expected = (5, "conv0, branch conv1a, branch conv1b, conv2, fc head (the Concat is a composite, not a space)")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1a, self.conv1b = nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.relu0, self.relu1a, self.relu1b, self.relu2 = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.relu0(self.conv0(x))
+        a, b = self.relu1a(self.conv1a(x)), self.relu1b(self.conv1b(x))
+        x = self.relu2(self.conv2(torch.cat([x, a, b], dim=1)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def spaces(self):
+        # conv2's input channels are [conv0 (0:8) | conv1a (8:12) | conv1b (12:16)]: permuted slice by slice in
+        # `torch_twin`, since a slice is not an axis of a single parameter
+        return {"conv0": (8, 1, conv_out("conv0") + conv_in("conv1a") + conv_in("conv1b")),
+                "conv1a": (4, 1, conv_out("conv1a")),
+                "conv1b": (4, 1, conv_out("conv1b")),
+                "conv2": (8, 1, conv_out("conv2") + conv_in("fc"))}
+
+
+class DepthwiseCNN(nn.Module):
+    """MobileNet-style: conv0-bn-relu, depthwise 3x3 (groups = C)-bn-relu, pointwise 1x1-bn-relu, GAP, head."""
+
+    input_shape = (3, 12, 12)
+    expected = (3, "conv0 (the depthwise conv carries it), pointwise conv, fc head")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.pw, self.bn2 = nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)
+        self.relu0, self.relu1, self.relu2 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.relu0(self.bn0(self.conv0(x)))
+        x = self.relu1(self.bn1(self.dw(x)))
+        x = self.relu2(self.bn2(self.pw(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def spaces(self):
+        return {"conv0": (8, 1, conv_out("conv0", "bn0") + conv_out("dw", "bn1") + conv_in("pw")),
+                "pw": (16, 1, conv_out("pw", "bn2") + conv_in("fc"))}
+
+
+class SECNN(nn.Module):
+    """conv0-relu, conv1-relu, squeeze-and-excitation (GAP, 1x1 reduce-relu, 1x1 expand-sigmoid, Mul), GAP, head."""
+
+    input_shape = (3, 12, 12)
+    expected = (4, "conv0, conv1+se_expand (tied by the gate Mul), se_reduce, fc head")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.se_reduce, self.se_expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.relu0, self.relu1, self.relu_se = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(self.relu0(self.conv0(x))))
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        s = torch.sigmoid(self.se_expand(self.relu_se(self.se_reduce(s))))
+        x = x * s
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def post_init(self, x):
+        """Centre the reduce conv on random inputs: pooled post-ReLU features are all positive and nearly the same
+        from image to image, so with He init most reduce units would be dead (or always on) otherwise."""
+        with torch.no_grad():
+            s = nn.functional.adaptive_avg_pool2d(self.relu1(self.conv1(self.relu0(self.conv0(x)))), 1)
+            pre = self.se_reduce(s)
+            self.se_reduce.bias -= pre.mean(dim=(0, 2, 3)) - 0.5 * pre.std(dim=(0, 2, 3))
+
+    def spaces(self):
+        return {"conv0": (8, 1, conv_out("conv0") + conv_in("conv1")),
+                "conv1": (8, 1, conv_out("conv1") + conv_out("se_expand") + conv_in("se_reduce") + conv_in("fc")),
+                "se_reduce": (4, 1, conv_out("se_reduce") + conv_in("se_expand"))}
+
+
+class PreprocCNN(nn.Module):
+    """(x - mean[c]) / std[c] inside the graph (constants), then conv1-relu, conv2-relu, GAP, head."""
+
+    input_shape = (3, 12, 12)
+    expected = (3, "conv1, conv2, fc head (the Sub/Div act on the graph input: an identity space, not counted)")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def spaces(self):
+        return {"conv1": (8, 1, conv_out("conv1") + conv_in("conv2")),
+                "conv2": (8, 1, conv_out("conv2") + conv_in("fc"))}
+
+
+def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
+    twin, perms = permuted_twin(model, model.spaces(), rng)
+    if isinstance(model, ConcatCNN):
+        # conv2 reads cat([conv0, conv1a, conv1b]): permute its input channels slice by slice
+        sd = twin.state_dict()
+        idx = torch.cat([perms["conv0"], 8 + perms["conv1a"], 12 + perms["conv1b"]])
+        sd["conv2.weight"] = sd["conv2.weight"].index_select(1, idx)
+        twin.load_state_dict(sd)
+    return twin.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exporting and checking
+# ---------------------------------------------------------------------------------------------------------------
+
+def export_torch(model: nn.Module, path: str, how: str) -> None:
+    x = torch.randn(2, *model.input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if how == "dynamo":
+            prog = torch.onnx.export(model, (x,), dynamo=True, external_data=False,
+                                     dynamic_shapes=({0: torch.export.Dim("N", min=1, max=4096)},), verbose=False)
+            prog.save(path, external_data=False)
+        else:
+            kw = {"training": torch.onnx.TrainingMode.PRESERVE} if how == "ts_bn_kept" else {}
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=TS_OPSET, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, **kw)
+
+
+def run(path, x: dict):
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, x)))
+
+
+def as_array(v):
+    """onnxruntime output -> numpy (ZipMap's list of {class: probability} dicts -> (N, classes))."""
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+        keys = sorted(v[0])
+        return np.array([[d[k] for k in keys] for d in v], dtype=np.float32)
+    return np.asarray(v)
+
+
+def _dims(vi):
+    return [d.dim_param or (d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
+            for d in vi.type.tensor_type.shape.dim] if vi.type.HasField(
+        "tensor_type") else str(vi.type).replace("\n", " ")
+
+
+def describe(path: str) -> dict:
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    init = {t.name for t in m.graph.initializer}
+    ops = Counter((n.domain + "." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in m.graph.node)
+    return {"opset": {(o.domain or "ai.onnx"): o.version for o in m.opset_import},
+            "ir_version": m.ir_version,
+            "producer": f"{m.producer_name} {m.producer_version}".strip(),
+            "op_types": dict(sorted(ops.items())),
+            "inputs": [{"name": i.name, "shape": _dims(i), "elem_type": onnx.TensorProto.DataType.Name(
+                i.type.tensor_type.elem_type)} for i in m.graph.input if i.name not in init],
+            "outputs": [{"name": o.name, "shape": _dims(o)} for o in m.graph.output],
+            "bytes": os.path.getsize(path)}
+
+
+def check_twin(a_path, b_path, input_name, shape, seed=123, twin=True) -> dict:
+    x = {input_name: np.random.RandomState(seed).randn(64, *shape).astype(np.float32)}
+    ya, yb = run(a_path, x), run(b_path, x)
+    result = {}
+    for k in ya:
+        va, vb = as_array(ya[k]), as_array(yb[k])
+        if twin:
+            if va.dtype.kind == "f":
+                err = float(np.abs(va - vb).max())
+                assert err <= CHECK_ATOL, f"{a_path}: twin output {k} differs by {err:.3g}"
+                result[k] = {"max_abs_diff": err, "scale": float(np.abs(va).max())}
+            else:
+                assert np.array_equal(va, vb), f"{a_path}: twin output {k} differs"
+                result[k] = {"equal": True, "distinct_values": int(len(np.unique(va)))}
+        else:
+            result[k] = {"shape_a": list(va.shape), "shape_b": list(vb.shape)}
+    return result
+
+
+def check_relus_live(model: nn.Module, shape):
+    """Every ReLU output channel varies on random inputs (a dead unit has nothing to be matched by)."""
+    acts = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: acts.append((_m, o))) for m in model.modules()
+             if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        x = torch.from_numpy(np.random.RandomState(7).randn(256, *shape).astype(np.float32))
+        model(x)
+    for h in hooks:
+        h.remove()
+    for m, o in acts:
+        if isinstance(model, NHWCNet):
+            o = o.movedim(-1, 1)
+        dims = [0] + list(range(2, o.dim()))
+        std = o.std(dim=dims)
+        assert float(std.min()) > 1e-3, f"{type(model).__name__}: a ReLU channel is dead (std {std.min():.3g})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------------
+
+def torch_fixture(out, name, cls, how, seed, note="", **kw):
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    a = init_weights(cls(**kw), seed)
+    if hasattr(a, "post_init"):
+        a.post_init(torch.from_numpy(np.random.RandomState(seed).randn(256, *cls.input_shape).astype(np.float32)))
+    check_relus_live(a, cls.input_shape)
+    b = torch_twin(a, np.random.RandomState(seed + 1000))
+    x = torch.randn(8, *cls.input_shape)
+    sa, sb = a.state_dict(), b.state_dict()
+    members = {p for _, _, ms in a.spaces().values() for p, _ in ms}
+    unchanged = [p for p in members if torch.equal(sa[p], sb[p])]
+    assert not unchanged, f"{name}: the twin left {unchanged} as they were"
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-5), f"{name}: the torch twin does not compute A"
+    pa, pb = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
+    export_torch(a, pa, how)
+    export_torch(b, pb, how)
+    info = describe(pa)
+    check = check_twin(pa, pb, info["inputs"][0]["name"], cls.input_shape)
+    n, how_counted = cls.expected
+    return {"exporter": {"ts": "torch.onnx TorchScript (dynamo=False, eval: BN folded)",
+                         "ts_bn_kept": "torch.onnx TorchScript (dynamo=False, training=PRESERVE: BN kept)",
+                         "dynamo": "torch.onnx dynamo=True (torch.export + onnxscript, optimize=True)"}[how],
+            "torch": torch.__version__, "architecture": cls.__name__, "architecture_doc": " ".join(cls.__doc__.split()),
+            "twin": True, "seed": seed, "input_shape": [None, *cls.input_shape],
+            "expected_spaces": n, "spaces_counted": how_counted,
+            "permuted_hidden_spaces": {k: v[0] for k, v in b.spaces().items()} if hasattr(b, "spaces") else {},
+            "notes": note, **info, "generation_check": check}
+
+
+def heads_fixture(out, name="heads_5_7"):
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    a = init_weights(ResCNN(classes=5), 40)
+    b = init_weights(ResCNN(classes=7), 42)
+    check_relus_live(a, ResCNN.input_shape)
+    check_relus_live(b, ResCNN.input_shape)
+    pa, pb = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
+    export_torch(a, pa, "ts")
+    export_torch(b, pb, "ts")
+    info = describe(pa)
+    info_b = describe(pb)
+    check = check_twin(pa, pb, "input", ResCNN.input_shape, twin=False)
+    assert check["logits"]["shape_a"][1] == 5 and check["logits"]["shape_b"][1] == 7
+    n, how_counted = ResCNN.expected
+    return {"exporter": "torch.onnx TorchScript (dynamo=False, eval: BN folded)", "torch": torch.__version__,
+            "architecture": "ResCNN", "twin": False, "classes": [5, 7], "seed": [40, 42],
+            "input_shape": [None, *ResCNN.input_shape], "expected_spaces": n, "spaces_counted": how_counted,
+            "notes": "NOT a twin: independent random weights, A has 5 classes and B 7 (same trunk).",
+            **info, "outputs_b": info_b["outputs"], "generation_check": check}
+
+
+def sklearn_fixture(out, name, zipmap: bool, seed=3):
+    import sklearn
+    import skl2onnx
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    features, classes = 6, 3
+    X = rng.randn(300, features).astype(np.float32)
+    y = (X[:, :3].argmax(1) + (X[:, 3] > 1.0)) % classes  # learnable-ish, all classes present
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier(hidden_layer_sizes=(8, 8), max_iter=200, random_state=seed).fit(X, y)
+    # every hidden unit alive on random inputs
+    h = X
+    for W, c in zip(clf.coefs_[:-1], clf.intercepts_[:-1]):
+        h = np.maximum(h @ W + c, 0)
+        assert (h.std(0) > 1e-3).all(), "a dead hidden unit in the sklearn MLP; choose another seed"
+    twin = copy.deepcopy(clf)
+    perm_rng = np.random.RandomState(seed + 1000)
+    for layer in range(len(clf.coefs_) - 1):  # hidden layers only; classes stay
+        p = perm_rng.permutation(twin.coefs_[layer].shape[1])
+        twin.coefs_[layer] = twin.coefs_[layer][:, p]
+        twin.intercepts_[layer] = twin.intercepts_[layer][p]
+        twin.coefs_[layer + 1] = twin.coefs_[layer + 1][p, :]
+    assert (clf.predict_proba(X) - twin.predict_proba(X)).max() < 1e-6
+
+    pa, pb = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
+    for model, path in ((clf, pa), (twin, pb)):
+        options = {id(model): {"zipmap": False}} if not zipmap else None
+        onx = convert_sklearn(model, initial_types=[("input", FloatTensorType([None, features]))],
+                              target_opset={"": TS_OPSET, "ai.onnx.ml": 3}, options=options)
+        onnx.save(onx, path)
+    info = describe(pa)
+    check = check_twin(pa, pb, "input", (features,))
+    return {"exporter": f"skl2onnx {skl2onnx.__version__} (scikit-learn {sklearn.__version__} MLPClassifier)"
+                        + (" with ZipMap (default)" if zipmap else " options zipmap=False"),
+            "architecture": "MLPClassifier(hidden_layer_sizes=(8, 8), relu), 6 features, 3 classes",
+            "twin": True, "seed": seed, "input_shape": [None, features],
+            "expected_spaces": 3, "spaces_counted": "hidden layer 1, hidden layer 2, output layer (head: MatMul+Add "
+                                                    "before Softmax)",
+            "permuted_hidden_spaces": {"hidden1": 8, "hidden2": 8},
+            "notes": "outputs: 'label' (int64, via ArgMax + ArrayFeatureExtractor on the class list) and "
+                     "'probabilities' (" + ("a sequence of maps int64 -> float from ZipMap" if zipmap else
+                                            "float tensor (N, 3)") + "); the twin check compares both.",
+            **info, "generation_check": check}
+
+
+FIXTURES = {
+    "ts_folded": lambda out: torch_fixture(out, "ts_folded", ResCNN, "ts", 1,
+                                           "TorchScript folds eval-mode BatchNorm into the Conv weights."),
+    "ts_bn_kept": lambda out: torch_fixture(out, "ts_bn_kept", ResCNN, "ts_bn_kept", 1,
+                                            "Same weights as ts_folded; BatchNormalization nodes kept."),
+    "dynamo": lambda out: torch_fixture(out, "dynamo", ResCNN, "dynamo", 1,
+                                        "Same weights as ts_folded. torch 2.13's dynamo exporter (optimize=True) "
+                                        "writes opset 20, folds the eval BatchNorms into the Convs too (no "
+                                        "BatchNormalization node), pools with ReduceMean(axes [-1, -2] as an "
+                                        "initializer, keepdims) + Reshape instead of GlobalAveragePool + Flatten, "
+                                        "names the input after the forward argument ('x') and the output after "
+                                        "the last op ('linear'), tensors 'getitem_3', 'relu_1', nodes "
+                                        "'node_Conv_34'."),
+    "dynamo_mlp3d": lambda out: torch_fixture(out, "dynamo_mlp3d", TokenMLP, "dynamo", 2,
+                                              "nn.Linear on a 3-D (N, T, C) input: MatMul + Add, then a mean over "
+                                              "the token axis (ReduceMean axis 1, not the channel axis)."),
+    "sklearn_mlp": lambda out: sklearn_fixture(out, "sklearn_mlp", zipmap=False),
+    "sklearn_mlp_zipmap": lambda out: sklearn_fixture(out, "sklearn_mlp_zipmap", zipmap=True),
+    "nhwc": lambda out: torch_fixture(out, "nhwc", NHWCNet, "ts", 3,
+                                      "Input (N, H, W, C); Transpose -> Conv -> Transpose -> Add(bias on the last "
+                                      "axis) -> Relu per layer; ReduceMean over axes (1, 2) before the head."),
+    "layernorm": lambda out: torch_fixture(out, "layernorm", LayerNormMLP, "ts", 4,
+                                           "nn.LayerNorm over the channel (last) axis; opset 17 writes "
+                                           "LayerNormalization."),
+    "groupnorm": lambda out: torch_fixture(out, "groupnorm", GroupNormCNN, "ts", 5,
+                                           "GroupNorm(num_groups=1, 8 channels) after conv1 and GroupNorm("
+                                           "num_groups=8 = C, 8 channels) after conv2.", groups=(1, 8)),
+    "groupnorm_grouped": lambda out: torch_fixture(
+        out, "groupnorm_grouped", GroupNormCNN, "ts", 6,
+        "GroupNorm(num_groups=2, 8 channels) after both convs (1 < groups < C). The twin's permutation of those "
+        "spaces keeps each group of 4 channels together (groups swapped, channels permuted within each group): a "
+        "free permutation would change which channels are normalised together, so B would not compute A.",
+        groups=(2, 2)),
+    "concat": lambda out: torch_fixture(out, "concat", ConcatCNN, "ts", 7,
+                                        "Concat on axis 1 of conv0's output (DenseNet skip) and two conv branches "
+                                        "(Inception), read by conv2; the twin permutes conv2's input slice by "
+                                        "slice."),
+    "depthwise": lambda out: torch_fixture(out, "depthwise", DepthwiseCNN, "ts", 8,
+                                           "Depthwise Conv with group=8 (BN folded), then 1x1 pointwise Conv."),
+    "se": lambda out: torch_fixture(out, "se", SECNN, "ts", 9,
+                                    "GlobalAveragePool -> 1x1 Conv -> Relu -> 1x1 Conv -> Sigmoid -> Mul with the "
+                                    "feature map."),
+    "heads_5_7": heads_fixture,
+    "preproc": lambda out: torch_fixture(out, "preproc", PreprocCNN, "ts", 10,
+                                         "Sub / Div of the input by per-channel constants (1, 3, 1, 1) before "
+                                         "conv1."),
+}
+
+
+def main(argv=None):
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(here, "..", "tests", "data"))
+    ap.add_argument("--only", nargs="*", choices=sorted(FIXTURES), help="rebuild only these (manifest updated)")
+    args = ap.parse_args(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    manifest_path = os.path.join(out, "manifest.json")
+    manifest = {"counting": COUNTING, "fixtures": {}}
+    if args.only and os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    torch.manual_seed(0)
+    for name in args.only or FIXTURES:
+        entry = FIXTURES[name](out)
+        for f in ("a.onnx", "b.onnx"):
+            size = os.path.getsize(os.path.join(out, name, f))
+            assert size < MAX_BYTES, f"{name}/{f} is {size} bytes (limit {MAX_BYTES})"
+        manifest["fixtures"][name] = entry
+        ops = ", ".join(f"{k}x{v}" for k, v in entry["op_types"].items())
+        print(f"{name:20s} opset {entry['opset']}  {ops}")
+    manifest["fixtures"] = dict(sorted(manifest["fixtures"].items()))
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    print(f"wrote {len(manifest['fixtures'])} fixture(s) and {manifest_path}")
+
+
+if __name__ == "__main__":
+    main()
