@@ -571,7 +571,7 @@ def sklearn_fixture(out, name, zipmap: bool, seed=3):
     pa, pb = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
     for model, path in ((clf, pa), (twin, pb)):
         options = {id(model): {"zipmap": False}} if not zipmap else None
-        onx = convert_sklearn(model, initial_types=[("input", FloatTensorType([None, features]))],
+        onx = convert_sklearn(model, name=name, initial_types=[("input", FloatTensorType([None, features]))],
                               target_opset={"": TS_OPSET, "ai.onnx.ml": 3}, options=options)
         onnx.save(onx, path)
     info = describe(pa)
@@ -585,7 +585,9 @@ def sklearn_fixture(out, name, zipmap: bool, seed=3):
             "permuted_hidden_spaces": {"hidden1": 8, "hidden2": 8},
             "notes": "outputs: 'label' (int64, via ArgMax + ArrayFeatureExtractor on the class list) and "
                      "'probabilities' (" + ("a sequence of maps int64 -> float from ZipMap" if zipmap else
-                                            "float tensor (N, 3)") + "); the twin check compares both.",
+                                            "float tensor (N, 3)") + "); the twin check compares both. target_opset "
+                     "{'': 17, 'ai.onnx.ml': 3} was asked for; skl2onnx writes the lowest opsets the graph needs "
+                     "(ai.onnx 16, ai.onnx.ml 1). The graph starts with Cast(input, to=FLOAT).",
             **info, "generation_check": check}
 
 
