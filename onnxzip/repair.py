@@ -11,19 +11,21 @@ have the mean and standard deviation of the average of its source channels, ``mu
   channels and its bias (and the bias of a following ``Add``, for MatMul + Add linear layers).
 
 Layers are corrected in graph order, each measured on the merged model with every earlier correction in place,
-since correcting one layer changes the statistics of every layer after it.
+since correcting one layer changes the statistics of every layer after it (one pass with in-graph probes when the
+repair set fits in memory as one batch, else one pass per layer).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from .calibration import CalibrationData, FeatureRequest, collect_stats
+from .calibration import CalibrationData, FeatureRequest, collect_stats, make_session
 from .graph import Analysis, TensorSpace
 from .surgery import Surgery, ZipPlan, zipped_spaces
 
@@ -146,29 +148,81 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
     return False
 
 
-def repair(plan: ZipPlan, surgery: Surgery, targets: dict, data: CalibrationData, batch_size: int = 64,
-           device: str = "auto", progress=False, eps: float = 1e-6) -> dict:
-    """Correct every repair point in graph order; returns a summary for the merge card."""
+def _targets(plan: ZipPlan, point: RepairPoint, targets: dict) -> tuple:
+    """REPAIR's target per merged channel: the merge-weighted average of the source channels' mean and std."""
+    width = plan.a.spaces[point.space.space].width
+    source = targets[point.key]
+    mu_src, sd_src = source.mean, source.std()
+    matching = plan.matching(point.space.space)
+    n = len(matching.merge)
+    mu_t = sum(matching.merge[m] @ mu_src[m * width:(m + 1) * width] for m in range(n))
+    sd_t = sum(matching.merge[m] @ sd_src[m * width:(m + 1) * width] for m in range(n))
+    return mu_t, sd_t
+
+
+def _threshold(sd_t: np.ndarray, eps: float) -> float:
+    # a channel that the merge left (nearly) constant cannot be rescaled meaningfully: it is only shifted
+    return eps * max(1.0, float(np.max(sd_t)))
+
+
+def _correction(mu, sd, mu_t, sd_t, eps):
+    ok = sd > _threshold(sd_t, eps)
+    scale = np.where(ok, sd_t / np.where(ok, sd, 1.0), 1.0)
+    return scale, mu_t - scale * mu
+
+
+def _bytes_per_sample(a: Analysis) -> int:
+    """A rough bound on the memory one sample needs in one batch: every float tensor of both branches at once."""
+    per_sample = sum(int(np.prod(shape[1:], dtype=np.int64)) for name, shape in a.shapes.items()
+                     if shape and name not in a.initializers)
+    return max(1, 2 * 4 * per_sample)
+
+
+# one-pass repair needs at least this many samples in its batch (or all of them, if fewer) to be trusted;
+# per-channel means and stds of conv features also average over every spatial position
+MIN_ONE_PASS_SAMPLES = 128
+
+
+def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list, batch_size: int = 64,
+           device: str = "auto", progress=False, eps: float = 1e-6, max_batch_bytes: int = 2 << 30) -> dict:
+    """Correct every repair point; returns a summary for the merge card.
+
+    When the repair set fits in memory as one batch, one pass does it: a probe normalises each repair point with
+    the batch's own per-channel statistics on the way (as BatchNorm in training mode does), so every point is
+    measured with all corrections before it in place. Otherwise one pass per point, in graph order. `models` are
+    the source models (inputs named as the merged model's); the targets are measured on them over exactly the
+    samples the merged model is measured on, so that merging a model with itself changes nothing.
+    """
     points = repair_points(plan.a, plan.trunk)
-    summary = {"layers": 0, "samples": data.num_samples, "mean_abs_log_scale": 0.0, "unshifted": []}
+    summary = {"layers": 0, "samples": data.num_samples, "mean_abs_log_scale": 0.0, "unshifted": [],
+               "passes": 0}
+    if not points:
+        return summary
+    fits = min(data.num_samples, max_batch_bytes // _bytes_per_sample(plan.a))
+    fixed_batch = data._fixed_batch() is not None  # a model that fixes its batch size can't take one big batch
+    one_pass = not fixed_batch and fits >= min(data.num_samples, MIN_ONE_PASS_SAMPLES)
+    if one_pass and fits < data.num_samples:
+        data = data.split(data.num_samples - fits)[0]
+    summary["samples"] = int(data.num_samples)
+    targets = collect_stats(models, target_requests(plan, points), data, batch_size, device)
+    goals = [_targets(plan, p, targets) for p in points]
+    measured = None
+    if one_pass:
+        measured = _measure_in_one_pass(plan, surgery, points, goals, data, device, eps, data.num_samples)
+        summary["passes"] = 1
     log_scales = []
     for n, point in enumerate(points):
         if callable(progress):
             progress(n, len(points))
-        stats = collect_stats([surgery.model], [FeatureRequest(point.key, [surgery.trunk_tensors[point.tensor]],
-                                                               point.space.axis, point.space.expand, full=False)],
-                              data, batch_size, device)[point.key]
-        width = plan.a.spaces[point.space.space].width
-        source = targets[point.key]
-        mu_src, sd_src = source.mean, source.std()
-        matching = plan.matching(point.space.space)
-        mu_t = sum(matching.merge[m] @ mu_src[m * width:(m + 1) * width] for m in range(len(matching.merge)))
-        sd_t = sum(matching.merge[m] @ sd_src[m * width:(m + 1) * width] for m in range(len(matching.merge)))
-        mu, sd = stats.mean, stats.std()
-        # a channel that the merge left (nearly) constant cannot be rescaled meaningfully: only shift it
-        ok = sd > eps * max(1.0, float(np.max(sd_t)))
-        scale = np.where(ok, sd_t / np.where(ok, sd, 1.0), 1.0)
-        shift = mu_t - scale * mu
+        if measured is not None:
+            mu, sd = measured[n]
+        else:
+            request = FeatureRequest(point.key, [surgery.trunk_tensors[point.tensor]], point.space.axis,
+                                     point.space.expand, full=False)
+            stats = collect_stats([surgery.model], [request], data, batch_size, device)[point.key]
+            mu, sd = stats.mean, stats.std()
+            summary["passes"] += 1
+        scale, shift = _correction(mu, sd, *goals[n], eps)
         if not fold_correction(plan, surgery, point, scale, shift):
             summary["unshifted"].append(plan.a.nodes[point.layer].name)
         log_scales.append(np.abs(np.log(np.maximum(scale, 1e-12))).mean())
@@ -178,3 +232,63 @@ def repair(plan: ZipPlan, surgery: Surgery, targets: dict, data: CalibrationData
     if log_scales:
         summary["mean_abs_log_scale"] = float(np.mean(log_scales))
     return summary
+
+
+def _measure_in_one_pass(plan, surgery, points, goals, data, device, eps, samples) -> list:
+    """Per repair point, the per-channel mean and std it has once every earlier point is corrected."""
+    model = copy.deepcopy(surgery.model)
+    graph = model.graph
+    opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 13)
+    position = {out: k for k, node in enumerate(graph.node) for out in node.output}
+    inserts, outputs = {}, []
+    for n, (point, (mu_t, sd_t)) in enumerate(zip(points, goals)):
+        tensor = surgery.trunk_tensors[point.tensor]
+        rank = len(plan.a.shapes[point.tensor])
+        axis = point.space.axis
+        axes = [k for k in range(rank) if k != axis]
+        shape = [1] * rank
+        shape[axis] = -1
+        p = f"repair_probe/{n}"
+        consts = {f"{p}/mu_t": mu_t, f"{p}/sd_t": sd_t,
+                  f"{p}/thr": np.full(1, _threshold(sd_t, eps)), f"{p}/one": np.ones(1)}
+        for name, value in consts.items():
+            value = np.asarray(value, dtype=np.float32)
+            graph.initializer.append(numpy_helper.from_array(value.reshape(shape) if value.size > 1 else value,
+                                                             name))
+
+        def reduce_mean(x, y):
+            if opset >= 18:
+                graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{y}/axes"))
+                return helper.make_node("ReduceMean", [x, f"{y}/axes"], [y], keepdims=1)
+            return helper.make_node("ReduceMean", [x], [y], axes=axes, keepdims=1)
+
+        nodes = [reduce_mean(tensor, f"{p}/mean"),
+                 helper.make_node("Sub", [tensor, f"{p}/mean"], [f"{p}/centred"]),
+                 helper.make_node("Mul", [f"{p}/centred", f"{p}/centred"], [f"{p}/sq"]),
+                 reduce_mean(f"{p}/sq", f"{p}/var"),
+                 helper.make_node("Sqrt", [f"{p}/var"], [f"{p}/std"]),
+                 helper.make_node("Greater", [f"{p}/std", f"{p}/thr"], [f"{p}/ok"]),
+                 helper.make_node("Max", [f"{p}/std", f"{p}/thr"], [f"{p}/safe"]),
+                 helper.make_node("Div", [f"{p}/sd_t", f"{p}/safe"], [f"{p}/ratio"]),
+                 helper.make_node("Where", [f"{p}/ok", f"{p}/ratio", f"{p}/one"], [f"{p}/scale"]),
+                 helper.make_node("Mul", [f"{p}/centred", f"{p}/scale"], [f"{p}/scaled"]),
+                 helper.make_node("Add", [f"{p}/scaled", f"{p}/mu_t"], [f"{p}/out"])]
+        for node in graph.node:  # everything downstream reads the corrected tensor
+            for k, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[k] = f"{p}/out"
+        inserts.setdefault(position[tensor], []).extend(nodes)
+        outputs += [f"{p}/mean", f"{p}/std"]
+    new_nodes = []
+    for k, node in enumerate(graph.node):
+        new_nodes.append(node)
+        new_nodes.extend(inserts.get(k, []))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.output[:]
+    graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs)
+    session = make_session(model, device)
+    feed = next(data.batches(samples))
+    values = session.run(outputs, feed)
+    return [(values[2 * n].astype(np.float64).reshape(-1), values[2 * n + 1].astype(np.float64).reshape(-1))
+            for n in range(len(points))]

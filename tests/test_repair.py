@@ -23,7 +23,6 @@ def plan_for(a_model, b_model, data, method):
         for name in names:
             ts = a.tensor_spaces[name]
             requests.append(FeatureRequest(f"space:{sid}", [name, corr.tensors[name]], ts.axis, ts.expand))
-    requests += target_requests(plan, repair_points(a, trunk))
     stats = collect_stats([a.model, b.model], requests, data)
     for sid in zipped_spaces(a, trunk):
         plan.matchings[sid] = solve(method, stats[f"space:{sid}"].correlation(), a.spaces[sid].width)
@@ -37,9 +36,10 @@ def merged_moments(surgery, point, data):
     return st.mean, st.std()
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "per-layer"])
 @pytest.mark.parametrize("method", ["zip", "average"])
 @pytest.mark.parametrize("arch", ["vgg", "resnet", "mlp"])
-def test_repair_matches_target_statistics(arch, method):
+def test_repair_matches_target_statistics(arch, method, one_pass):
     (a_model, _), (b_model, _) = F.random_pair(arch, seed=3)
     data = calibration_from_arrays(F.calib(a_model, 256, seed=1), input_specs(a_model))
     plan, stats = plan_for(a_model, b_model, data, method)
@@ -47,8 +47,10 @@ def test_repair_matches_target_statistics(arch, method):
     points = repair_points(plan.a, plan.trunk)
     assert points, "the fixture has weighted trunk layers"
     before = [merged_moments(surgery, p, data) for p in points]
-    summary = repair(plan, surgery, stats, data)
+    summary = repair(plan, surgery, data, [plan.a.model, plan.b.model], max_batch_bytes=(2 << 30) if one_pass else 0)
+    stats = collect_stats([plan.a.model, plan.b.model], target_requests(plan, points), data)
     assert summary["layers"] == len(points) and not summary["unshifted"]
+    assert summary["passes"] == (1 if one_pass else len(points))
     for p, (mu0, sd0) in zip(points, before):
         width = plan.a.spaces[p.space.space].width
         src = stats[p.key]
