@@ -554,9 +554,19 @@ def _concat(w: _Walk, node):
     expand = spaced[0].expand
     if any(ts.expand != expand for ts in spaced):
         raise _Unsupported("concatenates flattened features of different spatial sizes")
-    parts = [ts.space for ts in spaced]
+    parts, widths = [], []
+    for name, ts in zip(node.input, spaced):
+        if w.find(ts.space) in w.identity:  # a shared tensor: its width along this axis is the tensor's own
+            width = w.shape(name)[axis] if w.shape(name) else None
+            if width is None:
+                raise _Unsupported(f"the shape of '{name}' is unknown")
+            parts.append(w.new_space(width, identity=True))
+            widths.append(width)
+        else:
+            parts.append(ts.space)
+            widths.append(w.width(ts))
     identity = all(w.find(p) in w.identity for p in parts)
-    sid = w.new_space(sum(w.width(ts) for ts in spaced), identity=identity)
+    sid = w.new_space(sum(widths), identity=identity)
     w.parts[sid] = parts
     out = TensorSpace(sid, axis, expand)
     w.set_space(node.output[0], out)
@@ -616,10 +626,64 @@ def _pad(w: _Walk, node):
     return "carrier", None, x, x
 
 
+def _cast(w: _Walk, node):
+    if w.attr(node, "to") not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                  onnx.TensorProto.BFLOAT16):
+        raise _Unsupported("casts features to a non-float type")
+    return _unary(w, node)
+
+
 def _shape_op(w: _Walk, node):
     for out in node.output:
         w.static.add(out)
     return "static", None, None, None
+
+
+def _set_shared(w: _Walk, name: str) -> None:
+    shape = w.shape(name) or ()
+    axis = 1 if len(shape) >= 2 else 0
+    width = shape[axis] if shape else 0
+    w.tensor_spaces[name] = TensorSpace(w.new_space(width, identity=True), axis)
+
+
+def _is_shared(w: _Walk, name: str) -> bool:
+    ts = w.tensor_spaces.get(name)
+    return ts is not None and w.find(ts.space) in w.identity
+
+
+def _weighted_on_shared(w: _Walk, node) -> TensorSpace | None:
+    """A weighted layer reading a shared tensor (the first layer): opens a learned space on its output; its input
+    channels need no unmerge (both models read the same values)."""
+    if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or _is_shared(w, node.input[1]):
+        return None
+    weight = w.const(node.input[1])
+    if weight is None or weight.ndim < 2:
+        return None
+    if node.op_type == "Conv":
+        if w.attr(node, "group", 1) != 1:
+            return None  # merging output channels across groups would mix the groups' inputs
+        out_axis, width, axis = 0, weight.shape[0], 1
+    elif node.op_type == "Gemm":
+        if w.attr(node, "transA", 0):
+            return None
+        out_axis = 0 if w.attr(node, "transB", 0) else 1
+        width, axis = weight.shape[out_axis], 1
+    else:
+        shape = w.shape(node.output[0])
+        if weight.ndim != 2 or shape is None:
+            return None
+        out_axis, width, axis = 1, weight.shape[1], len(shape) - 1
+    sid = w.new_space(width)
+    w.add_weight(1, out_axis, sid, "out")
+    if len(node.input) > 2 and node.input[2]:
+        bias = w.const(node.input[2])
+        if bias is None:
+            return None
+        if bias.size > 1:
+            w.add_weight(2, bias.ndim - 1, sid, "out")
+    ts = TensorSpace(sid, axis)
+    w.set_space(node.output[0], ts)
+    return ts
 
 
 def _weighted_after_opaque(w: _Walk, node) -> TensorSpace | None:
@@ -676,6 +740,7 @@ HANDLERS = {
     "LayerNormalization": _layernorm,
     "GroupNormalization": _groupnorm,
     "Pad": _pad,
+    "Cast": _cast,
     "Shape": _shape_op,
     "Size": _shape_op,
 }
@@ -696,15 +761,8 @@ def analyse(model: onnx.ModelProto) -> Analysis:
     infos = []
     producer, consumers = {}, {}
     for inp in graph.input:
-        if inp.name in w.initializers:
-            continue
-        shape = w.shape(inp.name)
-        if shape is not None and len(shape) >= 2 and w.types.get(inp.name) in (1, 10, 11, 16):
-            axis = 1
-            sid = w.new_space(shape[axis], identity=True)
-            w.tensor_spaces[inp.name] = TensorSpace(sid, axis)
-        else:
-            w.opaque.add(inp.name)  # integer or 1-D inputs: nothing onnxzip follows
+        if inp.name not in w.initializers:
+            _set_shared(w, inp.name)  # both models see the same inputs
     for i, node in enumerate(graph.node):
         w.node_index = i
         for j, name in enumerate(node.input):
@@ -726,6 +784,19 @@ def analyse(model: onnx.ModelProto) -> Analysis:
             info.kind = "static"  # computes the same value in both models, whatever the data
             for out in node.output:
                 w.static.add(out)
+        elif all(n in w.static or _is_shared(w, n) for n in inputs):
+            # computed from the shared inputs alone (preprocessing, a Cast, a Transpose to NCHW): the same in both
+            # models wherever their constants agree (match() blocks the nodes where they don't), so its channel
+            # axis never matters -- until a weighted layer reads it and opens a learned space
+            out = _weighted_on_shared(w, node) if node.domain in ("", "ai.onnx") else None
+            if out is not None:
+                info.kind, info.data_input, info.out_space = "weighted", node.input[0], out
+                info.in_space = w.space_of(node.input[0])
+            else:
+                info.kind = "carrier"
+                for name in node.output:
+                    if name:
+                        _set_shared(w, name)
         else:
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             saved = (len(w.weights), dict(w.tensor_spaces))
