@@ -700,7 +700,11 @@ def _weighted_after_opaque(w: _Walk, node) -> TensorSpace | None:
         if shape is None or weight.ndim != 2:
             return None
         width, axis = weight.shape[1], len(shape) - 1
-    ts = TensorSpace(w.new_space(width), axis)
+    sid = w.new_space(width)
+    w.add_weight(1, {"Conv": 0, "Gemm": 0 if w.attr(node, "transB", 0) else 1}.get(node.op_type, 1), sid, "out")
+    if len(node.input) > 2 and node.input[2] and w.const(node.input[2]) is not None and w.const(node.input[2]).size > 1:
+        w.add_weight(2, w.const(node.input[2]).ndim - 1, sid, "out")
+    ts = TensorSpace(sid, axis)
     w.tensor_spaces[node.output[0]] = ts
     return ts
 

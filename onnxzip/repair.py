@@ -34,54 +34,79 @@ log = logging.getLogger("onnxzip")
 
 @dataclass
 class RepairPoint:
-    """One weighted trunk layer and the tensor where its per-channel statistics are corrected."""
+    """One weighted layer and the tensor where its per-channel statistics are corrected.
+
+    `model` None: a trunk layer, corrected towards the merge-weighted average of the source channels' statistics.
+    `model` m: model m's copy of a layer after the stop point, corrected back to model m's own statistics (the
+    paper resets every BatchNorm of the merged model, the unmerged layers' included: they now read unmerged
+    features, whose statistics drifted)."""
 
     layer: int  # node index of the weighted layer
     chain: list  # node indices from the layer to the tensor: the layer, then Add-bias and/or BN nodes
     tensor: str  # model A's name of the corrected tensor
     space: TensorSpace
+    model: int | None = None
 
     @property
     def key(self) -> str:
         return f"repair:{self.tensor}"
 
 
-def repair_points(a: Analysis, trunk: set) -> list:
-    """Every weighted trunk layer whose output is a zipped space, with the affine chain that follows it."""
+def _chain(a: Analysis, i: int, same_side) -> tuple:
+    """The layer's output and the per-channel affine nodes (bias Add, BatchNorm) that follow it on its side."""
+    chain = [i]
+    tensor = a.model.graph.node[i].output[0]
+    while True:
+        users = a.consumers.get(tensor, [])
+        if len(users) != 1 or tensor in a.output_names:
+            break
+        j, _ = users[0]
+        nxt = a.model.graph.node[j]
+        if not same_side(j):
+            break
+        if nxt.op_type == "BatchNormalization":
+            chain.append(j)
+            tensor = nxt.output[0]
+            break
+        is_bias = nxt.op_type == "Add" and any(wa.role == "out" for k in range(2) for wa in a.weight_axes(j, k))
+        if not is_bias or a.nodes[chain[-1]].op_type == "BatchNormalization":
+            break
+        chain.append(j)
+        tensor = nxt.output[0]
+    return chain, tensor
+
+
+def repair_points(a: Analysis, trunk: set, branches: bool = False, num_models: int = 2) -> list:
+    """Every weighted trunk layer whose output is a zipped space; with `branches`, also each model's copy of every
+    weighted layer after the stop point that reads (directly or not) the trunk, task heads excepted."""
     zipped = set(zipped_spaces(a, trunk))
     points = []
     for i in sorted(trunk):
         info = a.nodes[i]
         if info.kind != "weighted" or info.out_space.space not in zipped:
             continue
-        chain = [i]
-        tensor = a.model.graph.node[i].output[0]
-        while True:
-            users = a.consumers.get(tensor, [])
-            if len(users) != 1 or tensor in a.output_names:
-                break
-            j, _ = users[0]
-            nxt = a.model.graph.node[j]
-            if j not in trunk:
-                break
-            if nxt.op_type == "BatchNormalization":
-                chain.append(j)
-                tensor = nxt.output[0]
-                break
-            is_bias = nxt.op_type == "Add" and any(wa.role == "out" for k in range(2) for wa in a.weight_axes(j, k))
-            if not is_bias or a.nodes[chain[-1]].op_type == "BatchNormalization":
-                break
-            chain.append(j)
-            tensor = nxt.output[0]
+        chain, tensor = _chain(a, i, lambda j: j in trunk)
         points.append(RepairPoint(i, chain, tensor, a.tensor_spaces[tensor]))
+    if branches and points:
+        for i in a.weighted:
+            if i in trunk or i in a.heads or a.nodes[i].out_space is None:
+                continue
+            if not any(wa.role == "out" for wa in a.weight_axes(i, 1)):
+                continue
+            chain, tensor = _chain(a, i, lambda j: j not in trunk)
+            if tensor not in a.tensor_spaces:
+                continue
+            for m in range(num_models):
+                points.append(RepairPoint(i, chain, tensor, a.tensor_spaces[tensor], m))
     return points
 
 
 def target_requests(plan: ZipPlan, points: list) -> list:
     """Moments of the corrected tensors in both source models (collected with the calibration pass)."""
     b_name = plan.correspondence.tensors
+    unique = {p.key: p for p in points}
     return [FeatureRequest(p.key, [p.tensor, b_name[p.tensor]], p.space.axis, p.space.expand, full=False)
-            for p in points]
+            for p in unique.values()]
 
 
 def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
@@ -103,20 +128,35 @@ def _scale_initializer(model, name, axis, scale, shift=None):
     init.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(init).dtype), name))
 
 
+def merged_tensor(plan: ZipPlan, surgery: Surgery, point: RepairPoint) -> str:
+    """The name in the merged graph of the tensor `point` corrects."""
+    if point.model is None:
+        return surgery.trunk_tensors[point.tensor]
+    name = point.tensor if point.model == 0 else plan.correspondence.tensors[point.tensor]
+    return f"{plan.names[point.model]}/{name}"
+
+
+def _input(surgery: Surgery, point: RepairPoint, node: int, j: int) -> str:
+    if point.model is None:
+        return surgery.trunk_inputs[(node, j)]
+    return surgery.branch_inputs[(point.model, node, j)]
+
+
 def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: np.ndarray, shift: np.ndarray) -> bool:
-    """Fold y -> scale*y + shift into the trunk nodes of `point`. False where no bias can take the shift."""
+    """Fold y -> scale*y + shift into the nodes of `point`. False where no bias can take the shift."""
     a = plan.a
     model = surgery.model
     last = point.chain[-1]
     if a.nodes[last].op_type == "BatchNormalization":
-        _scale_initializer(model, surgery.trunk_inputs[(last, 1)], 0, scale)
-        _scale_initializer(model, surgery.trunk_inputs[(last, 2)], 0, scale, shift)
+        _scale_initializer(model, _input(surgery, point, last, 1), 0, scale)
+        _scale_initializer(model, _input(surgery, point, last, 2), 0, scale, shift)
         return True
     space = point.space.space
     layer = point.layer
-    node = model.graph.node[[n.name for n in model.graph.node].index(surgery.trunk_nodes[layer])]
+    node_name = surgery.trunk_nodes[layer] if point.model is None else surgery.branch_nodes[(point.model, layer)]
+    node = model.graph.node[[n.name for n in model.graph.node].index(node_name)]
     (wa,) = [w for w in a.weight_axes(layer, 1) if w.role == "out"]
-    _scale_initializer(model, surgery.trunk_inputs[(layer, 1)], wa.axis, scale)
+    _scale_initializer(model, _input(surgery, point, layer, 1), wa.axis, scale)
     biases = []  # (node index, input index, axis) of per-channel additive constants along the chain
     for i in point.chain:
         for k in range(len(a.model.graph.node[i].input)):
@@ -127,7 +167,7 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
                     biases.append((i, k, w.axis))
     for n, (i, k, axis) in enumerate(biases):
         last_bias = n == len(biases) - 1
-        _scale_initializer(model, surgery.trunk_inputs[(i, k)], axis, scale, shift if last_bias else None)
+        _scale_initializer(model, _input(surgery, point, i, k), axis, scale, shift if last_bias else None)
     if biases:
         return True
     op = a.nodes[layer].op_type
@@ -137,22 +177,29 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
         for attr in node.attribute:
             if attr.name == "beta":
                 beta = attr.f
-        dtype = numpy_helper.to_array(_initializer(model, surgery.trunk_inputs[(layer, 1)])).dtype
-        name = f"{surgery.trunk_nodes[layer]}/repair_bias"
+        dtype = numpy_helper.to_array(_initializer(model, _input(surgery, point, layer, 1))).dtype
+        name = f"{node_name}/repair_bias"
         model.graph.initializer.append(numpy_helper.from_array((shift / beta).astype(dtype), name))
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = name
-        surgery.trunk_inputs[(layer, 2)] = name
+        if point.model is None:
+            surgery.trunk_inputs[(layer, 2)] = name
+        else:
+            surgery.branch_inputs[(point.model, layer, 2)] = name
         return True
     return False
 
 
 def _targets(plan: ZipPlan, point: RepairPoint, targets: dict) -> tuple:
-    """REPAIR's target per merged channel: the merge-weighted average of the source channels' mean and std."""
+    """REPAIR's target per merged channel: the merge-weighted average of the source channels' mean and std; for
+    a layer after the stop point, its own model's."""
     width = plan.a.spaces[point.space.space].width
     source = targets[point.key]
     mu_src, sd_src = source.mean, source.std()
+    if point.model is not None:
+        m = point.model
+        return mu_src[m * width:(m + 1) * width], sd_src[m * width:(m + 1) * width]
     matching = plan.matching(point.space.space)
     n = len(matching.merge)
     mu_t = sum(matching.merge[m] @ mu_src[m * width:(m + 1) * width] for m in range(n))
@@ -193,11 +240,14 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
     the source models (inputs named as the merged model's); the targets are measured on them over exactly the
     samples the merged model is measured on, so that merging a model with itself changes nothing.
     """
-    points = repair_points(plan.a, plan.trunk)
-    summary = {"layers": 0, "samples": data.num_samples, "mean_abs_log_scale": 0.0, "unshifted": [],
-               "passes": 0}
+    points = repair_points(plan.a, plan.trunk, branches=True, num_models=len(plan.analyses))
+    summary = {"layers": 0, "branch_layers": 0, "samples": data.num_samples, "mean_abs_log_scale": 0.0,
+               "unshifted": [], "passes": 0}
     if not points:
         return summary
+    # graph order of the merged model: each point is measured with every point before it corrected
+    position = {out: k for k, node in enumerate(surgery.model.graph.node) for out in node.output}
+    points.sort(key=lambda p: position[merged_tensor(plan, surgery, p)])
     fits = min(data.num_samples, max_batch_bytes // _bytes_per_sample(plan.a))
     fixed_batch = data._fixed_batch() is not None  # a model that fixes its batch size can't take one big batch
     one_pass = not fixed_batch and fits >= min(data.num_samples, MIN_ONE_PASS_SAMPLES)
@@ -217,7 +267,7 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
         if measured is not None:
             mu, sd = measured[n]
         else:
-            request = FeatureRequest(point.key, [surgery.trunk_tensors[point.tensor]], point.space.axis,
+            request = FeatureRequest(point.key, [merged_tensor(plan, surgery, point)], point.space.axis,
                                      point.space.expand, full=False)
             stats = collect_stats([surgery.model], [request], data, batch_size, device)[point.key]
             mu, sd = stats.mean, stats.std()
@@ -225,8 +275,11 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
         scale, shift = _correction(mu, sd, *goals[n], eps)
         if not fold_correction(plan, surgery, point, scale, shift):
             summary["unshifted"].append(plan.a.nodes[point.layer].name)
-        log_scales.append(np.abs(np.log(np.maximum(scale, 1e-12))).mean())
-        summary["layers"] += 1
+        if point.model is None:
+            log_scales.append(np.abs(np.log(np.maximum(scale, 1e-12))).mean())
+            summary["layers"] += 1
+        else:
+            summary["branch_layers"] += 1
     if callable(progress):
         progress(len(points), len(points))
     if log_scales:
@@ -242,7 +295,7 @@ def _measure_in_one_pass(plan, surgery, points, goals, data, device, eps, sample
     position = {out: k for k, node in enumerate(graph.node) for out in node.output}
     inserts, outputs = {}, []
     for n, (point, (mu_t, sd_t)) in enumerate(zip(points, goals)):
-        tensor = surgery.trunk_tensors[point.tensor]
+        tensor = merged_tensor(plan, surgery, point)
         rank = len(plan.a.shapes[point.tensor])
         axis = point.space.axis
         axes = [k for k in range(rank) if k != axis]

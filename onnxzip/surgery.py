@@ -58,6 +58,8 @@ class Surgery:
     trunk_tensors: dict = field(default_factory=dict)  # A tensor name -> merged tensor name
     trunk_inputs: dict = field(default_factory=dict)  # (node index, input index) -> merged initializer name
     trunk_nodes: dict = field(default_factory=dict)  # node index -> merged node name
+    branch_inputs: dict = field(default_factory=dict)  # (model, node index, input index) -> merged initializer
+    branch_nodes: dict = field(default_factory=dict)  # (model, node index) -> merged node name
 
 
 def zipped_spaces(a: Analysis, trunk: set) -> list:
@@ -252,11 +254,15 @@ def build(plan: ZipPlan) -> Surgery:
                     continue
                 if name in analysis.initializers and name not in analysis.producer:
                     value = branch_weight(plan, m, i, j)
-                    if value is None:
-                        inputs.append(em.init(f"{prefix}/{name}", analysis.initializers[name],
-                                              analysis.initializers[name]))
-                    else:
-                        inputs.append(em.init(f"{prefix}/{node.name}/{j}", value, analysis.initializers[name]))
+                    if value is None and not a.weight_axes(i, j):
+                        merged = em.init(f"{prefix}/{name}", analysis.initializers[name],
+                                         analysis.initializers[name])
+                    else:  # a weight of this node alone: statistics repair may rescale it in place
+                        merged = em.init(f"{prefix}/{node.name}/{j}",
+                                         analysis.initializers[name] if value is None else value,
+                                         analysis.initializers[name])
+                    surgery.branch_inputs[(m, i, j)] = merged
+                    inputs.append(merged)
                     continue
                 tensor_a = name if m == 0 else b_to_a.get(name, name)
                 if is_trunk_tensor(a, plan.trunk, tensor_a):
@@ -270,6 +276,7 @@ def build(plan: ZipPlan) -> Surgery:
             new = helper.make_node(node.op_type, inputs, outputs, name=f"{prefix}/{node.name}", domain=node.domain)
             new.attribute.extend(node.attribute)
             em.nodes.append(new)
+            surgery.branch_nodes[(m, i)] = new.name
 
     outputs = []
     for m, analysis in enumerate(plan.analyses):

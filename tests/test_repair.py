@@ -71,3 +71,38 @@ def test_bn_kept_is_repaired_in_the_bn_node():
     plan, _ = plan_for(a_model, b_model, data, "zip")
     ops = {plan.a.nodes[p.chain[-1]].op_type for p in repair_points(plan.a, plan.trunk)}
     assert "BatchNormalization" in ops and "Conv" in ops  # conv2 is followed by a BN node, conv1 is not
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_partial_zip_repairs_each_models_layers_after_the_stop_point(arch):
+    """The paper resets every BatchNorm of the merged model: layers after the stop point, which now read unmerged
+    features, get back their own model's per-channel statistics."""
+    from onnxzip.repair import merged_tensor
+
+    (a_model, _), (b_model, _) = F.random_pair(arch, seed=5)
+    data = calibration_from_arrays(F.calib(a_model, 256, seed=3), input_specs(a_model))
+    a, b = analyse(a_model), analyse(b_model)
+    corr = match(a, b)
+    trunk = trunk_nodes(a, 1)
+    plan = ZipPlan(a, b, corr, trunk, {})
+    requests = []
+    for sid, names in merge_points(a, trunk).items():
+        for name in names:
+            ts = a.tensor_spaces[name]
+            requests.append(FeatureRequest(f"space:{sid}", [name, corr.tensors[name]], ts.axis, ts.expand))
+    stats = collect_stats([a.model, b.model], requests, data)
+    for sid in zipped_spaces(a, trunk):
+        plan.matchings[sid] = solve("zip", stats[f"space:{sid}"].correlation(), a.spaces[sid].width)
+    surgery = build(plan)
+    summary = repair(plan, surgery, data, [a.model, b.model])
+    branch = [p for p in repair_points(a, trunk, branches=True) if p.model is not None]
+    assert branch and summary["branch_layers"] == len(branch)
+    targets = collect_stats([a.model, b.model], target_requests(plan, branch), data)
+    for p in branch:
+        width = a.spaces[p.space.space].width
+        want_mu = targets[p.key].mean[p.model * width:(p.model + 1) * width]
+        want_sd = targets[p.key].std()[p.model * width:(p.model + 1) * width]
+        req = FeatureRequest("m", [merged_tensor(plan, surgery, p)], p.space.axis, p.space.expand, full=False)
+        got = collect_stats([surgery.model], [req], data)["m"]
+        np.testing.assert_allclose(got.mean, want_mu, atol=1e-4, rtol=1e-4, err_msg=f"mean of {p.tensor} ({p.model})")
+        np.testing.assert_allclose(got.std(), want_sd, atol=1e-4, rtol=1e-3, err_msg=f"std of {p.tensor} ({p.model})")
