@@ -405,7 +405,16 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     trunk = set() if method == "ensemble" else trunk_nodes(a, stop_at)
 
     specs = input_specs(a.model)
-    calib = _calibration(data, specs, num_samples, logger)
+    calib = _calibration(data, specs, None, logger)
+    if num_samples is not None and num_samples < calib.num_samples:
+        # --seed picks which samples are used (and so which are held back to verify): a random subset, kept in
+        # file order; the same seed picks the same samples
+        chosen = np.sort(np.random.default_rng(seed).choice(calib.num_samples, num_samples, replace=False))
+        calib = CalibrationData(calib.path, {k: np.asarray(v[chosen]) for k, v in calib.arrays.items()},
+                                calib.specs, logger)
+    elif num_samples is not None and num_samples > calib.num_samples:
+        logger.warning("%s: %d calibration samples asked for, but there are %d; using all of them", calib.path,
+                       num_samples, calib.num_samples)
     fixed = _fixed_batch(calib)
     if calib.num_samples < max(2, fixed):
         raise CalibrationDataError(f"{calib.path}: {calib.num_samples} calibration sample(s); at least "
