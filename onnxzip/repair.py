@@ -207,6 +207,46 @@ def _targets(plan: ZipPlan, point: RepairPoint, targets: dict) -> tuple:
     return mu_t, sd_t
 
 
+ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "ThresholdedRelu", "Elu", "Selu", "Celu",
+               "Sigmoid", "Tanh", "Softplus", "Gelu", "Mish")
+
+
+def _activation_after(a: Analysis, tensor: str) -> str | None:
+    """The output of the activation that alone reads `tensor`, if any."""
+    users = a.consumers.get(tensor, [])
+    if len(users) == 1 and a.model.graph.node[users[0][0]].op_type in ACTIVATIONS:
+        return a.model.graph.node[users[0][0]].output[0]
+    return None
+
+
+def activation_requests(plan: ZipPlan, points: list) -> list:
+    """Moments after each point's activation in both source models: channels constant there (dead ReLUs) are
+    left alone by repair."""
+    out = {}
+    for p in points:
+        post = _activation_after(plan.a, p.tensor)
+        if post is not None and f"post:{p.tensor}" not in out:
+            out[f"post:{p.tensor}"] = FeatureRequest(f"post:{p.tensor}", [post, plan.correspondence.tensors[post]],
+                                                     p.space.axis, p.space.expand, full=False)
+    return list(out.values())
+
+
+def _frozen(plan: ZipPlan, point: RepairPoint, targets: dict) -> np.ndarray:
+    """Channels to leave as they are: every source channel they stand for is constant after the activation (a dead
+    unit). Their merged pre-activations may differ, and rescaling them towards the sources' spread would revive
+    them; left alone, an average of dead units stays dead."""
+    width = plan.a.spaces[point.space.space].width
+    stats = targets.get(f"post:{point.tensor}")
+    if stats is None:
+        return np.zeros(width, dtype=bool)
+    constant = stats.std() <= 1e-7 * np.maximum(1.0, np.abs(stats.mean))
+    if point.model is not None:
+        return constant[point.model * width:(point.model + 1) * width].copy()
+    matching = plan.matching(point.space.space)
+    members = np.concatenate(matching.merge, axis=1) > 0  # merged channel x source channel
+    return np.array([constant[row].all() for row in members])
+
+
 def _threshold(sd_t: np.ndarray, eps: float) -> float:
     # a channel that the merge left (nearly) constant cannot be rescaled meaningfully: it is only shifted
     return eps * max(1.0, float(np.max(sd_t)))
@@ -254,11 +294,14 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
     if one_pass and fits < data.num_samples:
         data = data.split(data.num_samples - fits)[0]
     summary["samples"] = int(data.num_samples)
-    targets = collect_stats(models, target_requests(plan, points), data, batch_size, device)
+    requests = target_requests(plan, points) + activation_requests(plan, points)
+    targets = collect_stats(models, requests, data, batch_size, device)
     goals = [_targets(plan, p, targets) for p in points]
+    frozen = [_frozen(plan, p, targets) for p in points]
+    summary["frozen_channels"] = int(sum(f.sum() for f in frozen))
     measured = None
     if one_pass:
-        measured = _measure_in_one_pass(plan, surgery, points, goals, data, device, eps, data.num_samples)
+        measured = _measure_in_one_pass(plan, surgery, points, goals, frozen, data, device, eps, data.num_samples)
         summary["passes"] = 1
     log_scales = []
     for n, point in enumerate(points):
@@ -273,6 +316,7 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
             mu, sd = stats.mean, stats.std()
             summary["passes"] += 1
         scale, shift = _correction(mu, sd, *goals[n], eps)
+        scale[frozen[n]], shift[frozen[n]] = 1.0, 0.0
         if not fold_correction(plan, surgery, point, scale, shift):
             summary["unshifted"].append(plan.a.nodes[point.layer].name)
         if point.model is None:
@@ -287,7 +331,7 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
     return summary
 
 
-def _measure_in_one_pass(plan, surgery, points, goals, data, device, eps, samples) -> list:
+def _measure_in_one_pass(plan, surgery, points, goals, frozen, data, device, eps, samples) -> list:
     """Per repair point, the per-channel mean and std it has once every earlier point is corrected."""
     model = copy.deepcopy(surgery.model)
     graph = model.graph
@@ -308,6 +352,7 @@ def _measure_in_one_pass(plan, surgery, points, goals, data, device, eps, sample
             value = np.asarray(value, dtype=np.float32)
             graph.initializer.append(numpy_helper.from_array(value.reshape(shape) if value.size > 1 else value,
                                                              name))
+        graph.initializer.append(numpy_helper.from_array(np.asarray(frozen[n]).reshape(shape), f"{p}/frozen"))
 
         def reduce_mean(x, y):
             if opset >= 18:
@@ -325,7 +370,8 @@ def _measure_in_one_pass(plan, surgery, points, goals, data, device, eps, sample
                  helper.make_node("Div", [f"{p}/sd_t", f"{p}/safe"], [f"{p}/ratio"]),
                  helper.make_node("Where", [f"{p}/ok", f"{p}/ratio", f"{p}/one"], [f"{p}/scale"]),
                  helper.make_node("Mul", [f"{p}/centred", f"{p}/scale"], [f"{p}/scaled"]),
-                 helper.make_node("Add", [f"{p}/scaled", f"{p}/mu_t"], [f"{p}/out"])]
+                 helper.make_node("Add", [f"{p}/scaled", f"{p}/mu_t"], [f"{p}/corrected"]),
+                 helper.make_node("Where", [f"{p}/frozen", tensor, f"{p}/corrected"], [f"{p}/out"])]
         for node in graph.node:  # everything downstream reads the corrected tensor
             for k, name in enumerate(node.input):
                 if name == tensor:

@@ -439,8 +439,6 @@ DEAD_UNITS = {"conv": True, "in_channels": 3, "size": 4, "head": "gap", "classes
      "kernel": 1}]}
 
 
-@pytest.mark.xfail(reason="repair revives units that are dead after their activation (reported to repair.py)",
-                   strict=False)
 def test_repair_keeps_dead_units_dead():
     model, b = build(DEAD_UNITS)
     twin = permuted_twin(model, b, 0)
