@@ -270,6 +270,14 @@ class _Walk:
         return default
 
 
+def _extra_outputs_opaque(w: _Walk, node) -> None:
+    """Outputs after the first (BatchNorm's running statistics, Dropout's mask, MaxPool's indices) carry no
+    channels onnxzip follows."""
+    for extra in node.output[1:]:
+        if extra:
+            w.opaque.add(extra)
+
+
 def _require_const(w: _Walk, node, i: int, what: str) -> np.ndarray:
     if i >= len(node.input) or not node.input[i]:
         raise _Unsupported(f"has no {what}")
@@ -373,9 +381,7 @@ def _batchnorm(w: _Walk, node):
         _require_const(w, node, i, "statistics")
         w.add_weight(i, 0, x.space, "out")
     w.set_space(node.output[0], x)
-    for extra in node.output[1:]:
-        if extra:
-            w.opaque.add(extra)
+    _extra_outputs_opaque(w, node)
     return "carrier", None, x, x
 
 
@@ -401,9 +407,7 @@ def _unary(w: _Walk, node):
             if value is not None and value.size > 1 and node.op_type != "Dropout":
                 raise _Unsupported(f"input '{name}' is not a single value")
     w.set_space(node.output[0], x)
-    for extra in node.output[1:]:
-        if extra:
-            w.opaque.add(extra)
+    _extra_outputs_opaque(w, node)
     return "carrier", None, x, x
 
 
@@ -433,9 +437,7 @@ def _pool(w: _Walk, node):
     if x.axis != 1 or x.expand != 1:
         raise _Unsupported("pools an axis that holds the channels")
     w.set_space(node.output[0], x)
-    for extra in node.output[1:]:
-        if extra:
-            w.opaque.add(extra)  # MaxPool indices
+    _extra_outputs_opaque(w, node)
     return "carrier", None, x, x
 
 
@@ -582,9 +584,7 @@ def _layernorm(w: _Walk, node):
         if len(node.input) > i and node.input[i]:
             _channel_param(w, node, i, x, rank)
     w.set_space(node.output[0], x)
-    for extra in node.output[1:]:
-        if extra:
-            w.opaque.add(extra)
+    _extra_outputs_opaque(w, node)
     return "carrier", None, x, x
 
 

@@ -13,10 +13,10 @@ from onnxzip.surgery import ZipPlan, build, merge_points, zipped_spaces
 import fixtures as F
 
 
-def plan_for(a_model, b_model, data, method):
+def plan_for(a_model, b_model, data, method, stop_at=None):
     a, b = analyse(a_model), analyse(b_model)
     corr = match(a, b)
-    trunk = trunk_nodes(a)
+    trunk = trunk_nodes(a, stop_at)
     plan = ZipPlan(a, b, corr, trunk, {})
     requests = []
     for sid, names in merge_points(a, trunk).items():
@@ -81,18 +81,8 @@ def test_partial_zip_repairs_each_models_layers_after_the_stop_point(arch):
 
     (a_model, _), (b_model, _) = F.random_pair(arch, seed=5)
     data = calibration_from_arrays(F.calib(a_model, 256, seed=3), input_specs(a_model))
-    a, b = analyse(a_model), analyse(b_model)
-    corr = match(a, b)
-    trunk = trunk_nodes(a, 1)
-    plan = ZipPlan(a, b, corr, trunk, {})
-    requests = []
-    for sid, names in merge_points(a, trunk).items():
-        for name in names:
-            ts = a.tensor_spaces[name]
-            requests.append(FeatureRequest(f"space:{sid}", [name, corr.tensors[name]], ts.axis, ts.expand))
-    stats = collect_stats([a.model, b.model], requests, data)
-    for sid in zipped_spaces(a, trunk):
-        plan.matchings[sid] = solve("zip", stats[f"space:{sid}"].correlation(), a.spaces[sid].width)
+    plan, _ = plan_for(a_model, b_model, data, "zip", stop_at=1)
+    a, b, trunk = plan.a, plan.b, plan.trunk
     surgery = build(plan)
     summary = repair(plan, surgery, data, [a.model, b.model])
     branch = [p for p in repair_points(a, trunk, branches=True) if p.model is not None]
