@@ -62,7 +62,7 @@ def _setup_logging(ctx: click.Context, verbose: bool, quiet: bool) -> logging.Lo
     logger = logging.getLogger(LOGGER_NAME)
     for h in [h for h in logger.handlers if getattr(h, "_onnxzip_cli", False)]:
         logger.removeHandler(h)
-    handler = logging.StreamHandler(click.get_text_stream("stderr"))
+    handler = logging.StreamHandler(sys.stderr)  # read now: CliRunner swaps sys.stderr
     handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
     handler._onnxzip_cli = True
     logger.addHandler(handler)
