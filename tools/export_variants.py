@@ -173,7 +173,71 @@ def _task_eval(card, k):
     return fmnist.task_subset(data["x"], data["y"], card["tasks"][k])
 
 
-def export_pair(pair, out=None, variants=tuple(VARIANTS), log=print):
+def state_dict_from_onnx(arch, num_classes, path):
+    """Torch weights rebuilt from a default export (BN folded), for pairs trained before `a.pt` was kept.
+
+    Each Conv gets the folded kernel; the BatchNorm after it gets scale 1, the folded bias as shift, mean 0 and
+    variance 1 - eps, so it computes exactly the folded bias. The rebuilt model computes the exported function,
+    but its BatchNorm carries no information: a BN-kept export of it tests how onnxzip handles BatchNormalization
+    nodes in the graph, not how it merges trained BN parameters. Conv nodes are matched to modules in execution
+    order (forward hooks), Gemm to the last Linear.
+    """
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    import models_torch
+
+    proto = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    gemms = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    model = models_torch.build(arch, num_classes).eval()
+    order, hooks = [], []
+    modules = list(model.named_modules())
+    for name, mod in modules:
+        if isinstance(mod, torch.nn.Conv2d):
+            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: order.append(name)))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    if len(order) != len(convs):
+        raise RuntimeError(f"{path}: {len(convs)} Conv nodes but the {arch} model runs {len(order)} Conv2d modules")
+    names = [n for n, _ in modules]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, node in zip(order, convs):
+        sd[f"{name}.weight"] = torch.from_numpy(inits[node.input[1]].copy())
+        bn_name = names[names.index(name) + 1]
+        bn = dict(modules)[bn_name]
+        if not isinstance(bn, torch.nn.BatchNorm2d) or len(node.input) < 3:
+            raise RuntimeError(f"{path}: {name} is not followed by a BatchNorm2d / has no folded bias")
+        bias = torch.from_numpy(inits[node.input[2]].copy())
+        sd[f"{bn_name}.weight"] = torch.ones_like(bias)
+        sd[f"{bn_name}.bias"] = bias
+        sd[f"{bn_name}.running_mean"] = torch.zeros_like(bias)
+        sd[f"{bn_name}.running_var"] = torch.full_like(bias, 1 - bn.eps)
+    linears = [n for n, m in modules if isinstance(m, torch.nn.Linear)]
+    for name, node in zip(linears, gemms):
+        sd[f"{name}.weight"] = torch.from_numpy(inits[node.input[1]].copy())
+        sd[f"{name}.bias"] = torch.from_numpy(inits[node.input[2]].copy())
+    return sd
+
+
+def _weights(pair, card, k, from_onnx):
+    import torch
+    path = os.path.join(pair, f"{k}.pt")
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu"), "trained state dict (a.pt / b.pt)"
+    if not from_onnx:
+        raise FileNotFoundError(f"{path} missing: only pairs trained with the weights saved can be exported "
+                                "again (tools/train_pairs.py writes them), or pass --from-onnx")
+    return (state_dict_from_onnx(card["arch"], len(card["tasks"][k]), os.path.join(pair, f"{k}.onnx")),
+            "rebuilt from the default export (BN folded): BatchNorm scale 1, shift = folded bias, mean 0, "
+            "variance 1 - eps; its BatchNorm parameters carry no trained information")
+
+
+def export_pair(pair, out=None, variants=tuple(VARIANTS), log=print, from_onnx=False):
     """Write <out>/<variant>/{a,b}.onnx and card.json for every variant; return {variant: card}."""
     import onnx
     import onnxruntime
@@ -185,10 +249,7 @@ def export_pair(pair, out=None, variants=tuple(VARIANTS), log=print):
     _quiet_torch_onnx()
     card = _read_card(pair)
     out = out or os.path.join(pair, "variants")
-    for k in "ab":
-        if not os.path.isfile(os.path.join(pair, f"{k}.pt")):
-            raise FileNotFoundError(f"{pair}/{k}.pt missing: only pairs trained with the weights saved can be "
-                                    "exported again (tools/train_pairs.py writes them)")
+    weights = {k: _weights(pair, card, k, from_onnx) for k in "ab"}
     cards = {}
     for variant in variants:
         vdir = os.path.join(out, variant)
@@ -200,7 +261,7 @@ def export_pair(pair, out=None, variants=tuple(VARIANTS), log=print):
         diffs = {}
         for k in "ab":
             model = models_torch.build(card["arch"], len(card["tasks"][k]))
-            model.load_state_dict(torch.load(os.path.join(pair, f"{k}.pt"), map_location="cpu"))
+            model.load_state_dict(weights[k][0])
             model.eval()
             path = os.path.join(vdir, f"{k}.onnx")
             t0 = time.time()
@@ -208,6 +269,9 @@ def export_pair(pair, out=None, variants=tuple(VARIANTS), log=print):
             seconds = time.time() - t0
             xe, ye = _task_eval(card, k)
             diffs[k] = train_pairs.check_onnx(path, model, xe[:CHECK_IMAGES], atol=CHECK_ATOL)
+            # and the default export against the same torch model (proves rebuilt weights, with --from-onnx)
+            vcard.setdefault("default_max_abs_diff", {})[k] = train_pairs.check_onnx(
+                os.path.join(pair, f"{k}.onnx"), model, xe[:CHECK_IMAGES], atol=CHECK_ATOL)
             desc = describe_onnx(path)
             vcard["files"][k] = desc
             vcard["test_accuracy"][k] = train_pairs.onnx_accuracy(path, xe, ye)
@@ -217,6 +281,7 @@ def export_pair(pair, out=None, variants=tuple(VARIANTS), log=print):
                 f"max |diff| vs torch {diffs[k]:.1e}, own-task accuracy {100 * vcard['test_accuracy'][k]:.2f} % "
                 f"(default export {100 * vcard['default_test_accuracy'][k]:.2f} %), {seconds:.1f}s")
         vcard["test_set"] = f"{EVAL} (the task's images)"
+        vcard["weights"] = weights["a"][1]
         vcard["export"] = dict(info, variant=variant, torch=torch.__version__, onnx=onnx.__version__,
                                onnxruntime=onnxruntime.__version__, onnxscript=_version("onnxscript"),
                                check_atol=CHECK_ATOL, check_images=CHECK_IMAGES, max_abs_diff=diffs)
@@ -303,7 +368,7 @@ def check_average_rule(pair, exports, log=print, images=200):
 
     card = _read_card(pair)
     x = np.load(os.path.join(ROOT, EVAL))["x"][:images]
-    states = {k: torch.load(os.path.join(pair, f"{k}.pt"), map_location="cpu") for k in "ab"}
+    states = {k: _weights(pair, card, k, True)[0] for k in "ab"}
 
     def averaged(head, folded):
         models = {}
@@ -435,6 +500,7 @@ def render(pairs, path):
             lines.append(f"| {export} | {opset} | {d['batchnorm']} | {ops} | {io} | {nodes} | {inits} | "
                          f"{diff['a']:.1e}, {diff['b']:.1e} | {acc_note} |")
         any_card = next(iter(cards.values()))
+        lines += ["", f"Torch weights exported: {any_card.get('weights', 'trained state dict (a.pt / b.pt)')}."]
         lines += ["", f"torch {any_card['export']['torch']}, onnx {any_card['export']['onnx']}, onnxruntime "
                   f"{any_card['export']['onnxruntime']}, onnxscript {any_card['export']['onnxscript']}. Own-task "
                   f"accuracy on the task's images of `{EVAL}` with onnxruntime.", ""]
@@ -488,6 +554,23 @@ def _fmt(d, tasks=None):
     return " / ".join(_fmt(d[t]) for t in tasks)
 
 
+def _against_default(results, method):
+    """Exports within noise of the default export, and 'export Δ joint / Δ per task' for the others."""
+    runs = {r["export"]: r for r in results["runs"] if r["method"] == method and "error" not in r}
+    base = runs.get("default")
+    ok, off = [], []
+    for export, run in runs.items():
+        if export == "default" or base is None:
+            continue
+        dj = abs(run["joint"] - base["joint"])
+        dt = max(abs(run["per_task"][t] - base["per_task"][t]) for t in results["tasks"])
+        if dj <= NOISE_JOINT and dt <= NOISE_TASK:
+            ok.append(export)
+        else:
+            off.append(f"{export} Δ {_fmt(dj)} joint, up to {_fmt(dt)} per task")
+    return ok, off
+
+
 def _comparison_table(name, results):
     exports = list(results["exports"])
     n = results["num_images"]
@@ -523,6 +606,19 @@ def _comparison_table(name, results):
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {_fmt(sj)}; {_fmt(st, tasks)} | "
                      f"{_fmt(aj)}; {_fmt(at, tasks)} | {', '.join(sorted(zipped))} | {', '.join(sorted(unmerged))} |")
     lines.append("")
+    for export in exports:
+        runs = [r for r in results["runs"] if r["export"] == export and r.get("unmerged")]
+        if not runs:
+            continue
+        reasons = [runs[0]["unmerged"][0]["reason"]]
+        ops = describe_onnx(os.path.join(ROOT, results["exports"][export], "a.onnx"))["ops"]
+        note = (f" The graph has Identity×{ops['Identity']}: the TorchScript exporter writes an initializer whose "
+                "values equal an earlier one's as an Identity node of that one, and onnxzip reads a "
+                "BatchNormalization parameter that comes out of an Identity as computed, so it leaves that BN, "
+                "and the rest of the trunk, unmerged and cannot repair those layers' statistics."
+                if "Identity" in ops else "")
+        lines += [f"**{export}**: onnxzip left {max(len(r['unmerged']) for r in runs)} region(s) unmerged "
+                  f"({'; '.join(reasons)}; e.g. `{runs[0]['unmerged'][0]['node']}`).{note}", ""]
     rule = results.get("average_rule")
     if rule:
         lines += ["What `average` computes, checked against torch (merge with `repair=False`, 200 images, each "
@@ -559,7 +655,9 @@ def _verdict(comparisons):
                            f"per task), but BatchNorm folded vs kept does: **Δ {_fmt(aj)} joint, up to "
                            f"{_fmt(worst_task)} per task — not noise**")
             else:
-                verdict = f"**NOT within noise** (Δ all {_fmt(aj)} joint, up to {_fmt(worst_task)} per task)"
+                ok, off = _against_default(results, method)
+                verdict = (f"**NOT within noise**: vs default, {'; '.join(off)}"
+                           + (f"; {', '.join(ok)} agree with default within noise" if ok else ""))
             lines.append(f"- **{name}, {method}**: {verdict}.")
     lines += ["", "Merges of different exports are not bit-identical: folding BatchNorm into the Conv weights rounds "
               "differently from running it, and the dynamo exporter orders and names the graph its own way, so "
@@ -572,8 +670,8 @@ def _verdict(comparisons):
               "it averages kernels already multiplied by each model's γ/σ. For two unaligned models (plain "
               "averaging matches channel i of A with channel i of B whatever they compute) these are different "
               "models, and statistics repair cannot undo the difference, which is in the direction of each merged "
-              "filter, not its scale. The table above shows onnxzip computes each of the two exactly (logits equal "
-              "to torch's to float32 rounding). After matching (zip, permute) the paired filters are similar and "
+              "filter, not its scale. Where nothing is left unmerged, the check above shows onnxzip computes each of "
+              "the two exactly (logits equal to torch's to float32 rounding). After matching (zip, permute) the paired filters are similar and "
               "the two parametrizations give nearly the same merge.", ""]
     return lines
 
@@ -585,6 +683,9 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--compare", action="store_true", help="also merge every export and write docs/EXPORTERS.md")
     p.add_argument("--skip-export", action="store_true", help="reuse the variants already written")
+    p.add_argument("--from-onnx", action="store_true",
+                   help="for a pair without a.pt/b.pt: rebuild the torch weights from the default export "
+                        "(BatchNorm then carries only the folded bias; see state_dict_from_onnx)")
     p.add_argument("--render-only", action="store_true", help="only rewrite docs/EXPORTERS.md from the JSON files")
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "EXPORTERS.md"))
     p.add_argument("--threads", type=int, default=2)
@@ -597,7 +698,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         for pair in pairs:
             if not args.skip_export:
-                export_pair(pair, args.out, args.variants)
+                export_pair(pair, args.out, args.variants, from_onnx=args.from_onnx)
             if args.compare:
                 compare_pair(pair, args.out, ["default"] + args.variants)
     if args.compare or args.render_only:
