@@ -123,7 +123,8 @@ class Analysis:
 
 
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of the model with Constant nodes turned into initializers and every node named.
+    """Copy of the model with Constant nodes (and Identity nodes of constants) turned into initializers and every
+    node named.
 
     Weights can arrive as initializers or as Constant nodes depending on the exporter; treating both alike keeps
     every handler simple.
@@ -131,6 +132,8 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     model = copy.deepcopy(model)
     graph = model.graph
     kept = []
+    outputs = {o.name for o in graph.output}
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for i, node in enumerate(graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
@@ -149,7 +152,16 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
                 value = np.array(list(attr.ints), dtype=np.int64)
             if value is not None:
                 graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                constants[node.output[0]] = value
                 continue
+        if (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in constants
+                and node.output[0] not in outputs):
+            # an exporter that stores equal parameters once writes the others as Identity of it (TorchScript with
+            # BatchNorm kept): a constant all the same
+            value = constants[node.input[0]]
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            constants[node.output[0]] = value
+            continue
         kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)

@@ -235,3 +235,28 @@ def test_grouped_conv_is_left_unmerged_and_exact():
     assert res.card["unmerged"] and res.card["unmerged"][0]["op"] == "Conv"
     got_a, _ = run(res.model, x)
     np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-4)
+
+
+def test_identity_of_a_constant_is_a_constant():
+    """TorchScript with BatchNorm kept stores equal parameters once and writes the others as Identity of it."""
+    n = [helper.make_node("Conv", ["input", "c1.w"], ["c1"], pads=[1] * 4),
+         helper.make_node("Identity", ["bn.ones"], ["bn.scale"]),
+         helper.make_node("BatchNormalization", ["c1", "bn.scale", "bn.b", "bn.m", "bn.v"], ["bn"]),
+         helper.make_node("Relu", ["bn"], ["r1"])]
+    w = {"c1.w": conv_w(6, 3), "bn.ones": np.ones(6, np.float32), "bn.b": bias(6),
+         "bn.m": RNG.randn(6).astype(np.float32) * 0.1, "bn.v": RNG.uniform(0.5, 1.5, 6).astype(np.float32)}
+    head(n, w, "r1", 6)
+    a = make(n, w, (3, 8, 8), 5)
+    an = analyse(a)
+    assert not unsupported_report(an)
+    assert an.nodes[[x.op_type for x in an.nodes].index("BatchNormalization") - 0].kind == "carrier"
+    p = perm(6)
+    w2 = dict(w, **{"c1.w": w["c1.w"][p], "bn.b": w["bn.b"][p], "bn.m": w["bn.m"][p], "bn.v": w["bn.v"][p],
+                    "fc.w": w["fc.w"][:, p]})
+    b = make(n, w2, (3, 8, 8), 5)
+    x = RNG.randn(32, 3, 8, 8).astype(np.float32)
+    res = onnxzip.merge(a, b, RNG.randn(128, 3, 8, 8).astype(np.float32), method="permute")
+    assert res.card["trunk"]["weighted_layers_zipped"] == 1
+    got_a, got_b = run(res.model, x)
+    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-4)
+    np.testing.assert_allclose(got_b, run(a, x)[0], atol=1e-4)
