@@ -1,0 +1,40 @@
+"""Large models: a model stored with external data merges, and a merged model over the threshold is written with
+its weights in `<file>.data` beside it (the threshold is lowered here: the code path is the one a >2 GB model
+takes)."""
+
+import os
+
+import numpy as np
+import onnx
+
+import onnxzip
+from onnxzip import onnx_io
+
+import fixtures as F
+
+
+def test_external_data_in_and_out(tmp_path, monkeypatch):
+    a, pa = F.vgg()
+    b, _ = F.permuted_twin(pa)
+    paths = []
+    for name, model in (("a", a), ("b", b)):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location=f"{name}.onnx.data", size_threshold=0)
+        assert (tmp_path / f"{name}.onnx.data").exists()
+        paths.append(str(path))
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "out" / "merged.onnx"
+    out.parent.mkdir()
+    x = F.calib(a, 64, seed=9)
+    res = onnxzip.merge(paths[0], paths[1], F.calib(a, 256), str(out), method="permute")
+    assert sorted(os.listdir(out.parent)) == ["merged.onnx", "merged.onnx.data", "merged.onnx.json"]
+    stored = onnx.load(str(out), load_external_data=False)
+    big = [t for t in stored.graph.initializer if np.prod(t.dims) * 4 >= 1024]  # onnx keeps smaller ones inline
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big), \
+        "every weight above 1 KB of the merged model is in merged.onnx.data"
+    loaded = onnx_io.load_model(str(out))
+    want = F.run(a, x)["logits"]
+    got = F.run(loaded, x)
+    np.testing.assert_allclose(got["a/logits"], want, atol=1e-4)
+    np.testing.assert_allclose(got["b/logits"], want, atol=1e-4)
+    assert res.card["trunk"]["weighted_layers_zipped"] == res.card["trunk"]["weighted_layers"] - 1
