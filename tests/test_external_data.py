@@ -19,7 +19,9 @@ def test_external_data_in_and_out(tmp_path, monkeypatch):
     paths = []
     for name, model in (("a", a), ("b", b)):
         path = tmp_path / f"{name}.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location=f"{name}.onnx.data", size_threshold=0)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # onnx.save moves the weights of the proto it is given out to the file
+        onnx.save(copy, str(path), save_as_external_data=True, location=f"{name}.onnx.data", size_threshold=0)
         assert (tmp_path / f"{name}.onnx.data").exists()
         paths.append(str(path))
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1000)
