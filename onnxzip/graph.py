@@ -663,61 +663,38 @@ def _is_shared(w: _Walk, name: str) -> bool:
     return ts is not None and w.find(ts.space) in w.identity
 
 
-def _weighted_on_shared(w: _Walk, node) -> TensorSpace | None:
-    """A weighted layer reading a shared tensor (the first layer): opens a learned space on its output; its input
-    channels need no unmerge (both models read the same values)."""
+def _weighted_output_space(w: _Walk, node, shared_input: bool) -> TensorSpace | None:
+    """A weighted layer whose input channels need no transform opens a learned space on its output, with its
+    output-channel weights. `shared_input`: it reads a shared tensor (the first layer: both models read the same
+    values) and joins the trunk; otherwise it reads an unmergeable region's output and stays per model.
+    None where it is no such layer."""
     if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or _is_shared(w, node.input[1]):
         return None
     weight = w.const(node.input[1])
     if weight is None or weight.ndim < 2:
         return None
     if node.op_type == "Conv":
-        if w.attr(node, "group", 1) != 1:
+        if shared_input and w.attr(node, "group", 1) != 1:
             return None  # merging output channels across groups would mix the groups' inputs
-        out_axis, width, axis = 0, weight.shape[0], 1
+        out_axis, axis = 0, 1
     elif node.op_type == "Gemm":
-        if w.attr(node, "transA", 0):
+        if shared_input and w.attr(node, "transA", 0):
             return None
-        out_axis = 0 if w.attr(node, "transB", 0) else 1
-        width, axis = weight.shape[out_axis], 1
+        out_axis, axis = (0 if w.attr(node, "transB", 0) else 1), 1
     else:
         shape = w.shape(node.output[0])
         if weight.ndim != 2 or shape is None:
             return None
-        out_axis, width, axis = 1, weight.shape[1], len(shape) - 1
-    sid = w.new_space(width)
+        out_axis, axis = 1, len(shape) - 1
+    bias = w.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if shared_input and len(node.input) > 2 and node.input[2] and bias is None:
+        return None
+    sid = w.new_space(weight.shape[out_axis])
     w.add_weight(1, out_axis, sid, "out")
-    if len(node.input) > 2 and node.input[2]:
-        bias = w.const(node.input[2])
-        if bias is None:
-            return None
-        if bias.size > 1:
-            w.add_weight(2, bias.ndim - 1, sid, "out")
+    if bias is not None and bias.size > 1:
+        w.add_weight(2, bias.ndim - 1, sid, "out")
     ts = TensorSpace(sid, axis)
     w.set_space(node.output[0], ts)
-    return ts
-
-
-def _weighted_after_opaque(w: _Walk, node) -> TensorSpace | None:
-    """The output space of a weighted layer whose input onnxzip does not follow (it stays per model)."""
-    weight = w.const(node.input[1]) if len(node.input) > 1 else None
-    if weight is None or weight.ndim < 2:
-        return None
-    if node.op_type == "Conv":
-        width, axis = weight.shape[0], 1
-    elif node.op_type == "Gemm":
-        width, axis = weight.shape[0 if w.attr(node, "transB", 0) else 1], 1
-    else:
-        shape = w.shape(node.output[0])
-        if shape is None or weight.ndim != 2:
-            return None
-        width, axis = weight.shape[1], len(shape) - 1
-    sid = w.new_space(width)
-    w.add_weight(1, {"Conv": 0, "Gemm": 0 if w.attr(node, "transB", 0) else 1}.get(node.op_type, 1), sid, "out")
-    if len(node.input) > 2 and node.input[2] and w.const(node.input[2]) is not None and w.const(node.input[2]).size > 1:
-        w.add_weight(2, w.const(node.input[2]).ndim - 1, sid, "out")
-    ts = TensorSpace(sid, axis)
-    w.tensor_spaces[node.output[0]] = ts
     return ts
 
 
@@ -793,7 +770,7 @@ def analyse(model: onnx.ModelProto) -> Analysis:
             if node.op_type in WEIGHTED_OPS and node.input[0] in w.opaque:
                 # a weighted layer after an unmergeable region: it is still a layer (the task heads and the
                 # spaces after it are found as usual), it just never joins the trunk (it is blocked)
-                out = _weighted_after_opaque(w, node)
+                out = _weighted_output_space(w, node, shared_input=False)
                 if out is not None:
                     info.kind, info.data_input, info.out_space = "weighted", node.input[0], out
         elif all(n in w.static for n in inputs):
@@ -804,7 +781,7 @@ def analyse(model: onnx.ModelProto) -> Analysis:
             # computed from the shared inputs alone (preprocessing, a Cast, a Transpose to NCHW): the same in both
             # models wherever their constants agree (match() blocks the nodes where they don't), so its channel
             # axis never matters -- until a weighted layer reads it and opens a learned space
-            out = _weighted_on_shared(w, node) if node.domain in ("", "ai.onnx") else None
+            out = _weighted_output_space(w, node, shared_input=True) if node.domain in ("", "ai.onnx") else None
             if out is not None:
                 info.kind, info.data_input, info.out_space = "weighted", node.input[0], out
                 info.in_space = w.space_of(node.input[0])
