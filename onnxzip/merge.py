@@ -36,6 +36,7 @@ from .calibration import (CalibrationData, FeatureRequest, calibration_from_arra
                           load_calibration, run_model)
 from .errors import (CalibrationDataError, ModelError, OutputError, UnsupportedModelError, UsageError,
                      VerificationError)
+from .evaluate import count_parameters
 from .graph import Analysis, analyse, match, trunk_nodes, unsupported_report
 from .repair import repair as repair_statistics, repair_points
 from .solver import solve
@@ -318,10 +319,6 @@ def _rename_inputs(model: onnx.ModelProto, mapping: dict) -> onnx.ModelProto:
             if name in mapping:
                 node.input[j] = mapping[name]
     return model
-
-
-def count_parameters(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES))
 
 
 # onnxruntime's own error types (not Exception subclasses of anything more specific). A model that onnxruntime

@@ -31,3 +31,17 @@ def build_logits_model(heads: dict, width: int) -> onnx.ModelProto:
 @pytest.fixture
 def logits_model():
     return build_logits_model
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """(models dir, output dir, temp dir); the temp dir is where `tempfile` writes during the test, so a test can
+    check that a failed merge left nothing behind anywhere."""
+    import tempfile
+
+    models, out, tmp = tmp_path / "models", tmp_path / "out", tmp_path / "tmp"
+    for d in (models, out, tmp):
+        d.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return models, out, tmp

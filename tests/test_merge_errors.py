@@ -18,16 +18,6 @@ except ImportError:  # pytest put tests/ itself on sys.path
     import fixtures as F
 
 
-@pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    """(models dir, output dir, temp dir); the temp dir is where `tempfile` writes during the test."""
-    models, out, tmp = tmp_path / "models", tmp_path / "out", tmp_path / "tmp"
-    for d in (models, out, tmp):
-        d.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return models, out, tmp
-
 
 def listing(*dirs):
     return {str(d): sorted(os.listdir(d)) for d in dirs}

@@ -39,15 +39,6 @@ class CalibrationRan(Exception):
     """Raised by the stand-in for calibration: a pre-flight check came too late."""
 
 
-@pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    models, out, tmp = tmp_path / "models", tmp_path / "out", tmp_path / "tmp"
-    for d in (models, out, tmp):
-        d.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return models, out, tmp
-
 
 @pytest.fixture(scope="module")
 def mlp_pair():
