@@ -398,7 +398,15 @@ def _batchnorm(w: _Walk, node):
 
 
 def _instancenorm(w: _Walk, node):
+    """InstanceNormalization on the channel axis: per-channel statistics, scale and bias. With the channels inside
+    a normalised (spatial) axis, as in PyTorch's GroupNorm(1) decomposition, all channels share their statistics
+    and the (size-1) scale and bias: like LayerNorm, exact for permutations, an approximation for zipped features."""
     x = w.space_of(node.input[0])
+    if x.axis >= 2:
+        for i in (1, 2):
+            _require_const(w, node, i, "scale and bias")
+        w.set_space(node.output[0], x)
+        return "carrier", None, x, x
     if x.axis != 1 or x.expand != 1:
         raise _Unsupported("normalises an axis that does not hold the channels")
     for i in (1, 2):
@@ -485,15 +493,27 @@ def _reduce(w: _Walk, node):
 
 
 def _flatten_like(w: _Walk, node, in_shape, out_shape):
-    """Flatten/Reshape: follow the channels where the map is flattened channel-major or left alone."""
+    """Flatten/Reshape: follow the channels wherever the reshape keeps each channel's entries one contiguous block
+    (row-major) after the same leading dimensions: flattening channel-major, splitting a flattened axis back into
+    channels and space, or moving all channels into one axis behind a new unit axis (PyTorch's GroupNorm with one
+    group: Reshape (N, C, H, W) -> (N, 1, C*H*W) -> InstanceNormalization -> Reshape back)."""
     x = w.space_of(node.input[0])
     a = x.axis
     if in_shape is None or out_shape is None:
         raise _Unsupported("the shapes around it are unknown to ONNX shape inference")
     if tuple(out_shape[: a + 1]) == tuple(in_shape[: a + 1]):
-        out = x  # channels and everything before them untouched
-    elif tuple(out_shape[:a]) == tuple(in_shape[:a]) and len(out_shape) == a + 1:
-        out = TensorSpace(x.space, a, x.expand * int(np.prod(in_shape[a + 1 :], dtype=np.int64)))
+        w.set_space(node.output[0], x)  # channels and everything before them untouched
+        return "carrier", None, x, x
+    width = w.width(x)
+    inner = x.expand * int(np.prod(in_shape[a + 1 :], dtype=np.int64))  # entries per channel
+    lead = [d for d in in_shape[:a] if d != 1]
+    for b, d in enumerate(out_shape):
+        if a >= 1 and b == 0:
+            continue  # never into the batch axis
+        if d and d % width == 0 and [e for e in out_shape[:b] if e != 1] == lead and \
+                (d // width) * int(np.prod(out_shape[b + 1 :], dtype=np.int64)) == inner:
+            out = TensorSpace(x.space, b, d // width)
+            break
     else:
         raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} across the channel axis {a}")
     w.set_space(node.output[0], out)

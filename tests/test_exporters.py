@@ -34,12 +34,8 @@ CALIB_SAMPLES = 256
 
 # Known gaps, measured on the fixtures (see the report of issue 4); keyed by fixture, or (fixture, method).
 MERGE_XFAIL = {}
-_GN = ("torch writes GroupNorm as Reshape(N, G, -1) -> InstanceNormalization -> Reshape(Shape(x)) -> Mul -> Add; "
-       "the Reshape [1, 8, 12, 12] -> [1, 1, 1152] of '/gn1/Reshape' (num_groups=1) moves the channels into the "
-       "flattened last axis, which onnxzip does not follow: the rest of the model is left unmerged (exact, but "
-       "only conv1 is in the trunk); gn2's GroupNorm(8 = C) Reshape to [1, 8, 144] is carried")
 SPACES_XFAIL = {}
-TRUNK_XFAIL = {"groupnorm": _GN}
+TRUNK_XFAIL = {}
 _MERGES = {}
 
 

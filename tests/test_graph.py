@@ -139,7 +139,38 @@ def layernorm_model():
     return n, w, twin, (10,), 1
 
 
-BUILDERS = {"concat": concat_model, "depthwise": depthwise_model, "se": se_model, "layernorm": layernorm_model}
+
+def reshape_model(groups=1):
+    """PyTorch's GroupNorm decomposition (Reshape (N, G, -1) -> InstanceNormalization -> Reshape back -> Mul -> Add),
+    then a flattening Reshape and one that splits the flat features back into channels before the next conv."""
+    shape = lambda *d: np.array(d, dtype=np.int64)  # noqa: E731
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         helper.make_node("Reshape", ["c1", "sh.groups"], ["g"]),
+         helper.make_node("InstanceNormalization", ["g", "in.s", "in.b"], ["gn"]),
+         helper.make_node("Reshape", ["gn", "sh.map"], ["gm"]),
+         helper.make_node("Mul", ["gm", "gn.s"], ["gs"]),
+         helper.make_node("Add", ["gs", "gn.b"], ["ga"]),
+         helper.make_node("Relu", ["ga"], ["r1"]),
+         helper.make_node("Reshape", ["r1", "sh.flat"], ["flat1"]),
+         helper.make_node("Reshape", ["flat1", "sh.map"], ["r1b"]),
+         helper.make_node("Conv", ["r1b", "c2.w", "c2.b"], ["c2"], pads=[1] * 4),
+         helper.make_node("Relu", ["c2"], ["r2"])]
+    w = {"c1.w": conv_w(8, 3), "c1.b": bias(8), "sh.groups": shape(0, groups, -1),
+         "in.s": np.ones(groups, np.float32), "in.b": np.zeros(groups, np.float32), "sh.map": shape(0, 8, 8, 8),
+         "gn.s": RNG.uniform(0.5, 1.5, (8, 1, 1)).astype(np.float32), "gn.b": bias(8).reshape(8, 1, 1),
+         "sh.flat": shape(0, 512), "c2.w": conv_w(6, 8), "c2.b": bias(6)}
+    head(n, w, "r2", 6)
+
+    def twin(w):
+        p1, p2 = perm(8), perm(6)
+        out = dict(w)
+        out.update({"c1.w": w["c1.w"][p1], "c1.b": w["c1.b"][p1], "gn.s": w["gn.s"][p1], "gn.b": w["gn.b"][p1],
+                    "c2.w": w["c2.w"][p2][:, p1], "c2.b": w["c2.b"][p2], "fc.w": w["fc.w"][:, p2]})
+        return out
+    return n, w, twin, (3, 8, 8), 2
+
+BUILDERS = {"concat": concat_model, "depthwise": depthwise_model, "se": se_model, "layernorm": layernorm_model,
+            "reshape": reshape_model}
 
 
 @pytest.mark.parametrize("method", ["permute", "zip"])
@@ -191,6 +222,30 @@ def test_flatten_widens_the_space_by_the_positions():
     flat = next(n for n in an.nodes if n.op_type == "Flatten")
     assert flat.out_space.expand == 36 and flat.in_space.expand == 1
 
+
+def test_reshape_into_a_unit_axis_and_back_keeps_the_channels():
+    nodes, w, _, in_shape, _ = reshape_model()
+    an = analyse(make(nodes, w, in_shape, 5))
+    c1 = an.tensor_spaces["c1"]
+    assert (an.tensor_spaces["g"].space, an.tensor_spaces["g"].axis, an.tensor_spaces["g"].expand) == (c1.space, 2, 64)
+    assert an.tensor_spaces["flat1"].axis == 1 and an.tensor_spaces["flat1"].expand == 64
+    assert (an.tensor_spaces["r1b"].space, an.tensor_spaces["r1b"].axis, an.tensor_spaces["r1b"].expand) == \
+        (c1.space, 1, 1)
+
+
+def test_grouped_groupnorm_decomposition_is_left_unmerged_and_exact():
+    """Reshape (N, 2, -1) puts half the channels in each group: no channel axis to follow."""
+    nodes, w, twin, in_shape, _ = reshape_model(groups=2)
+    a, b = make(nodes, w, in_shape, 5), make(nodes, twin(w), in_shape, 5)
+    reasons = [reason for i, reason in unsupported_report(analyse(a))]
+    assert any("reshapes" in r and "[1, 2, 256]" in r for r in reasons), reasons
+    x = RNG.randn(32, *in_shape).astype(np.float32)
+    (want,) = run(a, x)
+    res = onnxzip.merge(a, b, RNG.randn(128, *in_shape).astype(np.float32), method="zip")
+    assert res.card["unmerged"]
+    got_a, got_b = run(res.model, x)
+    assert np.isfinite(got_b).all()
+    np.testing.assert_allclose(got_a, want, atol=1e-4)
 
 def test_heads_and_stop_points():
     model, _ = F.mlp()
