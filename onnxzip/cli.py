@@ -168,10 +168,13 @@ def cli():
               help="Check the merged model: finite outputs, close to the originals on held-out samples.")
 @click.option("--strict", is_flag=True,
               help="Fail on any operator onnxzip cannot merge instead of leaving it and everything after it unzipped.")
+@click.option("--keep-batchnorm", is_flag=True,
+              help="Merge BatchNorm parameters per channel instead of first folding each BatchNorm into the "
+                   "Conv/Gemm before it (the default, which makes BN-kept and BN-folded exports merge alike).")
 @_verbosity_options
 @click.pass_context
 def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device,
-          names, seed, force, repair, verify, strict, quiet, verbose):
+          names, seed, force, repair, verify, strict, keep_batchnorm, quiet, verbose):
     """Merge models A and B into one model OUT with one head per task."""
     logger = _setup_logging(ctx, verbose, quiet)
     import onnxzip  # the API; imported here so that `--help` stays fast
@@ -180,7 +183,7 @@ def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num
         model_a, model_b, data, output,
         method=method, alpha=alpha, beta=beta, stop_at=stop_at, num_samples=num_samples, batch_size=batch_size,
         device=device, names=names, seed=seed, force=force, repair=repair, verify=verify, strict=strict,
-        progress=not quiet, logger=logger,
+        fold_batchnorm=not keep_batchnorm, progress=not quiet, logger=logger,
     )
     if not quiet:
         for line in result.summary_lines():
@@ -282,9 +285,10 @@ def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, 
 @click.argument("model_a", metavar="A")
 @click.argument("model_b", metavar="[B]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--keep-batchnorm", is_flag=True, help="Analyse with BatchNorm kept, as `merge --keep-batchnorm`.")
 @_verbosity_options
 @click.pass_context
-def inspect_(ctx, model_a, model_b, as_json, quiet, verbose):
+def inspect_(ctx, model_a, model_b, as_json, keep_batchnorm, quiet, verbose):
     """Show the feature spaces, task heads, unmerged regions and stop points found in A; with B, whether the two
     models match and, if not, the first node where they differ. Nothing is run."""
     _setup_logging(ctx, verbose, quiet)
@@ -293,7 +297,7 @@ def inspect_(ctx, model_a, model_b, as_json, quiet, verbose):
 
     a = load_model(model_a, "model A")
     b = load_model(model_b, "model B") if model_b else None
-    report = inspect_models(a, b, model_a, model_b)
+    report = inspect_models(a, b, model_a, model_b, fold_batchnorm=not keep_batchnorm)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["match"] is not None and not report["match"]["ok"]:
         ctx.exit(4)  # the MismatchError exit code: scripts can test it

@@ -96,6 +96,7 @@ class Analysis:
     heads: list = field(default_factory=list)  # node indices of task heads
     blocked: set = field(default_factory=set)  # node indices that can never be in the trunk
     blocked_reasons: dict = field(default_factory=dict)  # node index -> reason (the roots only)
+    folded_batchnorms: int = 0  # BatchNormalization nodes folded into the layer before them by `normalise`
 
     @property
     def weighted(self) -> list:
@@ -122,12 +123,13 @@ class Analysis:
 # Loading and normalising
 
 
-def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of the model with Constant nodes (and Identity nodes of constants) turned into initializers and every
-    node named.
+def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True) -> onnx.ModelProto:
+    """Copy of the model with Constant nodes (and Identity nodes of constants) turned into initializers, every
+    node named and, with `fold_batchnorm`, every inference BatchNormalization folded into the Conv or Gemm before it.
 
     Weights can arrive as initializers or as Constant nodes depending on the exporter; treating both alike keeps
-    every handler simple.
+    every handler simple. Folding BatchNorm makes a BN-kept export the same graph as a BN-folded one (what PyTorch's
+    exporters write by default), so that every export of a model merges alike.
     """
     model = copy.deepcopy(model)
     graph = model.graph
@@ -165,7 +167,82 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
         kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
+    if fold_batchnorm:
+        _fold_batchnorms(model)
     return model
+
+
+def _fold_batchnorms(model: onnx.ModelProto) -> int:
+    """Fold each inference BatchNormalization whose input is the only use of a Conv's or Gemm's output into that
+    layer's weights and bias (in float64, stored in the weights' type). Returns how many were folded."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+    producer = {out: node for node in graph.node for out in node.output}
+    drop, gone = set(), set()
+    for index, bn in enumerate(graph.node):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.input) < 5:
+            continue
+        if any(a.name == "training_mode" and a.i for a in bn.attribute) or len([o for o in bn.output if o]) != 1:
+            continue
+        layer = producer.get(bn.input[0])
+        if layer is None or layer.op_type not in ("Conv", "Gemm") or layer.domain not in ("", "ai.onnx"):
+            continue
+        if uses.get(bn.input[0], 0) != 1 or len(layer.input) < 2 or layer.input[1] not in inits:
+            continue
+        has_bias = len(layer.input) > 2 and bool(layer.input[2])
+        if has_bias and layer.input[2] not in inits:
+            continue
+        if any(name not in inits for name in bn.input[1:5]):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
+        weight = numpy_helper.to_array(inits[layer.input[1]])
+        if weight.dtype.kind != "f" or (layer.op_type == "Gemm" and (attrs.get("transA", 0) or weight.ndim != 2)):
+            continue
+        out_axis = 0 if layer.op_type == "Conv" or attrs.get("transB", 0) else 1
+        scale, shift, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        width = weight.shape[out_axis]
+        if any(v.shape != (width,) for v in (scale, shift, mean, var)):
+            continue
+        if layer.op_type == "Gemm" and (attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        factor = scale / np.sqrt(var + eps)
+        bias = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float64) if has_bias else np.zeros(width)
+        if bias.shape != (width,):
+            continue
+        shape = [1] * weight.ndim
+        shape[out_axis] = width
+        new_w = (weight.astype(np.float64) * factor.reshape(shape)).astype(weight.dtype)
+        new_b = ((bias - mean) * factor + shift).astype(weight.dtype)
+        w_name, b_name = f"{bn.output[0]}/folded_weight", f"{bn.output[0]}/folded_bias"
+        graph.initializer.extend([numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_b, b_name)])
+        del layer.input[1:]
+        layer.input.extend([w_name, b_name])
+        gone.add(layer.output[0])
+        layer.output[0] = bn.output[0]
+        drop.add(index)
+    if drop:
+        kept = [n for i, n in enumerate(graph.node) if i not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        keep_inits = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep_inits)
+        names = {t.name for t in keep_inits}
+        kept_inputs = [i for i in graph.input if i.name not in inits or i.name in names]
+        del graph.input[:]
+        graph.input.extend(kept_inputs)
+        infos = [v for v in graph.value_info if v.name not in gone]
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
+    return len(drop)
 
 
 def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict]:
@@ -766,9 +843,11 @@ del HANDLERS["Where"]
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
-def analyse(model: onnx.ModelProto) -> Analysis:
-    """Find the feature spaces, weights, task heads and unmergeable regions of one model."""
-    model = normalise(model)
+def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
+    """Find the feature spaces, weights, task heads and unmergeable regions of one model (with `fold_batchnorm`,
+    of the model with its BatchNorms folded into the layers before them, see `normalise`)."""
+    batchnorms = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    model = normalise(model, fold_batchnorm)
     w = _Walk(model)
     graph = model.graph
     infos = []
@@ -857,6 +936,7 @@ def analyse(model: onnx.ModelProto) -> Analysis:
 
     analysis = Analysis(model, infos, spaces, tensor_spaces, w.static, w.opaque, weights, w.initializers,
                         w.shapes, producer, consumers)
+    analysis.folded_batchnorms = batchnorms - sum(n.op_type == "BatchNormalization" for n in graph.node)
     _find_heads_and_blocked(analysis)
     return analysis
 

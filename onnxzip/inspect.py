@@ -51,6 +51,7 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
         "model": path,
         "opset": {op.domain or "ai.onnx": op.version for op in a.model.opset_import},
         "nodes": len(a.nodes),
+        "batchnorms_folded": a.folded_batchnorms,
         "weighted_layers": len(a.weighted),
         "inputs": a.input_names,
         "outputs": a.output_names,
@@ -61,12 +62,13 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
     }
 
 
-def inspect_models(model_a, model_b=None, path_a=None, path_b=None) -> dict:
-    """Report on model A; with model B, also whether the two match (and where they first differ)."""
-    a = analyse(model_a)
+def inspect_models(model_a, model_b=None, path_a=None, path_b=None, fold_batchnorm: bool = True) -> dict:
+    """Report on model A; with model B, also whether the two match (and where they first differ). The models are
+    seen as `merge` sees them: with `fold_batchnorm`, BatchNorms folded into the layers before them."""
+    a = analyse(model_a, fold_batchnorm)
     report = {"a": None, "match": None}
     if model_b is not None:
-        b = analyse(model_b)
+        b = analyse(model_b, fold_batchnorm)
         try:
             match(a, b, (path_a or "A", path_b or "B"))
             report["match"] = {"ok": True, "message": "the models match node for node (task heads aside)"}
@@ -83,6 +85,9 @@ def format_report(report: dict) -> str:
              f"  opset {', '.join(f'{d} {v}' for d, v in r['opset'].items())}; {r['nodes']} nodes, "
              f"{r['weighted_layers']} weighted layers; inputs {', '.join(r['inputs'])}; "
              f"outputs {', '.join(r['outputs'])}"]
+    if r["batchnorms_folded"]:
+        lines.append(f"  {r['batchnorms_folded']} BatchNormalization node(s) folded into the Conv/Gemm before them "
+                     f"(as merge does; --keep-batchnorm to keep them)")
     lines.append(f"feature spaces ({len(r['feature_spaces'])}):")
     for s in r["feature_spaces"]:
         flag = "zipped" if s["zipped_by_default"] else ("head" if s["head_output"] else "unmerged")

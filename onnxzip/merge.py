@@ -346,7 +346,8 @@ def _first_line(exc: BaseException) -> str:
 def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: float = 0.3, beta: float = 0.125,
           stop_at=None, num_samples: int | None = None, batch_size: int = 64, device: str = "auto",
           names=("a", "b"), seed: int = 0, force: bool = False, repair: bool = True, verify: bool = True,
-          strict: bool = False, progress=False, logger: logging.Logger | None = None) -> MergeResult:
+          strict: bool = False, fold_batchnorm: bool = True, progress=False,
+          logger: logging.Logger | None = None) -> MergeResult:
     """Merge two models of the same architecture trained on different tasks into one (ZipIt!).
 
     model_a, model_b: paths to .onnx files or onnx.ModelProto. data: a .npy/.npz path, a numpy array (one input)
@@ -355,6 +356,9 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     ZipIt!'s knobs (paper defaults). stop_at: None/'heads' (zip everything but the task heads), 'input' or 0
     (nothing: the ensemble), or K (the first K weighted layers). The result's graph has the original inputs, then
     model A's outputs named '<names[0]>/<output>', then model B's.
+    fold_batchnorm (default): fold every inference BatchNormalization into the Conv/Gemm before it first, so a
+    BN-kept export merges exactly like the BN-folded one; False merges BatchNorm's parameters per channel instead
+    (what the paper does with PyTorch state dicts; it changes what `average` computes, see docs/EXPORTERS.md).
 
     Every problem raises an `onnxzip.errors.OnnxzipError` subclass (whose `exit_code` the CLI returns) and leaves
     no file behind; problems with the options, files, models and data are found before any model runs.
@@ -371,6 +375,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     seed = opts["seed"]
     force, repair = _check_flag("force", force), _check_flag("repair", repair)
     verify, strict = _check_flag("verify", verify), _check_flag("strict", strict)
+    fold_batchnorm = _check_flag("fold_batchnorm", fold_batchnorm)
     stop_at = _check_stop_at(stop_at)
     output = _check_output(output, force)
 
@@ -386,7 +391,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
                 raise OutputError(f"output {output!r} is {what}; write the merged model to another file")
     label_a = path_a or names[0]
     label_b = path_b or names[1]
-    a, b = analyse(model_a), analyse(model_b)
+    a, b = analyse(model_a, fold_batchnorm), analyse(model_b, fold_batchnorm)
     inf_a = _check_weights(a, f"model A {label_a!r}")
     inf_b = _check_weights(b, f"model B {label_b!r}")
     corr = match(a, b, (label_a, label_b))
@@ -510,7 +515,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         "tool": "onnxzip", "version": __version__,
         "inputs": {names[0]: {"path": path_a, "sha256": sha_a}, names[1]: {"path": path_b, "sha256": sha_b}},
         "method": method, "alpha": alpha, "beta": beta, "stop_at": stop_at, "seed": seed,
-        "options": {"repair": repair, "verify": verify, "strict": strict, "num_samples": num_samples,
+        "options": {"repair": repair, "verify": verify, "strict": strict, "fold_batchnorm": fold_batchnorm,
+                    "batchnorms_folded": [a.folded_batchnorms, b.folded_batchnorms], "num_samples": num_samples,
                     "batch_size": batch_size, "device": device, "names": list(names)},
         "calibration": {"source": None if data_path is None else os.fsdecode(data_path),
                         "samples": calib_data.num_samples, "verification_samples": holdout},

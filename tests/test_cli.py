@@ -96,7 +96,7 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
     result = runner.invoke(cli, MERGE + ["--method", "permute", "--alpha", "-1", "--beta", "0", "--stop-at", "13",
                                          "--names", "cats,dogs.v2", "--num-samples", "10", "--batch-size", "5",
                                          "--device", "cpu", "--seed", "3", "--force", "--no-repair",
-                                         "--no-verify", "--strict"])
+                                         "--no-verify", "--strict", "--keep-batchnorm"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "merged OK\nline 2\n"
     (call,) = fake_merge
@@ -105,7 +105,7 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
     assert call == dict(model_a="a.onnx", model_b="b.onnx", data="calib.npy", output="out.onnx", method="permute",
                         alpha=-1.0, beta=0.0, stop_at=13, num_samples=10, batch_size=5, device="cpu",
                         names=("cats", "dogs.v2"), seed=3, force=True, repair=False, verify=False, strict=True,
-                        progress=True)
+                        fold_batchnorm=False, progress=True)
 
 
 def test_merge_defaults_and_quiet(runner, fake_merge):

@@ -208,3 +208,55 @@ def test_analysis_finds_the_learned_spaces(name):
     assert len(learned) == want, (
         f"{name}: {len(learned)} learned space(s) found, {want} counted by hand "
         f"({MANIFEST[name]['spaces_counted']}); found widths {[s.width for s in learned]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchNorm kept or folded: the same model, the same merge
+# ---------------------------------------------------------------------------------------------------------------
+
+def batchnorms(model):
+    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+@pytest.mark.parametrize("method", ["average", "zip"])
+def test_batchnorm_kept_and_folded_exports_merge_alike(method):
+    """ts_bn_kept and ts_folded are one torch model exported two ways: folding BatchNorm before merging makes
+    every method (averaging included) give the same merged model."""
+    kept, folded = load("ts_bn_kept"), load("ts_folded")
+    assert batchnorms(kept[0]) > 0 and batchnorms(folded[0]) == 0
+    calib = random_inputs("ts_folded", CALIB_SAMPLES, seed=0)
+    res_kept = onnxzip.merge(*kept, calib, method=method)
+    res_folded = onnxzip.merge(*folded, calib, method=method)
+    assert res_kept.card["options"]["batchnorms_folded"] == [batchnorms(kept[0])] * 2
+    assert batchnorms(res_kept.model) == 0
+    x = random_inputs("ts_folded", 64, seed=987)
+    got, want = run(res_kept.model, x), run(res_folded.model, x)
+    for k in want:
+        assert_same(got[k], want[k], f"{method} {k}: BN-kept export vs BN-folded export")
+
+
+def test_keep_batchnorm_merges_batchnorm_parameters():
+    a, b = load("ts_bn_kept")
+    calib = random_inputs("ts_bn_kept", CALIB_SAMPLES, seed=0)
+    x = random_inputs("ts_bn_kept", 64, seed=987)
+    want = run(a, x)["logits"]
+    exact = onnxzip.merge(a, b, calib, method="permute", fold_batchnorm=False)
+    assert exact.card["options"]["batchnorms_folded"] == [0, 0]
+    assert batchnorms(exact.model) == batchnorms(a), "the trunk keeps one BatchNorm per BatchNorm"
+    for head in ("a", "b"):
+        assert_same(run(exact.model, x)[f"{head}/logits"], want, f"permute with BN kept, {head}")
+    # averaging unaligned twins: averaging raw kernels and BN parameters is another model than averaging folded ones
+    raw = run(onnxzip.merge(a, b, calib, method="average", fold_batchnorm=False, repair=False).model, x)
+    fold = run(onnxzip.merge(a, b, calib, method="average", repair=False).model, x)
+    assert np.abs(raw["a/logits"] - fold["a/logits"]).max() > 1e-3
+
+
+def test_a_batchnorm_kept_export_merges_with_a_folded_one():
+    """Once folded, a BN-kept export matches a BN-folded one node for node: users can mix them."""
+    a, _ = load("ts_bn_kept")
+    _, b = load("ts_folded")
+    x = random_inputs("ts_folded", 64, seed=987)
+    want = run(a, x)["logits"]
+    res = onnxzip.merge(a, b, random_inputs("ts_folded", CALIB_SAMPLES, seed=0), method="permute")
+    for head in ("a", "b"):
+        assert_same(run(res.model, x)[f"{head}/logits"], want, f"mixed exports, {head}")

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxzip
-from onnxzip.graph import analyse, stop_points, trunk_nodes, unsupported_report
+from onnxzip.graph import analyse, normalise, stop_points, trunk_nodes, unsupported_report
 
 import fixtures as F
 
@@ -302,16 +302,65 @@ def test_identity_of_a_constant_is_a_constant():
          "bn.m": RNG.randn(6).astype(np.float32) * 0.1, "bn.v": RNG.uniform(0.5, 1.5, 6).astype(np.float32)}
     head(n, w, "r1", 6)
     a = make(n, w, (3, 8, 8), 5)
-    an = analyse(a)
+    assert analyse(a).folded_batchnorms == 1  # the Identity's value is a constant: foldable
+    an = analyse(a, fold_batchnorm=False)
     assert not unsupported_report(an)
-    assert an.nodes[[x.op_type for x in an.nodes].index("BatchNormalization") - 0].kind == "carrier"
+    assert an.nodes[[x.op_type for x in an.nodes].index("BatchNormalization")].kind == "carrier"
     p = perm(6)
     w2 = dict(w, **{"c1.w": w["c1.w"][p], "bn.b": w["bn.b"][p], "bn.m": w["bn.m"][p], "bn.v": w["bn.v"][p],
                     "fc.w": w["fc.w"][:, p]})
     b = make(n, w2, (3, 8, 8), 5)
     x = RNG.randn(32, 3, 8, 8).astype(np.float32)
-    res = onnxzip.merge(a, b, RNG.randn(128, 3, 8, 8).astype(np.float32), method="permute")
+    res = onnxzip.merge(a, b, RNG.randn(128, 3, 8, 8).astype(np.float32), method="permute", fold_batchnorm=False)
     assert res.card["trunk"]["weighted_layers_zipped"] == 1
     got_a, got_b = run(res.model, x)
     np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-4)
     np.testing.assert_allclose(got_b, run(a, x)[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchNorm folding in normalise
+
+
+def bn_params(prefix, n):
+    return {f"{prefix}.s": RNG.uniform(0.5, 1.5, n).astype(np.float32), f"{prefix}.b": bias(n),
+            f"{prefix}.m": RNG.randn(n).astype(np.float32), f"{prefix}.v": RNG.uniform(0.5, 2.0, n).astype(np.float32)}
+
+
+def bn(prefix, x, y):
+    return helper.make_node("BatchNormalization", [x] + [f"{prefix}.{k}" for k in "sbmv"], [y], epsilon=1e-3)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_batchnorm_folding_is_exact_for_conv_and_gemm(trans_b):
+    n = [helper.make_node("Conv", ["input", "c1.w"], ["c1"], pads=[1] * 4),  # no bias: folding adds one
+         bn("bn1", "c1", "b1"),
+         helper.make_node("Relu", ["b1"], ["r1"]),
+         helper.make_node("GlobalAveragePool", ["r1"], ["gap"]),
+         helper.make_node("Flatten", ["gap"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "l.w", "l.b"], ["l"], transB=trans_b),
+         bn("bn2", "l", "b2"),
+         helper.make_node("Relu", ["b2"], ["r2"]),
+         helper.make_node("Gemm", ["r2", "fc.w", "fc.b"], ["logits"], transB=1)]
+    w = {"c1.w": conv_w(8, 3), **bn_params("bn1", 8), **bn_params("bn2", 6), "l.b": bias(6),
+         "l.w": (RNG.randn(6, 8) if trans_b else RNG.randn(8, 6)).astype(np.float32),
+         "fc.w": (RNG.randn(5, 6) / 3).astype(np.float32), "fc.b": bias(5)}
+    model = make(n, w, (3, 8, 8), 5)
+    folded = normalise(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm", "Relu",
+                                                      "Gemm"]
+    onnx.checker.check_model(folded, full_check=True)
+    x = RNG.randn(16, 3, 8, 8).astype(np.float32)
+    np.testing.assert_allclose(run(folded, x)[0], run(model, x)[0], rtol=1e-5, atol=1e-5)
+    assert analyse(model).folded_batchnorms == 2 and analyse(model, fold_batchnorm=False).folded_batchnorms == 0
+
+
+def test_batchnorm_is_not_folded_where_the_layer_output_is_used_elsewhere():
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         bn("bn1", "c1", "b1"),
+         helper.make_node("Add", ["b1", "c1"], ["s"]),
+         helper.make_node("Relu", ["s"], ["r1"])]
+    w = {"c1.w": conv_w(8, 3), "c1.b": bias(8), **bn_params("bn1", 8)}
+    head(n, w, "r1", 8)
+    model = make(n, w, (3, 8, 8), 5)
+    assert "BatchNormalization" in [n.op_type for n in normalise(model).graph.node]

@@ -13,8 +13,8 @@ from onnxzip.surgery import ZipPlan, build, merge_points, zipped_spaces
 import fixtures as F
 
 
-def plan_for(a_model, b_model, data, method, stop_at=None):
-    a, b = analyse(a_model), analyse(b_model)
+def plan_for(a_model, b_model, data, method, stop_at=None, fold_batchnorm=True):
+    a, b = analyse(a_model, fold_batchnorm), analyse(b_model, fold_batchnorm)
     corr = match(a, b)
     trunk = trunk_nodes(a, stop_at)
     plan = ZipPlan(a, b, corr, trunk, {})
@@ -68,9 +68,11 @@ def test_repair_matches_target_statistics(arch, method, one_pass):
 def test_bn_kept_is_repaired_in_the_bn_node():
     (a_model, _), (b_model, _) = F.random_pair("vgg", seed=4)
     data = calibration_from_arrays(F.calib(a_model, 128, seed=2), input_specs(a_model))
-    plan, _ = plan_for(a_model, b_model, data, "zip")
+    plan, _ = plan_for(a_model, b_model, data, "zip", fold_batchnorm=False)
     ops = {plan.a.nodes[p.chain[-1]].op_type for p in repair_points(plan.a, plan.trunk)}
     assert "BatchNormalization" in ops and "Conv" in ops  # conv2 is followed by a BN node, conv1 is not
+    plan, _ = plan_for(a_model, b_model, data, "zip")  # by default the BN is folded into conv2 before merging
+    assert "BatchNormalization" not in {plan.a.nodes[p.chain[-1]].op_type for p in repair_points(plan.a, plan.trunk)}
 
 
 @pytest.mark.parametrize("arch", ["vgg", "resnet"])

@@ -57,6 +57,9 @@ METHODS = [
     ("average", dict(method="average")),
     ("zip stop_at=1", dict(method="zip", stop_at=1)),
     ("ensemble", dict(method="ensemble")),
+    # onnxzip folds BatchNorm before merging; --keep-batchnorm merges BN's parameters per channel instead
+    ("zip --keep-batchnorm", dict(method="zip", fold_batchnorm=False)),
+    ("average --keep-batchnorm", dict(method="average", fold_batchnorm=False)),
 ]
 EXPORTS = ["default", "dynamo", "bn_kept", "dynamo_bn"]
 
@@ -352,12 +355,13 @@ def compare_pair(pair, out=None, exports=EXPORTS, log=print):
 
 
 def check_average_rule(pair, exports, log=print, images=200):
-    """onnxzip's `average` without repair against torch: the two state dicts averaged (BN kept) or the two
-    BN-folded models averaged (BN folded), each task's own head on top. Max |logit difference| per export and head.
+    """onnxzip's `average` without repair against torch: the two BN-folded models averaged (the default: onnxzip
+    folds BatchNorm before merging) and, for exports with BatchNorm kept, `--keep-batchnorm` against the two state
+    dicts averaged; each task's own head on top. Max |logit difference| per export and head.
 
-    Shows which parametrization onnxzip averages: ZIPIT.md's rule merges the weights it finds in the graph, so a
-    graph with BatchNorm kept averages the raw Conv weights and the BN parameters, and a folded graph averages
-    the folded weights; the two are different models.
+    Shows which parametrization onnxzip averages: ZIPIT.md's rule merges the weights it finds in the graph, so with
+    BatchNorm kept it averages the raw Conv weights and the BN parameters, and with BN folded the folded weights;
+    the two are different models.
     """
     import torch
     from torch.fx.experimental.optimization import fuse
@@ -387,20 +391,23 @@ def check_average_rule(pair, exports, log=print, images=200):
     out = {}
     for export in exports:
         folder = pair if export == "default" else os.path.join(pair, "variants", export)
-        folded = describe_onnx(os.path.join(folder, "a.onnx"))["batchnorm"] == "folded"
-        res = onnxzip.merge(os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx"), os.path.join(ROOT, CALIB),
-                            method="average", repair=False, verify=False)
-        sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
-        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
-        row = {"torch_reference": "average of the BN-folded models" if folded else "average of the state dicts"}
-        for k in "ab":
-            with torch.no_grad():
-                want = averaged(k, folded)(torch.from_numpy(x)).numpy()
-            row[k] = {"max_abs_diff": float(np.abs(got[f"{k}/logits"] - want).max()),
-                      "max_abs_logit": float(np.abs(want).max())}
-        out[export] = row
-        log(f"{pair} {export:9s} average (no repair) vs torch {row['torch_reference']}: max |diff| "
-            f"a {row['a']['max_abs_diff']:.1e}, b {row['b']['max_abs_diff']:.1e}")
+        kept = describe_onnx(os.path.join(folder, "a.onnx"))["batchnorm"] != "folded"
+        for fold in (True, False) if kept else (True,):
+            res = onnxzip.merge(os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx"),
+                                os.path.join(ROOT, CALIB), method="average", repair=False, verify=False,
+                                fold_batchnorm=fold)
+            sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
+            row = {"torch_reference": "average of the BN-folded models" if fold else "average of the state dicts"}
+            for k in "ab":
+                with torch.no_grad():
+                    want = averaged(k, fold)(torch.from_numpy(x)).numpy()
+                row[k] = {"max_abs_diff": float(np.abs(got[f"{k}/logits"] - want).max()),
+                          "max_abs_logit": float(np.abs(want).max())}
+            label = export if fold else f"{export} --keep-batchnorm"
+            out[label] = row
+            log(f"{pair} {label:24s} average (no repair) vs torch {row['torch_reference']}: max |diff| "
+                f"a {row['a']['max_abs_diff']:.1e}, b {row['b']['max_abs_diff']:.1e}")
     return out
 
 
@@ -581,10 +588,11 @@ def _comparison_table(name, results):
     png = os.path.relpath(os.path.join(ROOT, results["pair"], "variants", "compare.png"), os.path.join(ROOT, "docs"))
     lines = [f"## Merges: {name}", "",
              f"`onnxzip.merge(a, b, '{results['calib']}', method=...)` (defaults otherwise: alpha 0.3, beta 0.125, "
-             f"statistics repair on), evaluated with `onnxzip.evaluate.evaluate(..., latency=False)` on "
+             f"statistics repair on, BatchNorm folded before merging; `--keep-batchnorm` rows: "
+             f"`fold_batchnorm=False`), evaluated with `onnxzip.evaluate.evaluate(..., latency=False)` on "
              f"`{results['eval']}` ({n} test images, {n // 2} per task). Cells: **joint** accuracy % "
              f"(task {' / task '.join(tasks)}). BatchNorm: "
-             + ", ".join(f"{e} {bn[e]}" for e in exports) + ". **Δ exporter**: the largest difference between two "
+             + ", ".join(f"{e} {bn[e]}" for e in exports) + " (in the file). **Δ exporter**: the largest difference between two "
              "exports with the same BatchNorm handling (default↔dynamo, bn_kept↔dynamo_bn), joint; per task. "
              f"**Δ all**: the largest difference between any two exports. onnxzip {results['onnxzip']}, run "
              f"{results['created']}; raw figures in `{results['pair']}/variants/compare.json`.", "",
@@ -666,15 +674,18 @@ def _verdict(comparisons):
               "calibration statistics differ in their last bits and the greedy matching can take another pair on "
               "a near-tie. The ensemble rows (no matching) show the floor: the exports compute the same functions.",
               "",
-              "Why `average` depends on BatchNorm being folded: onnxzip merges the weights it finds in the graph "
-              "(ZIPIT.md: W* = M_A W_A U_A + M_B W_B U_B, BatchNorm parameters merged with M). With BN kept, that "
-              "averages the raw Conv kernels and, separately, BN's scale, shift, mean and variance; with BN folded "
-              "it averages kernels already multiplied by each model's γ/σ. For two unaligned models (plain "
-              "averaging matches channel i of A with channel i of B whatever they compute) these are different "
-              "models, and statistics repair cannot undo the difference, which is in the direction of each merged "
-              "filter, not its scale. Where nothing is left unmerged, the check above shows onnxzip computes each of "
-              "the two exactly (logits equal to torch's to float32 rounding). After matching (zip, permute) the paired filters are similar and "
-              "the two parametrizations give nearly the same merge.", ""]
+              "Why onnxzip folds BatchNorm first (its default since this comparison first ran): ZIPIT.md's rule "
+              "merges the weights it finds in the graph (W* = M_A W_A U_A + M_B W_B U_B, BatchNorm parameters "
+              "merged with M). With BN kept (`--keep-batchnorm` rows) that averages the raw Conv kernels and, "
+              "separately, BN's scale, shift, mean and variance; with BN folded it averages kernels already "
+              "multiplied by each model's γ/σ. For two unaligned models (plain averaging matches channel i of A "
+              "with channel i of B whatever they compute) these are different models, and statistics repair "
+              "cannot undo the difference, which is in the direction of each merged filter, not its scale. So "
+              "onnxzip folds every inference BatchNorm into the Conv or Gemm before it: every export of a model "
+              "then merges to the same model (to float32 rounding), and a BN-kept export can be merged with a "
+              "folded one. The check above shows onnxzip computes each parametrization exactly (logits equal to "
+              "torch's to float32 rounding). After matching (zip, permute) the paired filters are similar and the "
+              "two parametrizations give nearly the same merge.", ""]
     return lines
 
 
