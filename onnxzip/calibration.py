@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxzip.errors import CalibrationDataError, MismatchError, ModelError, UsageError, VerificationError
+from onnxzip.onnx_io import inference_session, without_weights
 from onnxzip.stats import FeatureStats
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ def expose_tensors(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         return exposed
     types = {v.name: v for v in graph.input}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model)[0])
         types.update({v.name: v for v in inferred.graph.value_info})
         types.update({v.name: v for v in inferred.graph.input})
     except Exception as exc:  # shape inference fails on some custom ops; onnxruntime still infers types itself
@@ -416,7 +417,6 @@ def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str
     """
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device {device!r} is unknown; choose 'auto', 'cpu' or 'cuda'")
-    model_bytes = model.SerializeToString()  # the model is passed in memory (protobuf limits this to < 2 GB)
     # Keep onnxruntime to errors only: its warnings (e.g. nodes placed on CPU) are noise for onnxzip users.
     ort.set_default_logger_severity(3)
     cpu = ["CPUExecutionProvider"]
@@ -424,7 +424,7 @@ def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str
 
     def create(providers: list[str], severity: int) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(model_bytes, _session_options(optimization, severity), providers=providers)
+            return inference_session(model, _session_options(optimization, severity), providers)
         except UsageError:
             raise
         except Exception as exc:

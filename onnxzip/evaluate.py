@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto
 
 from .errors import CalibrationDataError, ModelError, UsageError
+from .onnx_io import inference_session, without_weights
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
     dimension is fixed at B > 1, the total is divided by B. Nodes whose shapes cannot be inferred are skipped
     with a warning.
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m, _ = without_weights(model)  # shapes only: models of any size
     input_shapes = dict(input_shapes or {})
     initializers = {init.name for init in m.graph.initializer}
     batch = 1
@@ -197,7 +197,7 @@ def _make_session(model: onnx.ModelProto, device: str, optimization: str):
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        return inference_session(model, options, providers)
     except Exception as e:
         raise ModelError(f"onnxruntime cannot load the model: {e}") from e
 

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import MismatchError, ModelError
+from .onnx_io import without_weights
 
 IDENTITY = "identity"  # a space both models share as it is (the graph input): matched to itself
 
@@ -246,8 +247,9 @@ def _fold_batchnorms(model: onnx.ModelProto) -> int:
 
 
 def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict]:
-    """Shapes (batch dimension set to 1) and element types of every tensor that shape inference can reach."""
-    m = copy.deepcopy(model)
+    """Shapes (batch dimension set to 1) and element types of every tensor that shape inference can reach.
+    Inference runs on the model without its weights (shapes are all it needs), so models of any size work."""
+    m, _ = without_weights(model)
     for inp in m.graph.input:
         dims = inp.type.tensor_type.shape.dim
         for d in dims:

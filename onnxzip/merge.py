@@ -38,6 +38,7 @@ from .errors import (CalibrationDataError, ModelError, OutputError, UnsupportedM
                      VerificationError)
 from .evaluate import count_parameters
 from .graph import Analysis, analyse, match, trunk_nodes, unsupported_report
+from .onnx_io import check_model
 from .repair import repair as repair_statistics, repair_points
 from .solver import solve
 from .surgery import ZipPlan, build, merge_points, zipped_spaces
@@ -232,14 +233,14 @@ def _same_file(p: str, q: str) -> bool:
 
 def _load(model, what: str) -> tuple:
     """(checked ModelProto, path or None, sha256 of the file or of the serialised model)."""
-    from .onnx_io import file_sha256, load_model
+    from .onnx_io import file_sha256, load_model, model_sha256
     if isinstance(model, onnx.ModelProto):
         try:
-            onnx.checker.check_model(model, full_check=True)
+            check_model(model)
         except Exception as exc:  # noqa: BLE001 - the checker raises several types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{what} (an in-memory ModelProto) fails the ONNX checker: {first}") from exc
-        return model, None, hashlib.sha256(model.SerializeToString()).hexdigest()
+        return model, None, model_sha256(model)
     path = _as_path(model, what, ModelError)
     loaded = load_model(path, what)
     try:
@@ -498,7 +499,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     # 3. checks on the result
     _check_merged_weights(merged, allow_inf=inf_a or inf_b)
     try:
-        onnx.checker.check_model(merged, full_check=True)
+        check_model(merged)
     except Exception as exc:  # noqa: BLE001 - the checker raises several types
         raise ModelError(f"internal error: the merged model fails the ONNX checker: {_first_line(exc)}") from exc
     verification = {}

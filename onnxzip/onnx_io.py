@@ -16,9 +16,15 @@ from onnx import external_data_helper
 
 from .errors import ModelError, OutputError
 
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
 # Protobuf cannot serialise a message of 2 GiB or more; stay well below it and move the weights to a side file.
 EXTERNAL_DATA_THRESHOLD = int(1.8e9)
+# Above this size a model is never serialised whole: onnxruntime gets its weights as OrtValues, the checker and
+# shape inference see them as shapes only (see `is_large`).
+IN_MEMORY_LIMIT = EXTERNAL_DATA_THRESHOLD
 _PROTOBUF_LIMIT = 2**31 - 1
+_IN_MEMORY_LOCATION = "onnxzip-in-memory"  # the external-data location written into a session's skeleton
 
 
 def load_model(path, what: str = "model") -> onnx.ModelProto:
@@ -139,6 +145,87 @@ def _restore_external_weights(model: onnx.ModelProto, data_folder: str) -> None:
             external_data_helper.load_external_data_for_tensor(tensor, data_folder)
             tensor.ClearField("data_location")
             del tensor.external_data[:]
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True where the model is too big to pass around serialised (protobuf's 2 GiB limit, with a margin)."""
+    return model.ByteSize() > IN_MEMORY_LIMIT
+
+
+def _copy_except(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(dst, field.name, value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(dst, field.name).CopyFrom(value)
+        else:  # a repeated field
+            getattr(dst, field.name).extend(value)
+
+
+def without_weights(model: onnx.ModelProto, external: bool = False, min_bytes: int = 1024):
+    """(skeleton, weights): a copy of `model` in which every float initializer of `min_bytes` or more keeps only its
+    name, type and shape, and those weights as numpy arrays. Small tensors (shapes, Resize scales) stay whole, so
+    shape inference with data propagation still works on the skeleton. With `external`, the stripped initializers
+    are marked as external data, which is what onnxruntime's `SessionOptions.add_external_initializers` replaces;
+    without it, `weights` is left empty (the shapes are all shape inference needs)."""
+    skeleton = onnx.ModelProto()
+    _copy_except(model, skeleton, "graph")
+    _copy_except(model.graph, skeleton.graph, "initializer")
+    weights = {}
+    for init in model.graph.initializer:
+        if init.data_type not in _FLOAT_TYPES or init.ByteSize() < min_bytes:
+            skeleton.graph.initializer.add().CopyFrom(init)
+            continue
+        stub = skeleton.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+        if external:
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value=_IN_MEMORY_LOCATION)
+            weights[init.name] = onnx.numpy_helper.to_array(init)
+    return skeleton, weights
+
+
+def inference_session(model: onnx.ModelProto, options, providers):
+    """An onnxruntime InferenceSession of `model` built in memory, whatever its size: a large model's weights go to
+    onnxruntime as OrtValues beside a weightless skeleton (`add_external_initializers`)."""
+    import onnxruntime as ort
+
+    if not is_large(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    skeleton, weights = without_weights(model, external=True)
+    values = [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()]
+    options.add_external_initializers(list(weights), values)
+    session = ort.InferenceSession(skeleton.SerializeToString(), options, providers=providers)
+    session._onnxzip_weights = (weights, values)  # the OrtValues share the arrays' memory: keep both alive
+    return session
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker.check_model(full_check=True) for a model of any size (a large one is checked from a temporary
+    external-data copy, the only way the checker reads one). Raises what the checker raises."""
+    if not is_large(model):
+        onnx.checker.check_model(model, full_check=True)
+        return
+    tmpdir = tempfile.mkdtemp(prefix=".onnxzip-check.")
+    try:
+        _save_external(model, tmpdir, "model.onnx", "model.onnx.data")
+        onnx.checker.check_model(os.path.join(tmpdir, "model.onnx"), full_check=True)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def model_sha256(model: onnx.ModelProto) -> str:
+    """Hex SHA-256 of an in-memory model: of its serialisation, or for a large model of its weightless skeleton
+    followed by each stripped weight's bytes."""
+    if not is_large(model):
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    skeleton, weights = without_weights(model, external=True)
+    h = hashlib.sha256(skeleton.SerializeToString())
+    for name, value in weights.items():
+        h.update(name.encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def file_sha256(path) -> str:
