@@ -272,6 +272,9 @@ def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, 
             rows.append((f"task {t}", f"no head  ({report.num_images[t]} images)"))
     rows.append(("joint", f"{_pct(report.joint_accuracy)}  ({report.num_joint_images} images, "
                           f"classes of {', '.join(report.heads)})"))
+    if report.task_routing_accuracy is not None:
+        rows.append(("task routing", f"{_pct(report.task_routing_accuracy)}  (images whose joint argmax is in "
+                                     "their own task's head)"))
     rows.append(("params", f"{report.params:,}"))
     rows.append(("MACs", f"{report.macs:,} per image"))
     if report.latency_ms is not None:

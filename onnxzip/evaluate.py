@@ -8,6 +8,10 @@ The accuracies follow the paper (ZIPIT.md, "Evaluation used by the paper"):
   model has, by the argmax over those heads' outputs placed side by side. A model with only task a's head still
   gets one (it can only ever answer a's classes): the paper's "Model A" row.
 
+- **Task routing accuracy** (two or more heads): the share of those images whose joint argmax lies in their own
+  task's head, whatever class it picks. Joint accuracy is at most this; it tells apart a merge whose heads each
+  stay accurate but whose logits stopped being comparable from one whose heads lost accuracy.
+
 Heads' outputs are compared as they are (logits, or probabilities if the model ends in a softmax): they are *not*
 softmax-normalised per head before the joint argmax, as in the paper.
 
@@ -47,6 +51,10 @@ class EvalReport:
     macs: int  # multiply-accumulates per image
     latency_ms: float | None  # median milliseconds per image
     heads: dict = field(default_factory=dict)  # task -> graph output used as its head
+    # over the images of all tasks: the share whose joint argmax falls in their own task's head (the joint accuracy
+    # is at most this: it measures how comparable the heads' logits are, apart from each head's own accuracy);
+    # None with a single head
+    task_routing_accuracy: float | None = None
 
     @property
     def num_joint_images(self) -> int:
@@ -367,7 +375,15 @@ def evaluate(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, tasks: dict, 
             log.warning("evaluation: no image of task %r; its accuracy is undefined", t)
     joint_logits = np.concatenate([outs[heads[t]] for t in head_tasks], axis=1)
     joint_classes = np.concatenate([np.asarray(tasks[t]) for t in head_tasks])
-    joint = float((joint_classes[joint_logits.argmax(1)] == ys).mean())
+    winner = joint_logits.argmax(1)
+    joint = float((joint_classes[winner] == ys).mean())
+    routing = None
+    if len(head_tasks) > 1:
+        column_task = np.concatenate([np.full(len(tasks[t]), i) for i, t in enumerate(head_tasks)])
+        true_task = np.full(len(ys), -1)
+        for i, t in enumerate(head_tasks):
+            true_task[np.isin(ys, tasks[t])] = i
+        routing = float((column_task[winner] == true_task).mean())
 
     return EvalReport(
         per_task_accuracy=per_task,
@@ -377,6 +393,7 @@ def evaluate(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, tasks: dict, 
         macs=count_macs(model, input_shapes),
         latency_ms=measure_latency(model, device=device, input_shape=x.shape[1:]) if latency else None,
         heads=heads,
+        task_routing_accuracy=routing,
     )
 
 

@@ -121,6 +121,8 @@ def test_per_task_and_joint_accuracy():
     assert report.heads == {"a": "a/logits", "b": "b/logits"}
     assert report.latency_ms is None
     assert report.params == 0 and report.macs == 0
+    # routing: a rows all win in head a (cols 0-2); b rows win in cols 3, 4, 0 -> the last one is routed to a: 6/7
+    assert report.task_routing_accuracy == pytest.approx(6 / 7)
 
 
 def test_joint_accuracy_takes_raw_logits_not_softmax():
@@ -139,6 +141,7 @@ def test_one_head_model_gets_a_joint_accuracy():
     report = evaluate(model, x, y, TASKS, heads={"a": "logits"}, latency=False)
     assert report.per_task_accuracy == {"a": 1.0}
     assert report.joint_accuracy == pytest.approx(2 / 5)
+    assert report.task_routing_accuracy is None  # one head: nothing to route
     assert report.num_images == {"a": 2, "b": 3}
 
 
