@@ -1,0 +1,124 @@
+"""Merge two real models above protobuf's 2 GiB limit, end to end (issue 4: models stored with external data).
+
+Unit tests lower onnxzip's size limits to push small models through the large-model path; this script runs that
+path at full size once. It builds model A, an MLP whose last layer (the task head) is wide enough to make the
+file larger than `--gb` GB, and model B, A with every hidden unit permuted (a twin: it computes A's function),
+stores both as `.onnx` + `.onnx.data`, merges them with `onnxzip merge --method permute` and checks that the
+merged model (written with external data, about twice the size) loads with `onnxzip.onnx_io.load_model` and
+gives A's outputs on both heads. Prints sizes, wall times and the peak resident memory.
+
+    python3 tools/large_model_check.py --gb 2.2 --workdir /tmp/onnxzip-large
+
+Needs about 4.5× the model size in free disk space and roughly 8× in memory. Deletes its files unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+HIDDEN = 256
+IN = 64
+
+
+def build(weights: dict, classes: int) -> onnx.ModelProto:
+    nodes = [helper.make_node("Gemm", ["input", "l1.w", "l1.b"], ["h1"], transB=1),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Gemm", ["r1", "l2.w", "l2.b"], ["h2"], transB=1),
+             helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "head.w"], ["logits"])]
+    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", IN])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def save(model, path):
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data", size_threshold=1024)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gb", type=float, default=2.2, help="size of each input model in GB (10^9 bytes)")
+    p.add_argument("--workdir", default="/tmp/onnxzip-large")
+    p.add_argument("--samples", type=int, default=1000, help="calibration samples")
+    p.add_argument("--keep", action="store_true", help="keep the files")
+    args = p.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    classes = int(args.gb * 1e9 / 4 / HIDDEN) + 1
+    rng = np.random.default_rng(0)
+    t0 = time.time()
+    w = {"l1.w": (rng.standard_normal((HIDDEN, IN)) / 8).astype(np.float32),
+         "l1.b": rng.uniform(0, 0.1, HIDDEN).astype(np.float32),
+         "l2.w": (rng.standard_normal((HIDDEN, HIDDEN)) / 16).astype(np.float32),
+         "l2.b": rng.uniform(0, 0.1, HIDDEN).astype(np.float32),
+         "head.w": (rng.standard_normal((HIDDEN, classes), dtype=np.float32) / 16)}
+    p1, p2 = rng.permutation(HIDDEN), rng.permutation(HIDDEN)
+    paths = {k: os.path.join(args.workdir, f"{k}.onnx") for k in "ab"}
+    save(build(w, classes), paths["a"])
+    twin = {"l1.w": w["l1.w"][p1], "l1.b": w["l1.b"][p1], "l2.w": w["l2.w"][p2][:, p1], "l2.b": w["l2.b"][p2]}
+    w["head.w"] = w["head.w"][p2]  # reuse the name: only one 2 GB head in memory at a time
+    twin["head.w"] = w.pop("head.w")
+    save(build(twin, classes), paths["b"])
+    del twin
+    sizes = {k: os.path.getsize(v) + os.path.getsize(v + ".data") for k, v in paths.items()}
+    print(f"built A and B: {classes} head outputs, {sizes['a'] / 1e9:.2f} GB and {sizes['b'] / 1e9:.2f} GB on disk "
+          f"(.onnx + .onnx.data), {time.time() - t0:.0f} s", flush=True)
+
+    x = rng.standard_normal((args.samples, IN), dtype=np.float32)
+    calib = os.path.join(args.workdir, "calib.npy")
+    np.save(calib, x)
+    out = os.path.join(args.workdir, "merged.onnx")
+    for f in (out, out + ".data", out + ".json"):
+        if os.path.exists(f):
+            os.remove(f)
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "onnxzip", "merge", paths["a"], paths["b"], "--data", calib, "-o", out,
+           "--method", "permute", "--num-samples", str(args.samples)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    merge_s = time.time() - t0
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    print(f"onnxzip merge: exit {proc.returncode}, {merge_s:.0f} s, peak RSS {child_rss:.1f} GB", flush=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:])
+        return 1
+    print("\n".join("  " + line for line in proc.stdout.strip().splitlines()))
+    data = os.path.getsize(out + ".data") if os.path.exists(out + ".data") else 0
+    merged_size = os.path.getsize(out) + data
+    print(f"merged: {os.path.getsize(out) / 1e6:.2f} MB graph + {data / 1e9:.2f} GB external weights "
+          f"({merged_size / (sizes['a'] + sizes['b']):.3f}× A + B)", flush=True)
+
+    from onnxzip.onnx_io import inference_session, load_model
+    import onnxruntime as ort
+    t0 = time.time()
+    merged = load_model(out, "merged model")
+    session = inference_session(merged, ort.SessionOptions(), ["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x[:8]})))
+    del session, merged
+    a = load_model(paths["a"], "model A")
+    want = inference_session(a, ort.SessionOptions(), ["CPUExecutionProvider"]).run(None, {"input": x[:8]})[0]
+    err = max(float(np.abs(got[f"{k}/logits"] - want).max()) for k in "ab")
+    print(f"reloaded and ran the merged model: max |merged - A| over both heads {err:.2e} ({time.time() - t0:.0f} s); "
+          f"peak RSS of this script {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    return 0 if err < 1e-3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
