@@ -43,7 +43,7 @@ import onnxruntime as ort  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
 import onnxzip  # noqa: E402
-from benchmark import find_pairs, load_test_set, source_revision  # noqa: E402
+from benchmark import _pair_order, find_pairs, load_test_set, source_revision  # noqa: E402
 from onnxzip.calibration import FeatureRequest, collect_stats, input_specs, load_calibration  # noqa: E402
 from onnxzip.evaluate import evaluate  # noqa: E402
 from onnxzip.graph import analyse, match, trunk_nodes  # noqa: E402
@@ -168,15 +168,23 @@ def main(argv=None):
     p.add_argument("--eval", help="an .npz with x, y (default: the full Fashion-MNIST test set if installed)")
     p.add_argument("--calib", default=os.path.join(ROOT, "models", "data", "calib.npy"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the pairs already in <out>/results/diagnosis.json and add the ones given")
     args = p.parse_args(argv)
     pairs = args.pairs or find_pairs(args.models)
     x, y, described = load_test_set(args.eval)
-    results = [diagnose_pair(pair, args.models, x, y, args.calib) for pair in pairs]
+    json_path = os.path.join(args.out, "results", "diagnosis.json")
+    results = []
+    if args.resume and os.path.isfile(json_path):
+        with open(json_path) as f:
+            results = [r for r in json.load(f)["pairs"] if r["pair"] not in pairs]
+    results += [diagnose_pair(pair, args.models, x, y, args.calib) for pair in pairs]
+    results.sort(key=lambda r: _pair_order(r["pair"]))
     meta = {"command": "python3 tools/diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "revision": source_revision(), "test_set": described}
     os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
-    with open(os.path.join(args.out, "results", "diagnosis.json"), "w") as f:
+    with open(json_path, "w") as f:
         json.dump({"meta": meta, "pairs": results}, f, indent=1)
     with open(os.path.join(args.out, "DIAGNOSIS.md"), "w") as f:
         f.write(render(results, meta))
