@@ -157,8 +157,49 @@ def render(results, meta) -> str:
             lines.append(f"| {k + 1} | {sp[0]['width']} | {np.mean([s['identity'] for s in sp]):.3f} | "
                          f"{np.mean([s['permute'] for s in sp]):.3f} | {np.mean([s['best'] for s in sp]):.3f} |")
         lines.append("")
+    lines += findings(by_arch)
     lines += ["Per pair: [`results/diagnosis.json`](results/diagnosis.json).", ""]
     return "\n".join(lines)
+
+
+def findings(by_arch) -> list:
+    """Sentences computed from the numbers (means over pairs), so that the text cannot drift from them."""
+    lines = ["## What the measurements say", "", "Written by the script from the numbers above.", ""]
+    names = [label for label, _ in METHODS[1:]]
+    for arch, rs in by_arch.items():
+        def mean(label, key):
+            vals = []
+            for r in rs:
+                m = r["methods"][label]
+                vals.append(np.mean(list(m[key].values())) if isinstance(m[key], dict) else m[key])
+            return float(np.mean(vals))
+
+        order = lambda key: " > ".join(f"{n} {100 * mean(n, key):.1f}"  # noqa: E731
+                                       for n in sorted(names, key=lambda n: -mean(n, key)))
+        ens_task, zip_task = mean("Ensemble", "per_task"), mean("ZipIt!", "per_task")
+        wins = sum(r["methods"]["ZipIt!"]["joint"] > r["methods"]["Permute"]["joint"] for r in rs)
+        lines.append(f"- **{arch}** ({len(rs)} pairs): joint {order('joint')}; routing {order('routing')}; "
+                     f"per-task {order('per_task')}. ZipIt! beats Permute on joint accuracy on {wins} of "
+                     f"{len(rs)} pairs.")
+        lines.append(f"  - The ensemble itself routes only {100 * mean('Ensemble', 'routing'):.1f} % of the images to "
+                     f"their own head (its joint accuracy {100 * mean('Ensemble', 'joint'):.1f} against "
+                     f"{100 * ens_task:.1f} per task): the heads were never trained to be compared.")
+        for n in names:
+            cross = np.mean([np.mean(list(r["methods"][n]["cross_confidence"].values())) for r in rs])
+            lines.append(f"  - {n}: per-task {100 * mean(n, 'per_task'):.1f} "
+                         f"({mean(n, 'per_task') / ens_task:.2f} of the ensemble's), routing "
+                         f"{100 * mean(n, 'routing'):.1f}, cross-task confidence {cross:.2f} (ensemble "
+                         f"{np.mean([np.mean(list(r['methods']['Ensemble']['cross_confidence'].values())) for r in rs]):.2f}).")
+        n = min(len(r["spaces"]) for r in rs)
+        if n:
+            first = np.mean([r["spaces"][0]["permute"] for r in rs])
+            last = np.mean([r["spaces"][n - 1]["permute"] for r in rs])
+            ident = np.mean([s["identity"] for r in rs for s in r["spaces"][:n]])
+            lines.append(f"  - Matched features: the best one-to-one matching pairs features with mean correlation "
+                         f"{first:.2f} in the first zipped space and {last:.2f} in the last; weight averaging's "
+                         f"channel-i-with-channel-i pairs have {ident:.2f} on average.")
+    lines.append("")
+    return lines
 
 
 def main(argv=None):
@@ -170,10 +211,18 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "docs"))
     p.add_argument("--resume", action="store_true",
                    help="keep the pairs already in <out>/results/diagnosis.json and add the ones given")
+    p.add_argument("--render-only", action="store_true", help="only rewrite DIAGNOSIS.md from diagnosis.json")
     args = p.parse_args(argv)
+    json_path = os.path.join(args.out, "results", "diagnosis.json")
+    if args.render_only:
+        with open(json_path) as f:
+            old = json.load(f)
+        with open(os.path.join(args.out, "DIAGNOSIS.md"), "w") as f:
+            f.write(render(old["pairs"], old["meta"]))
+        print(f"rewrote {os.path.join(args.out, 'DIAGNOSIS.md')} from {json_path}")
+        return
     pairs = args.pairs or find_pairs(args.models)
     x, y, described = load_test_set(args.eval)
-    json_path = os.path.join(args.out, "results", "diagnosis.json")
     results = []
     if args.resume and os.path.isfile(json_path):
         with open(json_path) as f:
