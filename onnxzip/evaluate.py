@@ -27,17 +27,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from .errors import CalibrationDataError, ModelError, UsageError
-from .onnx_io import inference_session, without_weights
+from .onnx_io import FLOAT_TYPES, inference_session, without_weights
 
 log = logging.getLogger(__name__)
-
-_FLOAT_TYPES = {
-    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
-    TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ,
-}
 
 
 @dataclass
@@ -78,13 +72,13 @@ def count_parameters(model: onnx.ModelProto) -> int:
     """
     total = 0
     for init in model.graph.initializer:
-        if init.data_type in _FLOAT_TYPES:
+        if init.data_type in FLOAT_TYPES:
             total += int(np.prod(init.dims, dtype=np.int64))
     for node in model.graph.node:
         if node.op_type != "Constant":
             continue
         for attr in node.attribute:
-            if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+            if attr.name == "value" and attr.t.data_type in FLOAT_TYPES:
                 total += int(np.prod(attr.t.dims, dtype=np.int64))
             elif attr.name == "value_float":
                 total += 1
@@ -127,15 +121,6 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
                 dims[0].dim_value = 1
     if input_shapes:
         raise UsageError(f"input_shapes names {sorted(input_shapes)}, which are not inputs of the model")
-    # Shape inference needs no weights, only their shapes and types: drop the float data so that big models
-    # stay under protobuf's 2 GiB limit (integer tensors stay, shape computations may read them).
-    for init in m.graph.initializer:
-        if init.data_type in _FLOAT_TYPES:
-            init.ClearField("raw_data")
-            for f in ("float_data", "double_data", "int32_data"):
-                init.ClearField(f)
-            init.data_location = TensorProto.DEFAULT
-            del init.external_data[:]
     try:
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception as e:

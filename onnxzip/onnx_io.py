@@ -16,7 +16,10 @@ from onnx import external_data_helper
 
 from .errors import ModelError, OutputError
 
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+_T = onnx.TensorProto
+# Element types of weights (parameters): what `without_weights` strips and `evaluate.count_parameters` counts.
+FLOAT_TYPES = frozenset({_T.FLOAT, _T.DOUBLE, _T.FLOAT16, _T.BFLOAT16,
+                         _T.FLOAT8E4M3FN, _T.FLOAT8E4M3FNUZ, _T.FLOAT8E5M2, _T.FLOAT8E5M2FNUZ})
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay well below it and move the weights to a side file.
 EXTERNAL_DATA_THRESHOLD = int(1.8e9)
@@ -175,7 +178,7 @@ def without_weights(model: onnx.ModelProto, external: bool = False, min_bytes: i
     _copy_except(model.graph, skeleton.graph, "initializer")
     weights = {}
     for init in model.graph.initializer:
-        if init.data_type not in _FLOAT_TYPES or init.ByteSize() < min_bytes:
+        if init.data_type not in FLOAT_TYPES or init.ByteSize() < min_bytes:
             skeleton.graph.initializer.add().CopyFrom(init)
             continue
         stub = skeleton.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
