@@ -162,8 +162,12 @@ def cli():
               help="Names of the two tasks: prefixes of the branches and outputs in the merged model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sample selection).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--refit", type=click.Choice(["ls", "none"]), default="ls", show_default=True,
+              help="ls: fit every merged layer and head by least squares to what the original models compute "
+                   "(closed form, in network order); none: the paper's method (matching, then statistics repair).")
 @click.option("--repair/--no-repair", default=True, show_default=True,
-              help="Correct the merged trunk's per-channel statistics (REPAIR).")
+              help="With --refit none: correct the merged layers' per-channel statistics (REPAIR). The least-squares "
+                   "refit supersedes it.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the merged model: finite outputs, close to the originals on held-out samples.")
 @click.option("--strict", is_flag=True,
@@ -174,7 +178,7 @@ def cli():
 @_verbosity_options
 @click.pass_context
 def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device,
-          names, seed, force, repair, verify, strict, keep_batchnorm, quiet, verbose):
+          names, seed, force, refit, repair, verify, strict, keep_batchnorm, quiet, verbose):
     """Merge models A and B into one model OUT with one head per task."""
     logger = _setup_logging(ctx, verbose, quiet)
     import onnxzip  # the API; imported here so that `--help` stays fast
@@ -182,8 +186,8 @@ def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num
     result = onnxzip.merge(
         model_a, model_b, data, output,
         method=method, alpha=alpha, beta=beta, stop_at=stop_at, num_samples=num_samples, batch_size=batch_size,
-        device=device, names=names, seed=seed, force=force, repair=repair, verify=verify, strict=strict,
-        fold_batchnorm=not keep_batchnorm, progress=not quiet, logger=logger,
+        device=device, names=names, seed=seed, force=force, refit=refit, repair=repair, verify=verify,
+        strict=strict, fold_batchnorm=not keep_batchnorm, progress=not quiet, logger=logger,
     )
     if not quiet:
         for line in result.summary_lines():

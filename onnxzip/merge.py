@@ -39,6 +39,7 @@ from .errors import (CalibrationDataError, ModelError, OutputError, UnsupportedM
 from .evaluate import count_parameters
 from .graph import Analysis, analyse, match, trunk_nodes, unsupported_report
 from .onnx_io import check_model
+from .refit import REFIT_METHODS, refit as refit_layers
 from .repair import repair as repair_statistics, repair_points
 from .solver import solve
 from .surgery import ZipPlan, build, merge_points, zipped_spaces
@@ -92,6 +93,12 @@ class MergeResult:
             lines.append(f"left unmerged: {len(c['unmerged'])} region(s) (see the card)")
         if c.get("repair", {}).get("layers"):
             lines.append(f"statistics repaired on {c['repair']['layers']} layer(s)")
+        fitted = c.get("refit", {}).get("layers") or []
+        if fitted:
+            held = sorted(x["r2_held_back"] for x in fitted if x.get("r2_held_back") is not None)
+            r2 = f", median held-back R² {held[len(held) // 2]:.3f}" if held else ""
+            lines.append(f"refitted {len(fitted)} layer(s) by least squares in {c['refit']['passes']} onnxruntime "
+                         f"pass(es){r2}")
         verification = c.get("verification") or {}
         if verification.get("heads"):
             held = "held-back" if verification.get("held_back") else "calibration"
@@ -347,7 +354,7 @@ def _first_line(exc: BaseException) -> str:
 def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: float = 0.3, beta: float = 0.125,
           stop_at=None, num_samples: int | None = None, batch_size: int = 64, device: str = "auto",
           names=("a", "b"), seed: int = 0, force: bool = False, repair: bool = True, verify: bool = True,
-          strict: bool = False, fold_batchnorm: bool = True, progress=False,
+          strict: bool = False, fold_batchnorm: bool = True, refit: str = "ls", progress=False,
           logger: logging.Logger | None = None) -> MergeResult:
     """Merge two models of the same architecture trained on different tasks into one (ZipIt!).
 
@@ -378,6 +385,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     verify, strict = _check_flag("verify", verify), _check_flag("strict", strict)
     fold_batchnorm = _check_flag("fold_batchnorm", fold_batchnorm)
     stop_at = _check_stop_at(stop_at)
+    if not isinstance(refit, str) or refit not in REFIT_METHODS:
+        raise UsageError(f"--refit must be one of {', '.join(REFIT_METHODS)}, got {refit!r}")
     output = _check_output(output, force)
 
     model_a, path_a, sha_a = _load(model_a, "model A")
@@ -423,14 +432,16 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         raise CalibrationDataError(f"{calib.path}: {calib.num_samples} calibration sample(s); at least "
                                    f"{max(2, fixed)} are needed" + (f" (the model fixes its batch to {fixed})"
                                                                     if fixed > 1 else ""))
-    holdout = min(VERIFY_MAX_SAMPLES, calib.num_samples // 5) if verify else 0
+    # held back: to verify the result, and to choose the refit's ridge strengths
+    holdout = min(VERIFY_MAX_SAMPLES, calib.num_samples // 5) if verify or refit == "ls" else 0
     holdout -= holdout % fixed  # whole batches only: a model with a fixed batch size skips a partial one
     if calib.num_samples - holdout < fixed:
         holdout = 0
     if verify and not holdout:
         logger.warning("%s: too few calibration samples (%d) to hold any back; verifying on the calibration "
                        "samples themselves", calib.path, calib.num_samples)
-    calib_data, verify_data = calib.split(holdout) if holdout else (calib, None)
+    calib_data, held_data = calib.split(holdout) if holdout else (calib, None)
+    verify_data = held_data if verify else None
     b_model = _rename_inputs(b.model, corr.inputs)
     times["analyse"] = time.perf_counter() - t0
 
@@ -444,7 +455,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         for name in points[sid]:
             ts = a.tensor_spaces[name]
             requests.append(FeatureRequest(f"space:{sid}", [name, corr.tensors[name]], ts.axis, ts.expand))
-    do_repair = repair and method != "ensemble" and bool(spaces)
+    # the least-squares refit fits every layer the repair would correct (scale and shift included)
+    do_repair = repair and refit == "none" and method != "ensemble" and bool(spaces)
     stats = {}
     if requests:
         logger.info("calibrating on %d samples (%d feature spaces)", calib_data.num_samples, len(spaces))
@@ -484,6 +496,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     surgery = build(plan)
     times["surgery"] = time.perf_counter() - t
     repair_summary = {"applied": False}
+    if repair and refit != "none":
+        repair_summary["superseded_by_refit"] = True
     if do_repair:
         t = time.perf_counter()
         logger.info("repairing statistics of %d layers", len(repair_points(a, trunk)))
@@ -494,6 +508,17 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
                                     f"statistics repair: {_first_line(exc)}") from exc
         repair_summary["applied"] = True
         times["repair"] = time.perf_counter() - t
+    refit_summary = {"applied": False, "method": refit}
+    if refit == "ls" and method != "ensemble" and spaces:
+        t = time.perf_counter()
+        logger.info("refitting the merged layers by least squares")
+        try:
+            refit_summary = refit_layers(plan, surgery, calib_data, held_data, [a.model, b_model], batch_size,
+                                         device, seed, progress=progress, logger=logger)
+        except _ORT_ERRORS as exc:
+            raise VerificationError(f"internal error: the merged model does not run in onnxruntime during the "
+                                    f"least-squares refit: {_first_line(exc)}") from exc
+        times["refit"] = time.perf_counter() - t
     merged = surgery.model
 
     # 3. checks on the result
@@ -516,7 +541,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         "tool": "onnxzip", "version": __version__,
         "inputs": {names[0]: {"path": path_a, "sha256": sha_a}, names[1]: {"path": path_b, "sha256": sha_b}},
         "method": method, "alpha": alpha, "beta": beta, "stop_at": stop_at, "seed": seed,
-        "options": {"repair": repair, "verify": verify, "strict": strict, "fold_batchnorm": fold_batchnorm,
+        "options": {"repair": repair, "refit": refit, "verify": verify, "strict": strict, "fold_batchnorm": fold_batchnorm,
                     "batchnorms_folded": [a.folded_batchnorms, b.folded_batchnorms], "num_samples": num_samples,
                     "batch_size": batch_size, "device": device, "names": list(names)},
         "calibration": {"source": None if data_path is None else os.fsdecode(data_path),
@@ -529,6 +554,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         "parameters": {"merged": count_parameters(merged), "a": count_parameters(model_a),
                        "b": count_parameters(model_b)},
         "repair": _round_figures(repair_summary),
+        "refit": _round_refit(refit_summary),
         "verification": verification,
     }
     card = _plain(card)
@@ -621,6 +647,13 @@ def _measured(x):
     if not math.isfinite(x):
         return None
     return float(f"{x:.{CARD_DIGITS}g}")
+
+
+def _round_refit(summary: dict) -> dict:
+    out = _round_figures(summary)
+    if "layers" in out:
+        out["layers"] = [_round_figures(layer) for layer in out["layers"]]
+    return out
 
 
 def _round_figures(summary: dict) -> dict:

@@ -1,0 +1,789 @@
+"""Least-squares refit: fit every merged layer, in network order, to what the source models computed.
+
+Merging weights through M and U (surgery) is a guess at the merged layer; statistics repair only corrects each
+channel's mean and spread. Once the matchings are fixed, each merged layer can instead be *fitted* (ZIPIT.md,
+"Beyond the paper"; the closed forms of RegMean, arXiv 2212.09849, and PLeaS, arXiv 2407.02447):
+
+- target: for a trunk layer, the merge-weighted combination ``T = sum_m M_m z_m`` of what each source model's same
+  layer outputs on the same input, each source run on its own graph (the tensor as written: after a bias ``Add``
+  and a kept BatchNorm, before the activation); for model m's copy of a layer after the stop point, z_m itself;
+- regressors: the merged model's own input to the layer, with every earlier refit in place (errors do not
+  compound), a constant column for the bias; a Conv regresses on the input patch of each output position, per
+  group; a seeded subsample of rows where there are many more rows than regressors;
+- residual joins: where the layer's output is added to another tensor, the layer is fitted so that the *sum*
+  hits the merged target of the sum (the other operand as the merged model computes it is subtracted);
+- solve: ridge regression towards the current weights, ``W = (XᵀT + λ W0ᵀ)ᵀ (XᵀX + λI)⁻¹``, in float64 from
+  streamed sums (XᵀX, XᵀT), so memory is O(d²) per layer whatever the number of samples. λ is chosen per layer
+  from a grid by the layer's error on held-back samples (no labels); the current weights are kept where no λ
+  beats them there.
+
+Layers are grouped into levels (a layer's input and residual partner depend only on earlier levels); one
+onnxruntime pass per level runs only the part of the merged graph that level needs. The source models run once,
+for all targets, on the rows each layer samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .calibration import CalibrationData, _progress_reporter, make_session
+from .errors import VerificationError
+from .graph import Analysis, TensorSpace
+from .onnx_io import without_weights
+from .surgery import Surgery, ZipPlan, zipped_spaces
+
+log = logging.getLogger("onnxzip")
+
+REFIT_METHODS = ("ls", "none")
+# Ridge strengths, relative to the mean diagonal of XᵀX (so they do not depend on the features' scale).
+LAMBDA_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Without held-back samples to choose from the grid.
+DEFAULT_LAMBDA = 1e-4
+# Rows (samples x output positions) kept per layer: at most this many per regressor, at least MIN_ROWS.
+ROWS_PER_REGRESSOR = 100
+MIN_ROWS = 20000
+# Activations kept between levels (so a level runs from the last level's tensors, not from the graph inputs).
+CACHE_BYTES = 2 << 30
+# A Gram matrix whose smallest eigenvalue is below this fraction of its largest is called singular in the card.
+SINGULAR_RCOND = 1e-10
+
+
+@dataclass
+class RefitLayer:
+    """One Conv/Gemm/MatMul of the merged model and what it is fitted to."""
+
+    node: int  # node index in model A's (normalised) graph
+    model: int | None  # None: the trunk; m: model m's copy after the stop point
+    op: str
+    merged_node: str  # its name in the merged graph
+    chain: list  # A node indices: the layer, then a bias Add and/or a kept BatchNorm
+    target: list  # per source model, the tensor fitted: the chain end, or at a residual join the sum
+    end: list  # per source model, the chain end (the target once a join is not fitted through the sum)
+    space: TensorSpace | None  # trunk layers: the space of the target (whose merge matrices make it)
+    channel_axis: int  # channel axis of the layer's output (1 for Conv/Gemm, last for MatMul)
+    partner: str | None = None  # merged tensor added to the chain end at a residual join
+    output: str | None = None  # at a residual join: the merged chain-end tensor (the Add's operand)
+    regressors: int = 0  # input channels x kernel positions per group
+    level: int = 0
+    key: int = 0  # position in the list: seeds the row sampling
+
+    def describe(self, plan: ZipPlan) -> str:
+        where = "trunk" if self.model is None else plan.names[self.model]
+        return f"{plan.a.nodes[self.node].name} ({where})"
+
+
+@dataclass
+class _Sums:
+    """Streamed sums of one regression (one group of one layer): calibration and held-back parts."""
+
+    gram: np.ndarray
+    cross: np.ndarray
+    t_sq: float = 0.0
+    t_sum: np.ndarray | None = None
+    rows: int = 0
+    h_gram: np.ndarray | None = None
+    h_cross: np.ndarray | None = None
+    h_t_sq: float = 0.0
+    h_t_sum: np.ndarray | None = None
+    h_rows: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which layers, in which order
+# ---------------------------------------------------------------------------------------------------------------
+
+def _chain(a: Analysis, i: int, same_side) -> tuple:
+    """The layer's output and the per-channel affine nodes after it (bias Add, BatchNorm) on the same side."""
+    from .repair import _chain as repair_chain
+    return repair_chain(a, i, same_side)
+
+
+def _node_by_name(model: onnx.ModelProto) -> dict:
+    return {n.name: n for n in model.graph.node}
+
+
+def _residual(a: Analysis, tensor: str, same_side) -> tuple | None:
+    """(Add node index, index of the other operand) where `tensor` is added to another computed tensor."""
+    users = a.consumers.get(tensor, [])
+    if len(users) != 1 or tensor in a.output_names:
+        return None
+    j, k = users[0]
+    node = a.model.graph.node[j]
+    if node.op_type not in ("Add", "Sum") or len(node.input) != 2 or not same_side(j):
+        return None
+    other = node.input[1 - k]
+    if other in a.initializers or other not in a.tensor_spaces or other == tensor:
+        return None
+    return j, 1 - k
+
+
+def refit_layers(plan: ZipPlan, surgery: Surgery) -> list:
+    """Every Conv/Gemm/MatMul with constant weights to refit: trunk layers writing a zipped space, and each model's
+    copy of every layer after the stop point; with their targets, residual partners and levels."""
+    a = plan.a
+    trunk = plan.trunk
+    zipped = set(zipped_spaces(a, trunk))
+    merged_nodes = _node_by_name(surgery.model)
+    layers = []
+
+    def candidate(i: int) -> bool:
+        node = a.model.graph.node[i]
+        return (node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in a.initializers
+                and node.input[1] not in a.producer and a.nodes[i].kind in ("weighted", "carrier", "opaque")
+                and a.shapes.get(node.output[0]) is not None and a.shapes.get(node.input[0]) is not None
+                and not (node.op_type == "Gemm" and (_attr(node, "transA", 0) or not _per_channel_c(a, node))))
+
+    for i in range(len(a.nodes)):
+        if not candidate(i):
+            continue
+        if i in trunk:
+            ts = a.tensor_spaces.get(a.model.graph.node[i].output[0])
+            if ts is None or ts.space not in zipped:
+                continue
+            side = (lambda j: j in trunk)
+            owners = [None]
+        else:
+            side = (lambda j: j not in trunk)
+            owners = list(range(len(plan.analyses)))
+        chain, end = _chain(a, i, side)
+        join = _residual(a, end, side)
+        for m in owners:
+            merged_name = surgery.trunk_nodes[i] if m is None else surgery.branch_nodes.get((m, i))
+            if merged_name is None:
+                continue
+            target_a = a.model.graph.node[join[0]].output[0] if join else end
+            partner = output = None
+            if join:
+                merged_add = merged_nodes[surgery.trunk_nodes[join[0]] if m is None
+                                          else surgery.branch_nodes[(m, join[0])]]
+                partner, output = merged_add.input[join[1]], merged_add.input[1 - join[1]]
+            target = [_source_name(plan, target_a, k) for k in range(len(plan.analyses))]
+            space = a.tensor_spaces.get(target_a) if m is None else None  # an Add ties: the same for the end
+            if m is None and (space is None or space.expand != 1):
+                continue
+            op = a.model.graph.node[i].op_type
+            axis = 1 if op != "MatMul" else len(a.shapes.get(end, (0, 0))) - 1
+            weight = a.initializers[a.model.graph.node[i].input[1]]
+            out_axis = 0 if op == "Conv" or (op == "Gemm" and _attr(a.model.graph.node[i], "transB", 0)) else 1
+            layers.append(RefitLayer(i, m, op, merged_name, chain, target,
+                                     [_source_name(plan, end, k) for k in range(len(plan.analyses))], space, axis,
+                                     partner, output, weight.size // weight.shape[out_axis]))
+    _levels(surgery.model, layers)
+    for k, layer in enumerate(layers):
+        layer.key = k
+    return layers
+
+
+def _per_channel_c(a: Analysis, node: onnx.NodeProto) -> bool:
+    """A Gemm's C is a per-output-channel bias (or absent): the only kind the refit writes."""
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    c, weight = a.initializers.get(node.input[2]), a.initializers[node.input[1]]
+    return c is not None and c.size in (1, weight.shape[0 if _attr(node, "transB", 0) else 1])
+
+
+def _source_name(plan: ZipPlan, tensor_a: str, m: int) -> str:
+    return tensor_a if m == 0 else plan.correspondence.tensors[tensor_a]
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _levels(model: onnx.ModelProto, layers: list) -> None:
+    """Each layer's level: 1 + the latest level of any refit layer upstream of its input or residual partner."""
+    producers = {t: n for n in model.graph.node for t in n.output if t}
+    # a partner computed from the layer's own output is no partner (y + f(y)): the layer fits its own output
+    for layer in layers:
+        if layer.partner and _depends_on(producers, layer.partner, layer.merged_node):
+            layer.partner, layer.target = None, layer.end
+    # two refit layers added together (a block's last conv and a shortcut conv): the smaller one is fitted first
+    # to its own target, the larger one then fits the sum
+    by_output = {layer.output: layer for layer in layers if layer.output}
+    for layer in layers:
+        other = by_output.get(layer.partner)
+        if other is not None and other.partner == layer.output and other.model == layer.model:
+            smaller = min((layer, other), key=lambda x: (x.regressors, x.node))
+            smaller.partner, smaller.target = None, smaller.end
+    by_node = {layer.merged_node: layer for layer in layers}
+    changed = True
+    while changed:  # a partner may come after the layer in graph order: repeat until nothing moves
+        changed = False
+        depth = {}  # tensor -> level of the latest refit it depends on
+        for node in model.graph.node:
+            incoming = max((depth.get(t, 0) for t in node.input if t), default=0)
+            layer = by_node.get(node.name)
+            if layer is not None:
+                partner_level = depth.get(layer.partner, 0) if layer.partner else 0
+                partner_level = max(partner_level, layer.level - 1)
+                level = 1 + max(depth.get(node.input[0], 0), partner_level)
+                changed |= level != layer.level
+                layer.level = level
+                incoming = max(incoming, level)
+            for t in node.output:
+                if t:
+                    depth[t] = incoming
+
+
+def _depends_on(producers: dict, tensor: str, node_name: str) -> bool:
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = producers.get(t)
+        if node is None:
+            continue
+        if node.name == node_name:
+            return True
+        stack.extend(x for x in node.input if x)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers as regressions: weights <-> a (F_out x d) matrix per group, and input rows
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Geometry:
+    """How a Conv reads its input: kernel, strides, dilations, the padding before each spatial axis, groups."""
+
+    kernel: tuple
+    strides: tuple
+    dilations: tuple
+    pad_begin: tuple
+    group: int
+
+
+def conv_geometry(node: onnx.NodeProto, weight_shape: tuple, in_spatial: tuple, out_spatial: tuple) -> _Geometry:
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    n = len(kernel)
+    strides = tuple(_attr(node, "strides", None) or [1] * n)
+    dilations = tuple(_attr(node, "dilations", None) or [1] * n)
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin = []
+        for k in range(n):
+            total = max(0, (out_spatial[k] - 1) * strides[k] + (kernel[k] - 1) * dilations[k] + 1 - in_spatial[k])
+            begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+        pad_begin = tuple(begin)
+    elif auto_pad == "VALID":
+        pad_begin = (0,) * n
+    else:
+        pads = _attr(node, "pads", None) or [0] * (2 * n)
+        pad_begin = tuple(int(p) for p in pads[:n])
+    return _Geometry(kernel, strides, dilations, pad_begin, int(_attr(node, "group", 1)))
+
+
+def conv_patches(x: np.ndarray, geometry: _Geometry, out_spatial: tuple, rows: np.ndarray) -> np.ndarray:
+    """Input patches of a Conv at the given output rows: (len(rows), C_in * prod(kernel)), column c*K + k, the
+    order of ``weight.reshape(C_out, -1)``; zero where the patch reaches into the padding.
+
+    `rows` index the flattened (sample, output position...) grid, positions in C order."""
+    n_out = int(np.prod(out_spatial)) if out_spatial else 1
+    sample = rows // n_out
+    coords = np.unravel_index(rows % n_out, out_spatial) if out_spatial else ()
+    in_spatial = x.shape[2:]
+    offsets = list(np.ndindex(*geometry.kernel))
+    out = np.zeros((len(rows), x.shape[1], len(offsets)), dtype=x.dtype)
+    for k, offset in enumerate(offsets):
+        index = [sample, slice(None)]
+        valid = np.ones(len(rows), dtype=bool)
+        for ax, o in enumerate(offset):
+            pos = coords[ax] * geometry.strides[ax] + o * geometry.dilations[ax] - geometry.pad_begin[ax]
+            valid &= (pos >= 0) & (pos < in_spatial[ax])
+            index.append(np.clip(pos, 0, in_spatial[ax] - 1))
+        # advanced indices separated by a slice: numpy puts the row axis first -> (rows, C)
+        values = x[index[0], :, *index[2:]] if len(index) > 2 else x[index[0], :]
+        out[:, :, k] = np.where(valid[:, None], values, 0)
+    return out.reshape(len(rows), -1)
+
+
+class _Layout:
+    """A refit layer's weights as regression matrices (one per group: F_out_g x d, bias column last) and back."""
+
+    def __init__(self, layer: RefitLayer, merged_nodes: dict, inits: dict, plan: ZipPlan, surgery: Surgery):
+        self.layer = layer
+        node = merged_nodes[layer.merged_node]
+        self.node = node
+        self.inits = inits
+        self.op = layer.op
+        self.weight = numpy_helper.to_array(inits[node.input[1]])
+        self.alpha = float(_attr(node, "alpha", 1.0)) if layer.op == "Gemm" else 1.0
+        self.beta = float(_attr(node, "beta", 1.0)) if layer.op == "Gemm" else 1.0
+        self.trans_b = int(_attr(node, "transB", 0)) if layer.op == "Gemm" else 0
+        self.group = int(_attr(node, "group", 1)) if layer.op == "Conv" else 1
+        self.bias = None  # the layer's own bias (Conv, Gemm)
+        if layer.op in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+            self.bias = numpy_helper.to_array(inits[node.input[2]])
+        self.adds = []  # (node, input index, value) of constant bias Adds after the layer
+        self.batchnorm = None
+        for i in layer.chain[1:]:
+            name = surgery.trunk_nodes.get(i) if layer.model is None else surgery.branch_nodes.get((layer.model, i))
+            chained = merged_nodes.get(name)
+            if chained is None:
+                continue
+            if chained.op_type == "BatchNormalization":
+                self.batchnorm = chained
+            elif chained.op_type == "Add":
+                k = next(k for k, t in enumerate(chained.input) if t in inits)
+                self.adds.append((chained, k, numpy_helper.to_array(inits[chained.input[k]])))
+        if layer.op == "Conv":
+            self.out_channels = self.weight.shape[0]
+        elif layer.op == "Gemm":
+            self.out_channels = self.weight.shape[0 if self.trans_b else 1]
+        else:
+            self.out_channels = self.weight.shape[1]
+        # a bias column where the layer can carry one: Conv and Gemm (added where missing; not where Gemm's beta is
+        # 0 or its C is no per-channel bias), any layer with a bias Add or a kept BatchNorm after it
+        self.own_bias = layer.op == "Conv" or (layer.op == "Gemm" and self.beta != 0)
+        self.has_bias = self.own_bias or bool(self.adds) or self.batchnorm is not None
+
+    @property
+    def regressors(self) -> int:
+        return self.matrices()[0].shape[1]
+
+    def _batchnorm_affine(self) -> tuple:
+        node = self.batchnorm
+        scale, bias, mean, var = (numpy_helper.to_array(self.inits[node.input[j]]).astype(np.float64)
+                                  for j in range(1, 5))
+        s = scale / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))
+        return s, bias - s * mean
+
+    def _channels(self, value: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(value.astype(np.float64).reshape(-1), (self.out_channels,))
+
+    def matrices(self) -> list:
+        """Per group, the (F_out_g x d) matrix the layer computes now (a kept BatchNorm's map folded in)."""
+        w = self.weight.astype(np.float64)
+        if self.op == "Conv":
+            per = w.shape[0] // self.group
+            mats = [w[g * per:(g + 1) * per].reshape(per, -1) for g in range(self.group)]
+        elif self.op == "Gemm":
+            mats = [self.alpha * (w if self.trans_b else w.T)]
+        else:
+            mats = [w.T]
+        bias = np.zeros(self.out_channels)
+        if self.bias is not None and self.own_bias:
+            bias = bias + self._channels(self.bias) * self.beta
+        for _, _, value in self.adds:
+            bias = bias + self._channels(value)
+        if self.batchnorm is not None:
+            scale, shift = self._batchnorm_affine()
+            per = self.out_channels // len(mats)
+            mats = [m * scale[g * per:(g + 1) * per, None] for g, m in enumerate(mats)]
+            bias = bias * scale + shift
+        if not self.has_bias:
+            return mats
+        per = self.out_channels // len(mats)
+        return [np.concatenate([m, bias[g * per:(g + 1) * per, None]], axis=1) for g, m in enumerate(mats)]
+
+    def write(self, model: onnx.ModelProto, mats: list) -> None:
+        """Fitted matrices back into the layer (new initializers; the old ones are dropped at the end if unused)."""
+        inits = self.inits
+        weights = [m[:, :-1] if self.has_bias else m for m in mats]
+        if self.op == "Conv":
+            weight = np.concatenate(weights, axis=0).reshape(self.weight.shape)
+        elif self.op == "Gemm":
+            weight = weights[0] / self.alpha
+            weight = weight if self.trans_b else weight.T
+        else:
+            weight = weights[0].T
+        _set_input(model, inits, self.node, 1, weight.astype(self.weight.dtype), f"{self.node.name}/refit/weight")
+        if not self.has_bias:
+            return
+        bias = np.concatenate([m[:, -1] for m in mats])
+        # the whole fitted bias goes to one place: a kept BatchNorm (which becomes y = x + b), else the layer's own
+        # bias, else the first bias Add; every other additive constant of the chain becomes 0
+        places = ([("batchnorm", None)] if self.batchnorm is not None else []) + \
+            ([("own", None)] if self.own_bias else []) + [("add", k) for k in range(len(self.adds))]
+        target = places[0]
+        if self.batchnorm is not None:
+            _shift_batchnorm(model, inits, self.batchnorm, bias)
+        if self.own_bias and (self.bias is not None or target[0] == "own"):
+            value = bias / self.beta if target[0] == "own" else np.zeros_like(bias)
+            dtype = self.bias.dtype if self.bias is not None else self.weight.dtype
+            while len(self.node.input) < 3:
+                self.node.input.append("")
+            _set_input(model, inits, self.node, 2, value.astype(dtype), f"{self.node.name}/refit/bias")
+        for k, (node, j, old) in enumerate(self.adds):
+            value = bias if target == ("add", k) else np.zeros_like(bias)
+            shape = old.shape if old.size == self.out_channels else (self.out_channels,)
+            _set_input(model, inits, node, j, value.reshape(shape).astype(old.dtype), f"{node.name}/refit/bias")
+
+
+def _set_input(model, inits, node, j, value, name) -> None:
+    base, k = name, 1
+    while name in inits:
+        name = f"{base}#{k}"
+        k += 1
+    tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+    model.graph.initializer.append(tensor)
+    inits[name] = tensor
+    node.input[j] = name
+
+
+def _shift_batchnorm(model, inits, node, bias: np.ndarray) -> None:
+    """Make a kept BatchNormalization y = x + bias (the fitted layer before it writes the normalised output)."""
+    eps = float(_attr(node, "epsilon", 1e-5))
+    scale = numpy_helper.to_array(inits[node.input[1]])
+    c, dtype = scale.shape[0], scale.dtype
+    values = [np.ones(c), bias, np.zeros(c), np.full(c, 1.0 - eps)]
+    for j, value in zip(range(1, 5), values):
+        _set_input(model, inits, node, j, value.astype(dtype), f"{node.name}/refit/{j}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows: which (sample, position) pairs each layer regresses on
+# ---------------------------------------------------------------------------------------------------------------
+
+def _positions(shape: tuple, axis: int) -> int:
+    """Positions per sample of a layer output: every index of every axis but the batch and channel axes."""
+    return int(np.prod([s for k, s in enumerate(shape) if k not in (0, axis % len(shape))], dtype=np.int64))
+
+
+def _select(key: int, held: bool, lo: int, count: int, fraction: float, seed: int) -> np.ndarray:
+    """Seeded row subsample of one batch (the same for every pass: targets and regressors line up)."""
+    if fraction >= 1.0:
+        return np.arange(count)
+    rng = np.random.default_rng([seed, key, int(held), lo])
+    return np.flatnonzero(rng.random(count) < fraction)
+
+
+def _as_rows(value: np.ndarray, axis: int) -> np.ndarray:
+    """(samples x positions, channels) of a layer output, positions in C order."""
+    return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The refit
+# ---------------------------------------------------------------------------------------------------------------
+
+def _prune(model: onnx.ModelProto, outputs: list, types: dict, known: dict | None = None) -> onnx.ModelProto:
+    """The part of `model` that computes `outputs` (onnxruntime always runs a whole graph), starting from the
+    tensors in `known` (name -> an example value) where the walk back reaches them: they become graph inputs."""
+    known = known or {}
+    producers = {t: n for n in model.graph.node for t in n.output if t}
+    keep, stack, cut = set(), list(outputs), []
+    while stack:
+        t = stack.pop()
+        if t in known:
+            cut.append(t)
+            continue
+        node = producers.get(t)
+        if node is None or id(node) in keep:
+            continue
+        keep.add(id(node))
+        stack.extend(x for x in node.input if x)
+    nodes = [n for n in model.graph.node if id(n) in keep]
+    used = {x for n in nodes for x in n.input}
+    inputs = [i for i in model.graph.input if i.name in used]
+    inputs += [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(known[t].dtype), None)
+               for t in dict.fromkeys(cut)]
+    graph = helper.make_graph(nodes, model.graph.name, inputs,
+                              [types.get(t) or helper.make_empty_tensor_value_info(t) for t in outputs],
+                              [i for i in model.graph.initializer if i.name in used])
+    pruned = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="onnxzip")
+    pruned.ir_version = model.ir_version
+    return pruned
+
+
+def _value_types(model: onnx.ModelProto) -> dict:
+    types = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model)[0])
+        for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                types[v.name] = helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, None)
+    except Exception as exc:  # noqa: BLE001 - custom ops; onnxruntime infers types itself
+        log.debug("shape inference failed (%s); pruned models declare outputs without types", exc)
+    return types
+
+
+def _output_positions(layer: RefitLayer, a: Analysis) -> int:
+    """Rows per sample: the output positions of a Conv, the leading axes of a MatMul, 1 for a Gemm."""
+    shape = a.shapes[a.model.graph.node[layer.node].output[0]]
+    return _positions(shape, layer.channel_axis)
+
+
+def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationData, batch_size: int, device: str,
+                 seed: int, fractions: dict, held: bool) -> dict:
+    """Per layer, per batch: the target rows (float32), from one pass of each source model over `data`."""
+    from .calibration import expose_tensors
+    runs = []
+    for m, model in enumerate(models):
+        names = list(dict.fromkeys(layer.target[m] for layer in layers if layer.model in (None, m)))
+        session = make_session(_prune(expose_tensors(model, names), names, {}), device) if names else None
+        runs.append((session, names))
+    rows = {layer.key: [] for layer in layers}
+    lo = 0
+    for feed in data.batches(batch_size):
+        n = next(iter(feed.values())).shape[0]
+        values = [dict(zip(names, session.run(names, feed))) if session else {} for session, names in runs]
+        for layer in layers:
+            total = None
+            for m in (range(len(models)) if layer.model is None else [layer.model]):
+                z = values[m][layer.target[m]]
+                if not np.isfinite(z).all():
+                    raise VerificationError(f"model {plan.names[m]}: tensor {layer.target[m]!r} is not finite on "
+                                            f"calibration samples {lo}..{lo + n - 1}; the model or its inputs are "
+                                            "broken")
+                z = _as_rows(z, layer.channel_axis)
+                z = z[_select(layer.key, held, lo, z.shape[0], fractions[layer.key], seed)].astype(np.float64)
+                if layer.model is None:
+                    z = z @ plan.matching(layer.space.space).merge[m].T
+                total = z if total is None else total + z
+            rows[layer.key].append(total.astype(np.float32))
+        lo += n
+    return rows
+
+
+def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: CalibrationData | None,
+          models: list, batch_size: int = 64, device: str = "auto", seed: int = 0, progress=None,
+          logger: logging.Logger | None = None, cache_bytes: int = CACHE_BYTES) -> dict:
+    """Refit every layer of `refit_layers` in place in ``surgery.model``; returns the card's summary.
+
+    `models`: the source models (inputs named as the merged model's). `held_back`: samples never fitted on, used
+    to choose each layer's ridge strength (None or empty: DEFAULT_LAMBDA for every layer)."""
+    logger = logger or log
+    model = surgery.model
+    layers = refit_layers(plan, surgery)
+    use_held = held_back is not None and held_back.num_samples > 0
+    summary = {"applied": True, "method": "ls", "layers": [], "passes": 0, "levels": 0,
+               "lambda_grid": list(LAMBDA_GRID) if use_held else [DEFAULT_LAMBDA],
+               "samples": int(calib.num_samples), "held_back_samples": int(held_back.num_samples) if use_held else 0}
+    if not layers:
+        return summary
+    inits = {i.name: i for i in model.graph.initializer}
+    a = plan.a
+
+    fractions = {}  # share of each layer's rows kept
+    merged_nodes = _node_by_name(model)
+    for layer in layers:
+        d = _Layout(layer, merged_nodes, inits, plan, surgery).regressors
+        total = calib.num_samples * _output_positions(layer, a)
+        fractions[layer.key] = min(1.0, max(MIN_ROWS, ROWS_PER_REGRESSOR * d) / max(total, 1))
+    targets = _target_rows(plan, layers, models, calib, batch_size, device, seed, fractions, False)
+    held_targets = (_target_rows(plan, layers, models, held_back, batch_size, device, seed, fractions, True)
+                    if use_held else None)
+    summary["passes"] += len(models) * (2 if use_held else 1)
+
+    levels = sorted({layer.level for layer in layers})
+    summary["levels"] = len(levels)
+    parts = [("calibration", calib, targets)] + ([("held_back", held_back, held_targets)] if use_held else [])
+    passes = _Passes(model, parts, batch_size, device, cache_bytes)
+    update, close = _progress_reporter(progress, len(levels), "refitting")
+    try:
+        for level in levels:
+            todo = [layer for layer in layers if layer.level == level]
+            merged_nodes = _node_by_name(model)
+            layouts = {layer.key: _Layout(layer, merged_nodes, inits, plan, surgery) for layer in todo}
+            fetch = [t for layer in todo for t in (layouts[layer.key].node.input[0], layer.partner) if t]
+            sums = {layer.key: None for layer in todo}
+            for part, lo, b, n, values in passes.run(fetch):
+                for layer in todo:
+                    _accumulate(layer, layouts[layer.key], values, _part_targets(parts, part)[layer.key][b], sums,
+                                part != "calibration", lo, n, fractions[layer.key], seed, a)
+            for layer in todo:
+                summary["layers"].append(_solve_and_write(layer, layouts[layer.key], sums[layer.key], model, plan,
+                                                          use_held))
+            update(1)
+    finally:
+        close()
+    summary["passes"] += passes.count
+    singular = [x["layer"] for x in summary["layers"] if x.get("singular")]
+    if singular:
+        logger.warning("refit: the input of %d layer(s) is rank-deficient (dead or constant channels, or fewer "
+                       "samples than regressors; first: %s); the ridge term keeps their fits finite",
+                       len(singular), singular[0])
+    _drop_unused(model)
+    return summary
+
+
+def _part_targets(parts: list, name: str) -> dict:
+    return next(target for part, _, target in parts if part == name)
+
+
+class _Passes:
+    """Runs the merged model for one level's tensors, from the tensors the previous level fetched where it can.
+
+    Every tensor a level fetches (its layers' inputs and residual partners) depends only on layers fitted in
+    earlier levels, so it is final: the next level's pass starts from it instead of from the graph inputs, and only
+    the part of the graph in between runs (kept within `cache_bytes`; beyond it a pass starts further back)."""
+
+    def __init__(self, model, parts, batch_size, device, cache_bytes):
+        self.model, self.parts, self.batch_size, self.device = model, parts, batch_size, device
+        self.cache_bytes = cache_bytes
+        self.cache = {name: {} for name, _, _ in parts}  # part -> tensor -> per-batch values
+        self.types = _value_types(model)
+        self.graph_inputs = {i.name for i in model.graph.input}
+        self.count = 0
+
+    def run(self, fetch: list):
+        """Yield (part, first sample, batch index, samples, {tensor: value}) over every batch of every part."""
+        fetch = list(dict.fromkeys(fetch))
+        cached = self.cache[self.parts[0][0]]
+        run_names = [t for t in fetch if t not in cached and t not in self.graph_inputs]
+        session, feeds = None, []
+        if run_names:
+            pruned = _prune(self.model, run_names, self.types, {t: v[0] for t, v in cached.items()})
+            session = make_session(pruned, self.device)
+            feeds = [i.name for i in pruned.graph.input]
+            self.count += 1
+        fetched = {name: {} for name in self.cache}
+        for part, data, _ in self.parts:
+            cache, lo = self.cache[part], 0
+            for b, feed in enumerate(data.batches(self.batch_size)):
+                n = next(iter(feed.values())).shape[0]
+                values = {t: cache[t][b] if t in cache else feed[t] for t in fetch if t not in run_names}
+                if session is not None:
+                    inputs = {k: feed[k] if k in feed else cache[k][b] for k in feeds}
+                    values.update(zip(run_names, session.run(run_names, inputs)))
+                for t in fetch:
+                    if t not in self.graph_inputs:
+                        fetched[part].setdefault(t, []).append(values[t])
+                yield part, lo, b, n, values
+                lo += n
+        # keep what this level fetched (within the budget) for the next one; drop the rest
+        kept, size = set(), 0
+        for t in fetched[self.parts[0][0]]:
+            nbytes = sum(v.nbytes for c in fetched.values() for v in c.get(t, []))
+            if size + nbytes <= self.cache_bytes:
+                kept.add(t)
+                size += nbytes
+        self.cache = {part: {t: v for t, v in c.items() if t in kept} for part, c in fetched.items()}
+
+
+def _regressors(layer: RefitLayer, layout: _Layout, x: np.ndarray, rows: np.ndarray, a: Analysis) -> list:
+    """Per group, the (rows, d) regressor block (bias column included)."""
+    if layer.op == "Conv":
+        out_shape = a.shapes[a.model.graph.node[layer.node].output[0]]
+        in_spatial, out_spatial = x.shape[2:], tuple(out_shape[2:])
+        geometry = conv_geometry(layout.node, layout.weight.shape, in_spatial, out_spatial)
+        patches = conv_patches(x, geometry, out_spatial, rows)
+        per = patches.shape[1] // geometry.group
+        blocks = [patches[:, g * per:(g + 1) * per] for g in range(geometry.group)]
+    else:
+        blocks = [_as_rows(x, x.ndim - 1 if layer.op == "MatMul" else 1)[rows]]
+    blocks = [b.astype(np.float64) for b in blocks]
+    if layout.has_bias:
+        blocks = [np.concatenate([b, np.ones((b.shape[0], 1))], axis=1) for b in blocks]
+    return blocks
+
+
+def _accumulate(layer, layout, values, target, sums, held, lo, n, fraction, seed, a) -> None:
+    x = values[layout.node.input[0]]
+    rows = _select(layer.key, held, lo, n * _output_positions(layer, a), fraction, seed)
+    t = target.astype(np.float64)
+    if layer.partner:
+        p = _as_rows(values[layer.partner], layer.channel_axis)[rows].astype(np.float64)
+        t = t - p
+    blocks = _regressors(layer, layout, x, rows, a)
+    per = t.shape[1] // len(blocks)
+    if sums[layer.key] is None:
+        sums[layer.key] = [_Sums(np.zeros((b.shape[1], b.shape[1])), np.zeros((b.shape[1], per)),
+                                 t_sum=np.zeros(per), h_gram=np.zeros((b.shape[1], b.shape[1])),
+                                 h_cross=np.zeros((b.shape[1], per)), h_t_sum=np.zeros(per)) for b in blocks]
+    for g, (s, xb) in enumerate(zip(sums[layer.key], blocks)):
+        tg = t[:, g * per:(g + 1) * per]
+        if held:
+            s.h_gram = _syrk(xb, s.h_gram)
+            s.h_cross += xb.T @ tg
+            s.h_t_sq += float(np.sum(tg * tg))
+            s.h_t_sum += tg.sum(0)
+            s.h_rows += xb.shape[0]
+        else:
+            s.gram = _syrk(xb, s.gram)
+            s.cross += xb.T @ tg
+            s.t_sq += float(np.sum(tg * tg))
+            s.t_sum += tg.sum(0)
+            s.rows += xb.shape[0]
+
+
+def _syrk(x: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """gram + xᵀx, upper triangle only (BLAS syrk: half the work of a product); see `_full`."""
+    from scipy.linalg.blas import dsyrk
+    return dsyrk(1.0, x.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+
+
+def _full(upper: np.ndarray) -> np.ndarray:
+    return np.triu(upper) + np.triu(upper, 1).T
+
+
+def _error(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, t_sq: float) -> float:
+    """||X Wᵀ - T||² from the sums (W: F x d)."""
+    return float(np.sum((w @ gram) * w) - 2 * np.sum(w * cross.T) + t_sq)
+
+
+def _solve_and_write(layer, layout, sums, model, plan, use_held) -> dict:
+    """Choose λ per group on the held-back samples, write the fit, and describe it for the card."""
+    record = {"layer": layer.describe(plan), "op": layer.op, "level": layer.level,
+              "residual": layer.partner is not None}
+    if sums is None:
+        record["skipped"] = "no samples"
+        return record
+    fitted, lambdas, singular, kept = [], [], False, 0
+    err_cal = ss_cal = err_h = ss_h = 0.0
+    for s, w0 in zip(sums, layout.matrices()):
+        gram, cross = _full(s.gram), s.cross
+        h_gram = _full(s.h_gram) if use_held else None
+        d = gram.shape[0]
+        # one eigendecomposition serves every λ: (G + λI)⁻¹ = V diag(1/(e + λ)) Vᵀ
+        e, v = np.linalg.eigh(gram)
+        e = np.maximum(e, 0.0)
+        singular |= s.rows < d or e[0] <= SINGULAR_RCOND * max(e[-1], 1e-300)
+        scale = max(float(e.mean()), 1e-300)
+        r, r0 = v.T @ cross, v.T @ w0.T
+        candidates = []
+        for rel in (LAMBDA_GRID if use_held else (DEFAULT_LAMBDA,)):
+            lam = rel * scale
+            w = (v @ ((r + lam * r0) / (e + lam)[:, None])).T
+            if not np.isfinite(w).all():
+                continue
+            score = _error(w, h_gram, s.h_cross, s.h_t_sq) if use_held else 0.0
+            candidates.append((score, rel, w))
+        best = min(candidates, key=lambda c: c[0]) if candidates else None
+        if best is None or (use_held and _error(w0, h_gram, s.h_cross, s.h_t_sq) <= best[0]):
+            fitted.append(w0)  # nothing beats the weights as they are on the held-back samples: keep them
+            lambdas.append(None)
+            kept += 1
+        else:
+            fitted.append(best[2])
+            lambdas.append(best[1])
+        w = fitted[-1]
+        err_cal += _error(w, gram, cross, s.t_sq)
+        ss_cal += s.t_sq - float(np.sum(s.t_sum ** 2)) / max(s.rows, 1)
+        if use_held:
+            err_h += _error(w, h_gram, s.h_cross, s.h_t_sq)
+            ss_h += s.h_t_sq - float(np.sum(s.h_t_sum ** 2)) / max(s.h_rows, 1)
+    layout.write(model, fitted)
+    chosen = [x for x in lambdas if x is not None]
+    record.update({"rows": int(sum(s.rows for s in sums)), "regressors": int(sums[0].gram.shape[0]),
+                   "groups": len(sums), "lambda": max(set(chosen), key=chosen.count) if chosen else None,
+                   "kept_groups": kept, "singular": bool(singular),
+                   "r2_calibration": _r2(err_cal, ss_cal), "r2_held_back": _r2(err_h, ss_h) if use_held else None})
+    return record
+
+
+def _r2(err: float, ss: float):
+    if ss <= 0:
+        return None
+    return 1.0 - err / ss
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    used = {x for n in model.graph.node for x in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)

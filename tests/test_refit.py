@@ -1,0 +1,275 @@
+"""The least-squares refit (onnxzip/refit.py): invariants that must hold exactly.
+
+- patch extraction reproduces onnxruntime's Conv for every geometry (strides, asymmetric pads, dilations, groups,
+  auto_pad, 1-D and 3-D);
+- a model merged with a channel-permuted copy of itself stays exact with the refit on (zero residual);
+- least squares recovers known weights: a merged model whose every layer was overwritten with noise is refitted
+  back to the original function;
+- a rank-deficient input (dead channels, fewer samples than regressors) gives a warning and a finite model;
+- residual joins are fitted through the sum; `--refit none` is the paper's pipeline; the ensemble is untouched.
+"""
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxzip
+from onnxzip.calibration import calibration_from_arrays, input_specs
+from onnxzip.errors import UsageError
+from onnxzip.graph import analyse, match, trunk_nodes
+from onnxzip.refit import _as_rows, conv_geometry, conv_patches, refit, refit_layers
+from onnxzip.solver import solve
+from onnxzip.surgery import ZipPlan, build, zipped_spaces
+
+try:
+    from tests import fixtures as F
+except ImportError:  # pytest put tests/ itself on sys.path
+    import fixtures as F
+
+ATOL = 1e-4
+
+
+def _conv_model(x_shape, w, b, **attrs):
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+GEOMETRIES = {
+    "stride2-asymmetric-pads": ((2, 4, 9, 8), (6, 4, 3, 3), dict(strides=[2, 2], pads=[0, 1, 2, 0])),
+    "dilation": ((2, 3, 11, 10), (5, 3, 3, 2), dict(dilations=[2, 3], pads=[1, 1, 1, 1])),
+    "groups": ((2, 4, 7, 7), (6, 2, 3, 3), dict(group=2, pads=[1, 1, 1, 1])),
+    "depthwise": ((2, 5, 6, 6), (5, 1, 3, 3), dict(group=5, strides=[2, 1], pads=[1, 0, 1, 1])),
+    "same-upper-stride2": ((2, 3, 9, 8), (4, 3, 4, 3), dict(auto_pad="SAME_UPPER", strides=[2, 2])),
+    "same-lower": ((2, 3, 8, 7), (4, 3, 4, 2), dict(auto_pad="SAME_LOWER")),
+    "valid": ((2, 3, 8, 7), (4, 3, 3, 3), dict(auto_pad="VALID", strides=[1, 2])),
+    "1d": ((3, 4, 13), (6, 4, 3), dict(strides=[2], pads=[2, 1], dilations=[2])),
+    "3d": ((2, 2, 5, 4, 6), (3, 2, 2, 3, 2), dict(strides=[1, 2, 1], pads=[1, 0, 1, 0, 1, 1])),
+}
+
+
+@pytest.mark.parametrize("case", list(GEOMETRIES))
+def test_conv_patches_agree_with_the_conv(case):
+    import onnxruntime as ort
+    x_shape, w_shape, attrs = GEOMETRIES[case]
+    rng = np.random.RandomState(0)
+    x = rng.randn(*x_shape).astype(np.float32)
+    w = rng.randn(*w_shape).astype(np.float32)
+    b = rng.randn(w_shape[0]).astype(np.float32)
+    model = _conv_model(x_shape, w, b, **attrs)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    node = model.graph.node[0]
+    out_spatial = y.shape[2:]
+    geometry = conv_geometry(node, w.shape, x.shape[2:], out_spatial)
+    rows = np.arange(y.shape[0] * int(np.prod(out_spatial)))
+    patches = conv_patches(x.astype(np.float64), geometry, out_spatial, rows)
+    group = geometry.group
+    per_in, per_out = patches.shape[1] // group, w.shape[0] // group
+    got = np.concatenate([patches[:, g * per_in:(g + 1) * per_in] @ w[g * per_out:(g + 1) * per_out]
+                          .reshape(per_out, -1).T.astype(np.float64) for g in range(group)], axis=1) + b
+    want = _as_rows(y, 1)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=case)
+    # a subsample of rows gives the same rows
+    some = rows[::3]
+    np.testing.assert_array_equal(conv_patches(x.astype(np.float64), geometry, out_spatial, some), patches[some])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the whole merge
+# ---------------------------------------------------------------------------------------------------------------
+
+ARCHS = ["mlp", "vgg", "resnet"]
+
+
+@pytest.fixture(scope="module")
+def twins():
+    out = {}
+    for arch in ARCHS:
+        a, pa = F.ARCHS[arch](seed=11)
+        b, _ = F.permuted_twin(pa, np.random.RandomState(5))
+        out[arch] = (a, b)
+    return out
+
+
+def _assert_close(got, want, atol, what):
+    err = float(np.max(np.abs(got.astype(np.float64) - want)))
+    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:g}"
+
+
+@pytest.mark.parametrize("method", ["permute", "zip"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_permuted_twin_stays_exact_with_the_refit(twins, arch, method):
+    a, b = twins[arch]
+    kw = {"beta": 0.0} if method == "zip" else {}
+    result = onnxzip.merge(a, b, F.calib(a, 256, seed=0), method=method, refit="ls", **kw)
+    fitted = result.card["refit"]["layers"]
+    assert result.card["refit"]["applied"] and fitted, "the refit ran"
+    assert len(fitted) >= 3
+    for layer in fitted:  # zero residual: every layer reproduces its target
+        assert layer["r2_calibration"] > 1 - 1e-6, layer
+    x = F.calib(a, 64, seed=987)
+    want = F.run(a, x)["logits"]
+    out = F.run(result.model, x)
+    _assert_close(out["a/logits"], want, ATOL, f"{arch} {method} a/logits")
+    _assert_close(out["b/logits"], want, ATOL, f"{arch} {method} b/logits")
+
+
+def _plan_and_surgery(a_model, b_model, method="average"):
+    """The merge pipeline up to surgery, with matchings that need no statistics (average: identity)."""
+    a, b = analyse(a_model), analyse(b_model)
+    corr = match(a, b)
+    trunk = trunk_nodes(a)
+    plan = ZipPlan(a, b, corr, trunk, {}, ("a", "b"))
+    for sid in zipped_spaces(a, trunk):
+        plan.matchings[sid] = solve(method, None, a.spaces[sid].width, 2, 0.3, 0.125)
+    return plan, build(plan)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_least_squares_recovers_known_weights(arch, caplog):
+    """A model merged with itself is the model; overwrite every layer the refit fits with noise, and the refit
+    must find the original weights again (each layer's input is full rank once the layers before it are right)."""
+    a, _ = F.ARCHS[arch](seed=3)
+    plan, surgery = _plan_and_surgery(a, a)
+    layers = refit_layers(plan, surgery)
+    assert {lay.model for lay in layers} == {None, 0, 1}, "trunk layers and both heads are refitted"
+    rng = np.random.RandomState(1)
+    nodes = {n.name: n for n in surgery.model.graph.node}
+    inits = {i.name: i for i in surgery.model.graph.initializer}
+    originals = {}
+    for layer in layers:
+        node = nodes[layer.merged_node]
+        for j in range(1, len(node.input)):
+            value = numpy_helper.to_array(inits[node.input[j]])
+            originals[(layer.merged_node, j)] = value
+            inits[node.input[j]].CopyFrom(numpy_helper.from_array(
+                rng.randn(*value.shape).astype(value.dtype) * 0.3, node.input[j]))
+    x = F.calib(a, 1500, seed=0)
+    data = calibration_from_arrays(x, input_specs(a))
+    calib, held = data.split(300)
+    summary = refit(plan, surgery, calib, held, [a, a], batch_size=128, device="cpu")
+    assert len(summary["layers"]) == len(layers)
+    nodes = {n.name: n for n in surgery.model.graph.node}
+    inits = {i.name: i for i in surgery.model.graph.initializer}
+    # a weight on an input that (almost) never varies -- a flattened position where a ReLU is nearly always 0, a
+    # dead unit -- is barely identifiable: convolutions (whose patches see every channel everywhere) must give the
+    # weights back, every layer the function
+    identifiable = {lay.merged_node for lay, rec in zip(sorted(layers, key=lambda x: (x.level, x.key)),
+                                                        summary["layers"]) if not rec["singular"] and lay.op == "Conv"}
+    assert len(identifiable) >= (2 if arch != "mlp" else 0)
+    for (name, j), want in originals.items():
+        if j != 1 or name not in identifiable:
+            continue  # biases: the refit may move a chain's additive constants into one place (checked below)
+        got = numpy_helper.to_array(inits[nodes[name].input[j]])
+        np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3, err_msg=f"{arch}: {name} input {j}")
+    test = F.calib(a, 64, seed=987)
+    want = F.run(a, test)["logits"]
+    out = F.run(surgery.model, test)
+    _assert_close(out["a/logits"], want, 1e-3, f"{arch} recovered a/logits")
+    _assert_close(out["b/logits"], want, 1e-3, f"{arch} recovered b/logits")
+
+
+def _mlp_with_dead_units(dead=4):
+    a, pa = F.mlp(seed=2)
+    w = dict(pa["w"])
+    first = [k for k in w if k.endswith("weight")][0]
+    bias = first.replace("weight", "bias")
+    w[first] = w[first].copy()
+    w[bias] = w[bias].copy()
+    out_axis = 1 if w[first].shape[1] == w[bias].shape[0] else 0
+    index = [slice(None)] * 2
+    index[out_axis] = slice(0, dead)
+    w[first][tuple(index)] = 0.0
+    w[bias][:dead] = -1.0  # ReLU(-1) = 0 for every input: dead units
+    return F.build(dict(pa, w=w))
+
+
+def test_rank_deficient_inputs_warn_and_stay_finite(caplog):
+    a = _mlp_with_dead_units()
+    b, _ = F.permuted_twin(F.mlp(seed=2)[1], np.random.RandomState(3))
+    for n in (300, 12):  # dead channels; then also fewer samples than regressors
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="onnxzip"):
+            result = onnxzip.merge(a, b, F.calib(a, n, seed=0), method="zip", refit="ls")
+        assert any("rank-deficient" in r.getMessage() for r in caplog.records), f"n={n}: no warning"
+        assert any(layer["singular"] for layer in result.card["refit"]["layers"])
+        for init in result.model.graph.initializer:
+            value = numpy_helper.to_array(init)
+            if value.dtype.kind == "f":
+                assert np.isfinite(value).all(), f"n={n}: {init.name} is not finite"
+        out = F.run(result.model, F.calib(a, 32, seed=5))
+        assert all(np.isfinite(v).all() for v in out.values())
+
+
+def test_residual_joins_fit_the_sum(twins):
+    """In the ResNet fixture every block's last conv is fitted through its residual Add; where a shortcut conv
+    meets it, one of the two fits its own output first and the other the sum."""
+    a, b = twins["resnet"]
+    plan, surgery = _plan_and_surgery(a, b, "average")
+    layers = refit_layers(plan, surgery)
+    adds = [i for i, n in enumerate(plan.a.model.graph.node) if n.op_type == "Add" and i in plan.trunk
+            and not any(x in plan.a.initializers for x in n.input)]
+    residual = [lay for lay in layers if lay.partner]
+    assert residual and len(residual) == len(adds), (len(residual), len(adds))
+    by_name = {lay.merged_node: lay for lay in layers}
+    for lay in residual:
+        partner_producer = next(n for n in surgery.model.graph.node if lay.partner in n.output)
+        other = by_name.get(partner_producer.name)
+        if other is not None:  # two refit layers added together: the other one fits its own output, first
+            assert other.partner is None and other.level < lay.level
+
+
+def test_refit_none_is_the_papers_pipeline(twins):
+    a, b = twins["vgg"]
+    x = F.calib(a, 256, seed=0)
+    plain = onnxzip.merge(a, b, x, method="zip", refit="none")
+    assert plain.card["refit"] == {"applied": False, "method": "none"}
+    assert plain.card["repair"]["applied"]
+    assert not any("/refit/" in i.name for i in plain.model.graph.initializer)
+    fitted = onnxzip.merge(a, b, x, method="zip", refit="ls")
+    assert not fitted.card["repair"]["applied"] and fitted.card["repair"]["superseded_by_refit"]
+    assert any("/refit/" in i.name for i in fitted.model.graph.initializer)
+
+
+def test_ensemble_is_untouched(twins):
+    a, b = twins["mlp"]
+    result = onnxzip.merge(a, b, F.calib(a, 128, seed=0), method="ensemble", refit="ls")
+    assert not result.card["refit"]["applied"]
+    x = F.calib(a, 16, seed=1)
+    out = F.run(result.model, x)
+    np.testing.assert_array_equal(out["a/logits"], F.run(a, x)["logits"])
+    np.testing.assert_array_equal(out["b/logits"], F.run(b, x)["logits"])
+
+
+@pytest.mark.parametrize("value", ["LS", "ridge", None, 1])
+def test_bad_refit_option_is_a_usage_error(twins, value):
+    a, b = twins["mlp"]
+    with pytest.raises(UsageError, match="--refit"):
+        onnxzip.merge(a, b, F.calib(a, 16, seed=0), refit=value)
+
+
+def test_refit_without_held_back_samples_uses_the_default_ridge(twins):
+    a, b = twins["mlp"]
+    result = onnxzip.merge(a, b, F.calib(a, 4, seed=0), method="zip", beta=0.0, refit="ls", verify=False)
+    refit_card = result.card["refit"]
+    assert refit_card["applied"]
+    assert refit_card["held_back_samples"] == 0 and len(refit_card["lambda_grid"]) == 1
+
+
+def test_card_records_each_fit(twins):
+    a, b = twins["resnet"]
+    result = onnxzip.merge(a, b, F.calib(a, 200, seed=0), method="zip")
+    card = result.card["refit"]
+    assert card["passes"] >= card["levels"] > 1
+    assert "refit" in result.card["seconds"]
+    for layer in card["layers"]:
+        assert {"layer", "rows", "regressors", "lambda", "r2_calibration", "r2_held_back"} <= set(layer)
+    assert onnx.checker.check_model(result.model) is None
