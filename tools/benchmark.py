@@ -150,17 +150,19 @@ class PairRunner:
         return self._record(run, report, time.perf_counter() - t)
 
     def merged(self, label, method, stop_at=None, repair=True, alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA,
-               latency=None) -> dict:
+               latency=None, refit="none") -> dict:
         t = time.perf_counter()
         res = onnxzip.merge(self.path_a, self.path_b, self.calib, method=method, alpha=alpha, beta=beta,
                             stop_at=stop_at, num_samples=self.num_samples, batch_size=self.batch_size,
-                            repair=repair, verify=True, progress=False)
+                            repair=repair, verify=True, progress=False, refit=refit)
         merge_seconds = time.perf_counter() - t
         c = res.card
         t = time.perf_counter()
         report = evaluate(res.model, self.x, self.y, self.tasks,
                           latency=self.latency if latency is None else latency)
         run = {"label": label, "method": method, "stop_at": stop_at, "repair": bool(repair),
+               "refit": refit if method != "ensemble" else "none",
+               "refit_layers": len(c.get("refit", {}).get("layers") or []),
                "alpha": alpha if method == "zip" else None, "beta": beta if method == "zip" else None,
                "merge_seconds": round(merge_seconds, 3), "stage_seconds": c.get("seconds", {}),
                "weighted_layers": c["trunk"]["weighted_layers"],
@@ -183,7 +185,12 @@ def _progress(pair, run, t_pair):
           f"eval {run['eval_seconds']:5.1f}s  (pair {time.perf_counter() - t_pair:6.0f}s)", flush=True)
 
 
-def run_pair(runner: PairRunner, sweep: bool, ablation: bool, partial: bool, full_sweep: bool = False) -> list:
+REFIT_SUFFIX = " + LS refit"
+
+
+def run_pair(runner: PairRunner, sweep: bool, ablation: bool, partial: bool, full_sweep: bool = False,
+             refit: bool = True, paper: bool = True) -> list:
+    """The paper's rows (`paper`: refit none, statistics repair) and the least-squares refit rows (`refit`)."""
     t_pair = time.perf_counter()
 
     def go(fn, *args, **kw):
@@ -201,21 +208,32 @@ def run_pair(runner: PairRunner, sweep: bool, ablation: bool, partial: bool, ful
         _progress(runner.pair, r, t_pair)
         return r
 
-    go(runner.single, "a")
-    go(runner.single, "b")
-    go(runner.merged, "Weight averaging", "average")
-    go(runner.merged, "Permute", "permute")
-    full = go(runner.merged, "ZipIt! full", "zip")
+    if paper:
+        go(runner.single, "a")
+        go(runner.single, "b")
+        go(runner.merged, "Weight averaging", "average")
+        go(runner.merged, "Permute", "permute")
+        full = go(runner.merged, "ZipIt! full", "zip")
+    if refit:
+        go(runner.merged, "Weight averaging" + REFIT_SUFFIX, "average", refit="ls", latency=False)
+        go(runner.merged, "Permute" + REFIT_SUFFIX, "permute", refit="ls", latency=False)
+        full_refit = go(runner.merged, "ZipIt! full" + REFIT_SUFFIX, "zip", refit="ls")
+        full = full if paper else full_refit
     num_weighted = full.get("weighted_layers")
     num_zippable = full.get("weighted_layers_zipped")
-    if partial and num_weighted:
-        for k in stop_points(num_weighted, num_zippable):
+    ks = stop_points(num_weighted, num_zippable) if partial and num_weighted else []
+    if paper:
+        for k in ks:
             go(runner.merged, f"ZipIt! {k}/{num_weighted}", "zip", stop_at=k, latency=False)
-    go(runner.merged, "Ensemble", "ensemble")
-    if ablation:
+        go(runner.merged, "Ensemble", "ensemble")
+    if refit:
+        for k in ks:
+            go(runner.merged, f"ZipIt! {k}/{num_weighted}" + REFIT_SUFFIX, "zip", stop_at=k, refit="ls",
+               latency=False)
+    if ablation and paper:
         for label, method in (("Weight averaging", "average"), ("Permute", "permute"), ("ZipIt! full", "zip")):
             go(runner.merged, f"{label}, no repair", method, repair=False, latency=False)
-    if sweep:
+    if sweep and paper:
         for alpha in ALPHAS:
             for beta in BETAS:
                 if (alpha, beta) == (DEFAULT_ALPHA, DEFAULT_BETA):
@@ -245,19 +263,25 @@ def _stats(values):
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
+def _refit(r) -> str:
+    """Runs recorded before the refit existed made the paper's merge: refit none."""
+    return r.get("refit") or "none"
+
+
 def _is_main(r):
     return r["method"] in ("model_a", "model_b", "ensemble") or (
-        r.get("repair") and (r["method"] != "zip" or (r.get("alpha"), r.get("beta")) == (DEFAULT_ALPHA,
-                                                                                         DEFAULT_BETA)))
+        (r.get("repair") or _refit(r) == "ls")
+        and (r["method"] != "zip" or (r.get("alpha"), r.get("beta")) == (DEFAULT_ALPHA, DEFAULT_BETA)))
 
 
 def _row_key(r):
     """Rows of the main table, in the paper's order (models, baselines, partial zips deep to shallow, ensemble)."""
-    order = {"model_a": 0, "model_b": 1, "average": 2, "permute": 3, "zip": 4, "ensemble": 6}
-    k = order.get(r["method"], 7)
+    order = {"model_a": 0, "model_b": 1, "average": 2, "permute": 3, "zip": 4, "ensemble": 8}
+    k = order.get(r["method"], 9)
+    refit = _refit(r) == "ls"
     if r["method"] == "zip" and r.get("stop_at") is not None:
-        return (5, -int(r["stop_at"]))
-    return (k, 0)
+        return (5 + 2 * refit, -int(r["stop_at"]))
+    return (k + 4 * refit if r["method"] in ("average", "permute", "zip") else k, 0)
 
 
 def aggregate(runs: list) -> dict:
@@ -280,7 +304,7 @@ def aggregate(runs: list) -> dict:
             result = []
             for label, group in groups.items():
                 row = {"label": label, "method": group[0]["method"], "stop_at": group[0].get("stop_at"),
-                       "repair": group[0].get("repair"), "alpha": group[0].get("alpha"),
+                       "repair": group[0].get("repair"), "refit": _refit(group[0]), "alpha": group[0].get("alpha"),
                        "beta": group[0].get("beta"), "pairs": [g["pair"] for g in group]}
                 for f in figures:
                     row[f] = _stats([g.get(f) for g in group])
@@ -288,16 +312,16 @@ def aggregate(runs: list) -> dict:
             return sorted(result, key=key) if key else result
 
         main = rows([r for r in rs if _is_main(r)], key=_row_key)
-        repair_rows = rows([r for r in rs if r["method"] in ("average", "permute") or
+        repair_rows = rows([r for r in rs if _refit(r) == "none" and (r["method"] in ("average", "permute") or
                             (r["method"] == "zip" and r.get("stop_at") is None and
-                             (r.get("alpha"), r.get("beta")) == (DEFAULT_ALPHA, DEFAULT_BETA))],
+                             (r.get("alpha"), r.get("beta")) == (DEFAULT_ALPHA, DEFAULT_BETA)))],
                            key=lambda row: (("average", "permute", "zip").index(row["method"]), not row["repair"]))
         sweep_pairs = sorted({r["pair"] for r in rs if r["method"] == "zip" and r.get("stop_at") is None
                               and (r.get("alpha"), r.get("beta")) != (DEFAULT_ALPHA, DEFAULT_BETA)})
         sweep = {}
         for p in sweep_pairs:
             sweep[p] = [r for r in rs if r["pair"] == p and r["method"] == "zip" and r.get("stop_at") is None
-                        and r.get("repair")]
+                        and r.get("repair") and _refit(r) == "none"]
         out[arch] = {"pairs": pairs, "main": main, "repair": repair_rows, "sweep": sweep,
                      "weighted_layers": next((r.get("weighted_layers") for r in rs if r.get("weighted_layers")), None)}
     return out
@@ -322,10 +346,11 @@ def _count(stat, unit=1e6, digits=2):
     return "—" if mean is None else f"{mean / unit:.{digits}f}M"
 
 
-def _get(rows, method, stop_at=None, repair=True):
+def _get(rows, method, stop_at=None, repair=True, refit="none"):
     for row in rows:
         if row["method"] == method and row.get("stop_at") == stop_at and (repair is None or row.get("repair") in
-                                                                           (repair, None)):
+                                                                           (repair, None)) \
+                and (method in ("model_a", "model_b", "ensemble") or row.get("refit", "none") == refit):
             return row
     return None
 
@@ -692,7 +717,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-partial", action="store_true", help="skip the partial zips")
     p.add_argument("--no-latency", action="store_true", help="do not measure latency (it is measured on the main "
                                                              "rows only)")
-    p.add_argument("--resume", action="store_true", help="keep the pairs already in <out>/results/benchmark.json")
+    p.add_argument("--resume", action="store_true", help="keep the pairs already in <out>/results/benchmark.json "
+                   "(pairs without least-squares refit rows get only those)")
+    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit rows (--refit ls)")
     p.add_argument("--note", help="a sentence added under the header of RESULTS.md")
     p.add_argument("--report-only", action="store_true", help="run nothing: redraw RESULTS.md and the plot from "
                                                               "<out>/results/benchmark.json")
@@ -743,14 +770,15 @@ def main(argv=None) -> int:
           f"{calib_path} ({len(calib)} images, {args.num_samples} requested); sweep on: "
           f"{', '.join(sorted(sweep_pairs)) or 'none'}", flush=True)
 
-    runs, done, previous_wall = [], set(), 0.0
+    runs, done, refit_done, previous_wall = [], set(), set(), 0.0
     json_path = os.path.join(args.out, "results", "benchmark.json")
     if args.resume and os.path.isfile(json_path):
         with open(json_path) as f:
             old = json.load(f)
         runs = [r for r in old["runs"] if r["pair"] in pairs]
         done = set(old["meta"].get("pairs_done", []))
-        runs = [r for r in runs if r["pair"] in done]
+        refit_done = set(old["meta"].get("refit_pairs_done", []))
+        runs = [r for r in runs if r["pair"] in done and (_refit(r) == "none" or r["pair"] in refit_done)]
         previous_wall = float(old["meta"].get("wall_seconds", 0.0))
         print(f"resuming: {len(done)} pair(s) already done: {', '.join(sorted(done))}", flush=True)
 
@@ -766,21 +794,27 @@ def main(argv=None) -> int:
         "calibration": os.path.relpath(calib_path, ROOT), "num_samples": args.num_samples,
         "calibration_used": used - holdout,
         "pairs": pairs, "sweep_pairs": sorted(sweep_pairs), "pairs_done": sorted(done),
+        "refit_pairs_done": sorted(refit_done),
         "alphas": ALPHAS, "betas": BETAS, "complete": False, "wall_seconds": 0.0,
         "missing_note": args.note,
     }
     t0 = time.perf_counter()
     for n, pair in enumerate(pairs):
-        if pair in done:
+        paper = pair not in done
+        refit = not args.no_refit and pair not in refit_done
+        if not (paper or refit):
             continue
-        print(f"[{n + 1}/{len(pairs)}] {pair}", flush=True)
+        print(f"[{n + 1}/{len(pairs)}] {pair}" + ("" if paper else " (least-squares refit rows only)"), flush=True)
         runner = PairRunner(args.models, pair, calib, x, y, args.num_samples, args.batch_size, not args.no_latency)
         t = time.perf_counter()
         ablation = not args.no_ablation and (args.ablation_pairs is None or pair in args.ablation_pairs)
         runs += run_pair(runner, sweep=pair in sweep_pairs, ablation=ablation, partial=not args.no_partial,
-                         full_sweep=args.full_sweep)
+                         full_sweep=args.full_sweep, refit=refit, paper=paper)
         done.add(pair)
+        if refit:
+            refit_done.add(pair)
         meta["pairs_done"] = sorted(done, key=_pair_order)
+        meta["refit_pairs_done"] = sorted(refit_done, key=_pair_order)
         meta["wall_seconds"] = previous_wall + time.perf_counter() - t0
         meta["complete"] = len(done) == len(pairs)
         save(args.out, meta, runs)
