@@ -168,6 +168,10 @@ def cli():
 @click.option("--repair/--no-repair", default=True, show_default=True,
               help="With --refit none: correct the merged layers' per-channel statistics (REPAIR). The least-squares "
                    "refit supersedes it.")
+@click.option("--repair-targets", type=click.Choice(["measured", "batchnorm"]), default="measured",
+              show_default=True,
+              help="The repair's per-channel targets: the source channels' measured mean and std, or (the paper's BN "
+                   "reset) the merged BatchNorm's beta and |gamma| where the models' BatchNorm parameters are known.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the merged model: finite outputs, close to the originals on held-out samples.")
 @click.option("--strict", is_flag=True,
@@ -178,7 +182,7 @@ def cli():
 @_verbosity_options
 @click.pass_context
 def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device,
-          names, seed, force, refit, repair, verify, strict, keep_batchnorm, quiet, verbose):
+          names, seed, force, refit, repair, repair_targets, verify, strict, keep_batchnorm, quiet, verbose):
     """Merge models A and B into one model OUT with one head per task."""
     logger = _setup_logging(ctx, verbose, quiet)
     import onnxzip  # the API; imported here so that `--help` stays fast
@@ -186,8 +190,8 @@ def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num
     result = onnxzip.merge(
         model_a, model_b, data, output,
         method=method, alpha=alpha, beta=beta, stop_at=stop_at, num_samples=num_samples, batch_size=batch_size,
-        device=device, names=names, seed=seed, force=force, refit=refit, repair=repair, verify=verify,
-        strict=strict, fold_batchnorm=not keep_batchnorm, progress=not quiet, logger=logger,
+        device=device, names=names, seed=seed, force=force, refit=refit, repair=repair,
+        repair_targets=repair_targets, verify=verify, strict=strict, fold_batchnorm=not keep_batchnorm, progress=not quiet, logger=logger,
     )
     if not quiet:
         for line in result.summary_lines():

@@ -98,6 +98,9 @@ class Analysis:
     blocked: set = field(default_factory=set)  # node indices that can never be in the trunk
     blocked_reasons: dict = field(default_factory=dict)  # node index -> reason (the roots only)
     folded_batchnorms: int = 0  # BatchNormalization nodes folded into the layer before them by `normalise`
+    # tensor -> (gamma, beta) of the BatchNormalization that wrote it, folded or kept: where BN's output should sit
+    # (mean beta, std |gamma|), which the paper's BN reset restores after merging
+    batchnorm_params: dict = field(default_factory=dict)
 
     @property
     def weighted(self) -> list:
@@ -124,13 +127,14 @@ class Analysis:
 # Loading and normalising
 
 
-def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True) -> onnx.ModelProto:
+def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True, batchnorms: dict | None = None) -> onnx.ModelProto:
     """Copy of the model with Constant nodes (and Identity nodes of constants) turned into initializers, every
     node named and, with `fold_batchnorm`, every inference BatchNormalization folded into the Conv or Gemm before it.
 
     Weights can arrive as initializers or as Constant nodes depending on the exporter; treating both alike keeps
     every handler simple. Folding BatchNorm makes a BN-kept export the same graph as a BN-folded one (what PyTorch's
-    exporters write by default), so that every export of a model merges alike.
+    exporters write by default), so that every export of a model merges alike. `batchnorms`, if given, receives
+    output tensor -> (gamma, beta) of every inference BatchNormalization, folded or not.
     """
     model = copy.deepcopy(model)
     graph = model.graph
@@ -168,6 +172,12 @@ def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True) -> onnx.Model
         kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
+    if batchnorms is not None:
+        for node in graph.node:
+            if (node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and len(node.input) >= 5
+                    and node.input[1] in constants and node.input[2] in constants and node.output[0]):
+                batchnorms[node.output[0]] = (constants[node.input[1]].astype(np.float64),
+                                              constants[node.input[2]].astype(np.float64))
     if fold_batchnorm:
         _fold_batchnorms(model)
     return model
@@ -849,7 +859,8 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
     """Find the feature spaces, weights, task heads and unmergeable regions of one model (with `fold_batchnorm`,
     of the model with its BatchNorms folded into the layers before them, see `normalise`)."""
     batchnorms = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
-    model = normalise(model, fold_batchnorm)
+    batchnorm_params = {}
+    model = normalise(model, fold_batchnorm, batchnorm_params)
     w = _Walk(model)
     graph = model.graph
     infos = []
@@ -939,6 +950,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
     analysis = Analysis(model, infos, spaces, tensor_spaces, w.static, w.opaque, weights, w.initializers,
                         w.shapes, producer, consumers)
     analysis.folded_batchnorms = batchnorms - sum(n.op_type == "BatchNormalization" for n in graph.node)
+    analysis.batchnorm_params = batchnorm_params
     _find_heads_and_blocked(analysis)
     return analysis
 

@@ -40,7 +40,7 @@ from .evaluate import count_parameters
 from .graph import Analysis, analyse, match, trunk_nodes, unsupported_report
 from .onnx_io import check_model
 from .refit import REFIT_METHODS, refit as refit_layers
-from .repair import repair as repair_statistics, repair_points
+from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
 from .solver import solve
 from .surgery import ZipPlan, build, merge_points, zipped_spaces
 
@@ -354,8 +354,8 @@ def _first_line(exc: BaseException) -> str:
 def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: float = 0.3, beta: float = 0.125,
           stop_at=None, num_samples: int | None = None, batch_size: int = 64, device: str = "auto",
           names=("a", "b"), seed: int = 0, force: bool = False, repair: bool = True, verify: bool = True,
-          strict: bool = False, fold_batchnorm: bool = True, refit: str = "ls", progress=False,
-          logger: logging.Logger | None = None) -> MergeResult:
+          strict: bool = False, fold_batchnorm: bool = True, refit: str = "ls", repair_targets: str = "measured",
+          progress=False, logger: logging.Logger | None = None) -> MergeResult:
     """Merge two models of the same architecture trained on different tasks into one (ZipIt!).
 
     model_a, model_b: paths to .onnx files or onnx.ModelProto. data: a .npy/.npz path, a numpy array (one input)
@@ -387,6 +387,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     stop_at = _check_stop_at(stop_at)
     if not isinstance(refit, str) or refit not in REFIT_METHODS:
         raise UsageError(f"--refit must be one of {', '.join(REFIT_METHODS)}, got {refit!r}")
+    if not isinstance(repair_targets, str) or repair_targets not in REPAIR_TARGETS:
+        raise UsageError(f"--repair-targets must be one of {', '.join(REPAIR_TARGETS)}, got {repair_targets!r}")
     output = _check_output(output, force)
 
     model_a, path_a, sha_a = _load(model_a, "model A")
@@ -502,7 +504,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         t = time.perf_counter()
         logger.info("repairing statistics of %d layers", len(repair_points(a, trunk)))
         try:
-            repair_summary = repair_statistics(plan, surgery, calib_data, [a.model, b_model], batch_size, device)
+            repair_summary = repair_statistics(plan, surgery, calib_data, [a.model, b_model], batch_size, device,
+                                               target_kind=repair_targets)
         except _ORT_ERRORS as exc:
             raise VerificationError(f"internal error: the merged model does not run in onnxruntime during "
                                     f"statistics repair: {_first_line(exc)}") from exc
@@ -513,8 +516,9 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         t = time.perf_counter()
         logger.info("refitting the merged layers by least squares")
         try:
+            # rows are subsampled with a fixed seed: --seed only picks the calibration samples
             refit_summary = refit_layers(plan, surgery, calib_data, held_data, [a.model, b_model], batch_size,
-                                         device, seed, progress=progress, logger=logger)
+                                         device, seed=0, progress=progress, logger=logger)
         except _ORT_ERRORS as exc:
             raise VerificationError(f"internal error: the merged model does not run in onnxruntime during the "
                                     f"least-squares refit: {_first_line(exc)}") from exc
@@ -541,11 +545,12 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         "tool": "onnxzip", "version": __version__,
         "inputs": {names[0]: {"path": path_a, "sha256": sha_a}, names[1]: {"path": path_b, "sha256": sha_b}},
         "method": method, "alpha": alpha, "beta": beta, "stop_at": stop_at, "seed": seed,
-        "options": {"repair": repair, "refit": refit, "verify": verify, "strict": strict, "fold_batchnorm": fold_batchnorm,
+        "options": {"repair": repair, "repair_targets": repair_targets, "refit": refit, "verify": verify, "strict": strict, "fold_batchnorm": fold_batchnorm,
                     "batchnorms_folded": [a.folded_batchnorms, b.folded_batchnorms], "num_samples": num_samples,
                     "batch_size": batch_size, "device": device, "names": list(names)},
         "calibration": {"source": None if data_path is None else os.fsdecode(data_path),
-                        "samples": calib_data.num_samples, "verification_samples": holdout},
+                        "samples": calib_data.num_samples, "verification_samples": holdout if verify else 0,
+                        "held_back_samples": holdout},
         "trunk": {"weighted_layers": len(a.weighted),
                   "weighted_layers_zipped": sum(1 for i in a.weighted if i in trunk),
                   "nodes": len(trunk), "task_heads": [a.nodes[i].name for i in a.heads]},

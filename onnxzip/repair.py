@@ -191,9 +191,32 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
     return False
 
 
-def _targets(plan: ZipPlan, point: RepairPoint, targets: dict) -> tuple:
-    """REPAIR's target per merged channel: the merge-weighted average of the source channels' mean and std; for
-    a layer after the stop point, its own model's."""
+def _batchnorm_targets(plan: ZipPlan, point: RepairPoint) -> tuple | None:
+    """The paper's BN reset, where both models' BatchNorm parameters at the point are known (BN kept, or recorded
+    before folding): after a reset, BN writes mean beta and std |gamma| of the merged BatchNorm, whose parameters
+    are merged per channel with M (``gamma* = sum_m M_m gamma_m``). For a layer after the stop point, its own
+    model's BatchNorm. None where they are not known."""
+    names = [point.tensor, plan.correspondence.tensors.get(point.tensor)]
+    params = [analysis.batchnorm_params.get(name) for analysis, name in zip(plan.analyses, names)]
+    width = plan.a.spaces[point.space.space].width
+    if point.space.expand != 1 or any(p is None or p[0].shape != (width,) for p in params):
+        return None
+    if point.model is not None:
+        gamma, beta = params[point.model]
+        return beta, np.abs(gamma)
+    matching = plan.matching(point.space.space)
+    gamma = sum(matching.merge[m] @ params[m][0] for m in range(len(matching.merge)))
+    beta = sum(matching.merge[m] @ params[m][1] for m in range(len(matching.merge)))
+    return beta, np.abs(gamma)
+
+
+def _targets(plan: ZipPlan, point: RepairPoint, targets: dict, kind: str = "measured") -> tuple:
+    """The target per merged channel: REPAIR's, the merge-weighted average of the source channels' measured mean and
+    std; with kind 'batchnorm', the paper's BN reset where BatchNorm parameters are known (`_batchnorm_targets`).
+    For a layer after the stop point, its own model's."""
+    reset = _batchnorm_targets(plan, point) if kind == "batchnorm" else None
+    if reset is not None:
+        return reset
     width = plan.a.spaces[point.space.space].width
     source = targets[point.key]
     mu_src, sd_src = source.mean, source.std()
@@ -247,6 +270,9 @@ def _frozen(plan: ZipPlan, point: RepairPoint, targets: dict) -> np.ndarray:
     return np.array([constant[row].all() for row in members])
 
 
+REPAIR_TARGETS = ("measured", "batchnorm")
+
+
 def _threshold(sd_t: np.ndarray, eps: float) -> float:
     # a channel that the merge left (nearly) constant cannot be rescaled meaningfully: it is only shifted
     return eps * max(1.0, float(np.max(sd_t)))
@@ -271,7 +297,8 @@ MIN_ONE_PASS_SAMPLES = 128
 
 
 def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list, batch_size: int = 64,
-           device: str = "auto", progress=False, eps: float = 1e-6, max_batch_bytes: int = 2 << 30) -> dict:
+           device: str = "auto", progress=False, eps: float = 1e-6, max_batch_bytes: int = 2 << 30,
+           target_kind: str = "measured") -> dict:
     """Correct every repair point; returns a summary for the merge card.
 
     When the repair set fits in memory as one batch, one pass does it: a probe normalises each repair point with
@@ -279,6 +306,7 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
     measured with all corrections before it in place. Otherwise one pass per point, in graph order. `models` are
     the source models (inputs named as the merged model's); the targets are measured on them over exactly the
     samples the merged model is measured on, so that merging a model with itself changes nothing.
+    `target_kind` 'batchnorm': the paper's BN reset targets where BatchNorm parameters are known (see `_targets`).
     """
     points = repair_points(plan.a, plan.trunk, branches=True, num_models=len(plan.analyses))
     summary = {"layers": 0, "branch_layers": 0, "samples": data.num_samples, "mean_abs_log_scale": 0.0,
@@ -296,7 +324,9 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
     summary["samples"] = int(data.num_samples)
     requests = target_requests(plan, points) + activation_requests(plan, points)
     targets = collect_stats(models, requests, data, batch_size, device)
-    goals = [_targets(plan, p, targets) for p in points]
+    goals = [_targets(plan, p, targets, target_kind) for p in points]
+    if target_kind == "batchnorm":
+        summary["batchnorm_targets"] = sum(_batchnorm_targets(plan, p) is not None for p in points)
     frozen = [_frozen(plan, p, targets) for p in points]
     summary["frozen_channels"] = int(sum(f.sum() for f in frozen))
     measured = None

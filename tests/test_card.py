@@ -55,7 +55,7 @@ def test_card_file_and_metadata(merged):
     mirrored = json.loads(meta["onnxzip.card"])
     # wall times only in the file: the model must not change from run to run
     assert "seconds" not in mirrored and set(card["seconds"]) >= {"analyse", "calibrate", "solve", "surgery",
-                                                                  "repair", "verify", "total"}
+                                                                  "refit", "verify", "total"}
     assert {k: v for k, v in card.items() if k != "seconds"} == mirrored
 
 
@@ -77,7 +77,10 @@ def test_card_contents(merged):
         assert space["cross_model_merges"] + sum(space["within_model_merges"]) == space["width"]
         assert -1 <= space["mean_merged_correlation"] <= 1
         assert space["thin_statistics"] is False and space["samples"] >= 128
-    assert card["repair"]["applied"] is True and card["repair"]["layers"] == 4
+    # the least-squares refit (default) fits the 4 trunk layers and both heads, and supersedes the repair
+    assert card["repair"] == {"applied": False, "superseded_by_refit": True}
+    assert card["refit"]["applied"] is True and len(card["refit"]["layers"]) == 6
+    assert card["refit"]["held_back_samples"] == 32 and card["calibration"]["held_back_samples"] == 32
     ver = card["verification"]
     assert ver["samples"] == 32 and ver["held_back"] is True
     assert [h["output"] for h in ver["heads"]] == ["left/logits", "right/logits"]

@@ -96,7 +96,8 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
     result = runner.invoke(cli, MERGE + ["--method", "permute", "--alpha", "-1", "--beta", "0", "--stop-at", "13",
                                          "--names", "cats,dogs.v2", "--num-samples", "10", "--batch-size", "5",
                                          "--device", "cpu", "--seed", "3", "--force", "--no-repair",
-                                         "--no-verify", "--strict", "--keep-batchnorm"])
+                                         "--no-verify", "--strict", "--keep-batchnorm", "--refit", "none",
+                                         "--repair-targets", "batchnorm"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "merged OK\nline 2\n"
     (call,) = fake_merge
@@ -104,8 +105,8 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
     assert logger.name == "onnxzip"
     assert call == dict(model_a="a.onnx", model_b="b.onnx", data="calib.npy", output="out.onnx", method="permute",
                         alpha=-1.0, beta=0.0, stop_at=13, num_samples=10, batch_size=5, device="cpu",
-                        names=("cats", "dogs.v2"), seed=3, force=True, repair=False, verify=False, strict=True,
-                        fold_batchnorm=False, progress=True)
+                        names=("cats", "dogs.v2"), seed=3, force=True, refit="none", repair=False,
+                        repair_targets="batchnorm", verify=False, strict=True, fold_batchnorm=False, progress=True)
 
 
 def test_merge_defaults_and_quiet(runner, fake_merge):
@@ -114,8 +115,9 @@ def test_merge_defaults_and_quiet(runner, fake_merge):
     call = fake_merge[0]
     assert (call["method"], call["alpha"], call["beta"], call["stop_at"], call["num_samples"], call["batch_size"],
             call["device"], call["names"], call["seed"], call["force"], call["repair"], call["verify"],
-            call["strict"], call["progress"]) == ("zip", 0.3, 0.125, "heads", 1000, 64, "auto", ("a", "b"), 0, False,
-                                                  True, True, False, False)
+            call["strict"], call["progress"], call["refit"], call["repair_targets"]) == (
+        "zip", 0.3, 0.125, "heads", 1000, 64, "auto", ("a", "b"), 0, False, True, True, False, False, "ls",
+        "measured")
 
 
 def test_stop_at_parsing():

@@ -257,7 +257,8 @@ INJECTIONS = [
     # (where, what)
     ("collect_stats", KeyboardInterrupt()),
     ("build", RuntimeError("boom in surgery")),
-    ("repair_statistics", KeyboardInterrupt()),
+    ("repair_statistics", KeyboardInterrupt()),  # with --refit none
+    ("refit_layers", KeyboardInterrupt()),
     ("_verify", KeyboardInterrupt()),
     ("json.dumps#2", KeyboardInterrupt()),  # the second dumps is the JSON card file
     ("fsync#1", OSError(28, "No space left on device")),  # writing the card's temporary file
@@ -273,7 +274,7 @@ INJECTIONS = [
 def _inject(monkeypatch, where, exc):
     name, _, n = where.partition("#")
     n = int(n or 1)
-    if name in ("collect_stats", "build", "repair_statistics", "_verify"):
+    if name in ("collect_stats", "build", "repair_statistics", "refit_layers", "_verify"):
         monkeypatch.setattr(M, name, _fail_on_call(n, exc)(getattr(M, name)))
     elif name == "save_model_atomic":
         monkeypatch.setattr(onnx_io, name, _fail_on_call(n, exc)(onnx_io.save_model_atomic))
@@ -298,7 +299,7 @@ def test_interrupted_run_leaves_nothing_behind(mlp_pair, dirs, monkeypatch, wher
     _inject(monkeypatch, where, exc)
     expected = (type(exc),) if not isinstance(exc, OSError) else (OutputError,)
     with pytest.raises(expected):
-        onnxzip.merge(a, b, F.calib(a, 64), path, force=force)
+        onnxzip.merge(a, b, F.calib(a, 64), path, force=force, refit="none" if where == "repair_statistics" else "ls")
     monkeypatch.undo()
     assert snapshot(out) == before_out, f"{where}: the output folder changed: {sorted(os.listdir(out))}"
     assert listing(tmp) == before_tmp
@@ -455,20 +456,31 @@ def test_huge_activations(arch):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _sabotage(monkeypatch, how, which="a/"):
-    """Make surgery's output wrong: `how` rewrites the first 2-D float weight of a branch (`which`): the task
-    head's in a full zip."""
-    real_build = M.build
+    """Make the merge's output wrong: `how` rewrites the first 2-D float weight of a branch (`which`): the task
+    head's in a full zip; after surgery, and again after the least-squares refit (which would otherwise fit it
+    back)."""
+    real_build, real_refit = M.build, M.refit_layers
 
-    def build(plan):
-        surgery = real_build(plan)
-        for init in surgery.model.graph.initializer:
+    def corrupt(model):
+        for init in model.graph.initializer:
             if init.name.startswith(which) and init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
                 value = how(numpy_helper.to_array(init).copy())
                 init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), init.name))
-                return surgery
+                return
         raise AssertionError(f"no branch weight under {which!r}")
 
+    def build(plan):
+        surgery = real_build(plan)
+        corrupt(surgery.model)
+        return surgery
+
+    def refit(plan, surgery, *args, **kw):
+        summary = real_refit(plan, surgery, *args, **kw)
+        corrupt(surgery.model)
+        return summary
+
     monkeypatch.setattr(M, "build", build)
+    monkeypatch.setattr(M, "refit_layers", refit)
 
 
 def _nan(v):

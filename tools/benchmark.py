@@ -289,13 +289,17 @@ def aggregate(runs: list) -> dict:
     out = {}
     runs = _ok(runs)
     archs = sorted({r["arch"] for r in runs}, key=_arch_rank)
-    figures = ("joint", "acc_a", "acc_b", "acc_avg", "params", "macs", "merge_seconds", "latency_ms", "ratio")
+    figures = ("joint", "acc_a", "acc_b", "acc_avg", "params", "macs", "merge_seconds", "latency_ms", "ratio",
+               "refit_share")
     for arch in archs:
         rs = [r for r in runs if r["arch"] == arch]
         pairs = sorted({r["pair"] for r in rs}, key=_pair_order)
         ens = {r["pair"]: r["joint"] for r in rs if r["method"] == "ensemble"}
         for r in rs:
             r["ratio"] = r["joint"] / ens[r["pair"]] if r["pair"] in ens and ens[r["pair"]] else None
+            stages = r.get("stage_seconds") or {}
+            r["refit_share"] = stages["refit"] / stages["total"] if stages.get("refit") and stages.get("total") \
+                else None
 
         def rows(selected, key=None):
             groups = {}
@@ -308,6 +312,7 @@ def aggregate(runs: list) -> dict:
                        "beta": group[0].get("beta"), "pairs": [g["pair"] for g in group]}
                 for f in figures:
                     row[f] = _stats([g.get(f) for g in group])
+                row["refit_share"] = row["refit_share"][0]
                 result.append(row)
             return sorted(result, key=key) if key else result
 
@@ -428,6 +433,7 @@ def findings(agg: dict) -> list:
                          + ", ".join(str(r["stop_at"]) for r in partial) + ", full): "
                          + ", ".join(f"{100 * v:.1f}" for v in per_task) + " — "
                          + ("monotone." if mono_t else "not monotone in the stop point."))
+        lines.extend(_refit_findings(a, names))
         rep = a["repair"]
         diffs = []
         for method in ("average", "permute", "zip"):
@@ -447,6 +453,45 @@ def findings(agg: dict) -> list:
                              f"alpha={worst['alpha']}, beta={worst['beta']}"
                              + (f"; the paper's defaults (0.3, 0.125) give {100 * default['joint']:.1f}."
                                 if default else "."))
+    return lines
+
+
+def _refit_findings(a: dict, names: dict) -> list:
+    """Sentences on the least-squares refit rows of one architecture."""
+    rows = a["main"]
+    ens = _get(rows, "ensemble")
+    lines = []
+    fitted = [(m, _get(rows, m, refit="ls"), _get(rows, m)) for m in ("average", "permute", "zip")]
+    fitted = [(m, ls, paper) for m, ls, paper in fitted if ls is not None]
+    if not fitted or ens is None:
+        return lines
+    parts = []
+    for m, ls, paper in fitted:
+        was = f" (without: {100 * paper['joint'][0]:.1f})" if paper else ""
+        parts.append(f"{names[m]} {100 * ls['joint'][0]:.1f}{was}")
+    lines.append("  - **Least-squares refit** (joint accuracy): " + ", ".join(parts)
+                 + f"; ensemble {100 * ens['joint'][0]:.1f}.")
+    zp = _get(rows, "zip", refit="ls")
+    zp_paper = _get(rows, "zip")
+    if zp is not None and zp["ratio"][0] is not None:
+        per_task = zp["acc_avg"][0] / ens["acc_avg"][0]
+        goal = zp["ratio"][0] >= 0.95 and per_task >= 0.97
+        lines.append(f"  - Full zip + refit: {100 * zp['ratio'][0]:.1f} % of the ensemble's joint accuracy and "
+                     f"{100 * per_task:.1f} % of its per-task accuracy ({100 * zp['acc_avg'][0]:.1f} vs "
+                     f"{100 * ens['acc_avg'][0]:.1f}) — the goal (≥ 95 % and ≥ 97 %) is "
+                     + ("met." if goal else "**not** met."))
+        if zp_paper is not None and zp_paper["merge_seconds"][0]:
+            share = zp.get("refit_share")
+            lines.append(f"  - Merge time of the full zip: {zp['merge_seconds'][0]:.1f} s with the refit, "
+                         f"{zp_paper['merge_seconds'][0]:.1f} s without (the paper's rows, recorded in an earlier "
+                         f"run: not a same-run ratio)"
+                         + (f"; the refit is {100 * share:.0f} % of the merge" if share is not None else "") + ".")
+    partial = sorted([r for r in rows if r["method"] == "zip" and r.get("stop_at") is not None
+                      and r.get("refit") == "ls"], key=lambda r: r["stop_at"])
+    if partial and zp is not None:
+        lines.append("  - Partial zips + refit, from the input to the heads: "
+                     + ", ".join(f"K={r['stop_at']}: {100 * r['joint'][0]:.1f}" for r in partial)
+                     + f"; full {100 * zp['joint'][0]:.1f}.")
     return lines
 
 
@@ -494,10 +539,14 @@ def write_report(path: str, meta: dict, runs: list, agg: dict, plot_note: str) -
              "(resp. A) accuracy. Figures are mean ± sample std over the pairs (seeds) of the architecture. "
              "**÷ ens.**: joint accuracy divided by the ensemble's, per pair, then averaged. MACs are per image "
              "(Conv/Gemm/MatMul). Merge time is the wall time of `onnxzip.merge` (calibration, matching, surgery, "
-             "statistics repair, verification) on this machine, shared with other jobs. "
+             "statistics repair or refit, verification) on this machine, shared with other jobs. "
              "ZipIt! *K/L*: the first K of the model's L weighted layers zipped, the rest kept per model; "
-             "ZipIt! full: everything but the task heads. All merged rows use statistics repair (onnxzip's "
-             "default) and alpha = 0.3, beta = 0.125 (the paper's defaults).\n")
+             "ZipIt! full: everything but the task heads. Rows without a suffix are the paper's method "
+             "(`--refit none`: matching, then statistics repair); rows marked **+ LS refit** add onnxzip's default "
+             "least-squares refit of every merged layer and head (`--refit ls`, docs/DESIGN.md). All use "
+             "alpha = 0.3, beta = 0.125 (the paper's defaults). The paper's rows were recorded in an earlier run "
+             "(same models, data and code path; `--refit none` reproduces them byte for byte), so merge times of "
+             "the two kinds of rows come from different runs.\n")
 
     for arch, a in agg.items():
         L.append(f"## {arch}\n")
