@@ -98,6 +98,7 @@ class Analysis:
     blocked: set = field(default_factory=set)  # node indices that can never be in the trunk
     blocked_reasons: dict = field(default_factory=dict)  # node index -> reason (the roots only)
     folded_batchnorms: int = 0  # BatchNormalization nodes folded into the layer before them by `normalise`
+    ranks: dict = field(default_factory=dict)  # tensor name -> rank where known (also where some dims are not)
 
     @property
     def weighted(self) -> list:
@@ -246,9 +247,15 @@ def _fold_batchnorms(model: onnx.ModelProto) -> int:
     return len(drop)
 
 
-def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict]:
-    """Shapes (batch dimension set to 1) and element types of every tensor that shape inference can reach.
-    Inference runs on the model without its weights (shapes are all it needs), so models of any size work."""
+def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    """Shapes (batch dimension set to 1), element types and ranks of every tensor that shape inference can reach.
+    Inference runs on the model without its weights (shapes are all it needs), so models of any size work.
+
+    ONNX's data propagation stops at operators it does not evaluate (TorchScript computes a channel shuffle's
+    Reshape target as Shape -> Gather -> Div -> Cast -> Unsqueeze -> Concat, and Div is not propagated), which
+    leaves everything after it without a shape. So small computations on shapes and constants are evaluated here
+    (`_fold_shape_computations`) and inference runs again on a copy that holds their values as constants; the
+    model itself keeps computing them (its batch dimension stays dynamic)."""
     m, _ = without_weights(model)
     for inp in m.graph.input:
         dims = inp.type.tensor_type.shape.dim
@@ -257,22 +264,105 @@ def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict]:
                 d.ClearField("dim_param")
                 d.dim_value = 1
     del m.graph.value_info[:]
+    m = _infer_shapes(m)
+    for _ in range(_FOLD_ROUNDS):
+        folded = _fold_shape_computations(m, _collect_shapes(m)[0])
+        if folded is None:
+            break
+        m = _infer_shapes(folded)
+    return _collect_shapes(m)
+
+
+# rounds of folding and inference at most: each round can resolve the Reshapes whose output shapes the next
+# computations read (a channel shuffle per block: a round per block)
+_FOLD_ROUNDS = 64
+# computations on shapes are small; a constant computation larger than this is left to the model
+_FOLD_MAX_ELEMENTS = 4096
+
+
+def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        return onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - shape inference errors are many and unexported
         raise ModelError(f"ONNX shape inference failed: {exc}") from exc
-    shapes, types = {}, {}
+
+
+def _collect_shapes(m: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    shapes, types, ranks = {}, {}, {}
     for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
         tt = vi.type.tensor_type
         types[vi.name] = tt.elem_type
         if tt.HasField("shape"):
             dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            ranks[vi.name] = len(dims)
             if all(d is not None for d in dims):
                 shapes[vi.name] = dims
     for init in m.graph.initializer:
         shapes[init.name] = tuple(init.dims)
         types[init.name] = init.data_type
-    return shapes, types
+        ranks[init.name] = len(init.dims)
+    return shapes, types, ranks
+
+
+def _fold_shape_computations(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProto | None:
+    """A copy of `m` (batch 1) in which every small node computed from constants and known shapes alone is replaced
+    by its value as an initializer; None when there is nothing new to fold."""
+    from onnx.reference import ReferenceEvaluator
+
+    opsets = {op.domain: op.version for op in m.opset_import}
+    values = {}
+    for t in m.graph.initializer:
+        size = int(np.prod(t.dims, dtype=np.int64))
+        if size > _FOLD_MAX_ELEMENTS:
+            continue
+        try:
+            value = numpy_helper.to_array(t)
+        except Exception:  # noqa: BLE001 - a weight stripped to its shape by without_weights
+            continue
+        if value.size == size:
+            values[t.name] = value
+    folded = {}
+    for node in m.graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.output or not node.output[0]:
+            continue
+        if node.op_type in ("Shape", "Size") and node.input[0] in shapes:
+            if node.op_type == "Size":
+                value = np.array(int(np.prod(shapes[node.input[0]], dtype=np.int64)), dtype=np.int64)
+            else:
+                dims = np.array(shapes[node.input[0]], dtype=np.int64)
+                rank = len(dims)
+                start = next((a.i for a in node.attribute if a.name == "start"), 0)
+                end = next((a.i for a in node.attribute if a.name == "end"), rank)
+                value = dims[slice(start, end)]  # negative and out-of-range bounds clamp like Python's
+            folded[node.output[0]] = values[node.output[0]] = value
+            continue
+        inputs = [n for n in node.input if n]
+        if not inputs or node.op_type in ("Constant", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                                          "RandomUniformLike", "Multinomial", "Bernoulli"):
+            continue
+        if not all(n in values for n in inputs) or any(o in values for o in node.output if o):
+            continue
+        try:
+            results = ReferenceEvaluator(node, opsets=opsets).run(None, {n: values[n] for n in inputs})
+        except Exception:  # noqa: BLE001 - an operator the reference evaluator cannot run is left as it is
+            continue
+        for name, value in zip(node.output, results):
+            value = np.asarray(value)
+            if name and value.size <= _FOLD_MAX_ELEMENTS:
+                folded[name] = values[name] = value
+    gone = [n for n in m.graph.node if n.output and all(o in folded for o in n.output if o)]
+    if not gone:
+        return None
+    names = {o for n in gone for o in n.output if o}
+    out = copy.deepcopy(m)
+    kept = [n for n in out.graph.node if not (n.output and all(o in names for o in n.output if o))]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    infos = [v for v in out.graph.value_info if v.name not in names]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(infos)
+    out.graph.initializer.extend(numpy_helper.from_array(np.asarray(folded[name]), name) for name in sorted(names))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,7 +380,7 @@ class _Walk:
         self.model = model
         self.graph = model.graph
         self.initializers = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
-        self.shapes, self.types = _concrete_shapes(model)
+        self.shapes, self.types, self.ranks = _concrete_shapes(model)
         self.tensor_spaces: dict = {}
         self.static: set = set(self.initializers)
         self.opaque: set = set()
@@ -938,6 +1028,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
 
     analysis = Analysis(model, infos, spaces, tensor_spaces, w.static, w.opaque, weights, w.initializers,
                         w.shapes, producer, consumers)
+    analysis.ranks = w.ranks
     analysis.folded_batchnorms = batchnorms - sum(n.op_type == "BatchNormalization" for n in graph.node)
     _find_heads_and_blocked(analysis)
     return analysis

@@ -364,3 +364,93 @@ def test_batchnorm_is_not_folded_where_the_layer_output_is_used_elsewhere():
     head(n, w, "r1", 8)
     model = make(n, w, (3, 8, 8), 5)
     assert "BatchNormalization" in [n.op_type for n in normalise(model).graph.node]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes that ONNX shape inference cannot reach on its own (issue 13, "never a crash")
+
+
+def torchscript_shuffle_model(w=None):
+    """conv0 -> ReLU -> channel shuffle and `chunk(2, dim=1)` as PyTorch's TorchScript exporter writes them
+    (ShuffleNetV2): every shape is computed at run time, Shape -> Gather -> Div -> Cast -> Concat, and ONNX's data
+    propagation stops at the Div. (TorchScript gathers scalars and unsqueezes them; `make` keeps no 0-d constant.) The second half goes through conv1, is concatenated back with the
+    first half, then the head. Returns (model, weights); pass `w` to rebuild with other weights."""
+    i64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
+    n = [helper.make_node("Conv", ["input", "c0.w", "c0.b"], ["c0"], pads=[1] * 4),
+         helper.make_node("Relu", ["c0"], ["r0"]),
+         helper.make_node("Shape", ["r0"], ["s"])]
+    for k, dim in enumerate("nchw"):
+        n.append(helper.make_node("Gather", ["s", f"k.{k}"], [f"u.{dim}"], axis=0))
+    n += [helper.make_node("Div", ["u.c", "k.two"], ["cg"]),
+          helper.make_node("Cast", ["cg"], ["cg1"], to=TensorProto.INT64),
+          helper.make_node("Concat", ["u.n", "k.groups", "cg1", "u.h", "u.w"], ["shape5"], axis=0),
+          helper.make_node("Reshape", ["r0", "shape5"], ["g5"]),
+          helper.make_node("Transpose", ["g5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+          helper.make_node("Concat", ["u.n", "u.c", "u.h", "u.w"], ["shape4"], axis=0),
+          helper.make_node("Reshape", ["t5", "shape4"], ["shuffled"]),
+          helper.make_node("Shape", ["shuffled"], ["s2"]),
+          helper.make_node("Gather", ["s2", "k.1"], ["c2"], axis=0),
+          helper.make_node("Div", ["c2", "k.two"], ["half1"]),
+          helper.make_node("Slice", ["shuffled", "k.zero", "half1", "k.axis1"], ["x1"]),
+          helper.make_node("Slice", ["shuffled", "half1", "k.big", "k.axis1"], ["x2"]),
+          helper.make_node("Conv", ["x2", "c1.w", "c1.b"], ["c1x"]),
+          helper.make_node("Relu", ["c1x"], ["r1"]),
+          helper.make_node("Concat", ["x1", "r1"], ["cat"], axis=1)]
+    if w is None:
+        w = {"c0.w": conv_w(8, 3), "c0.b": bias(8), "c1.w": conv_w(4, 4, k=1), "c1.b": bias(4),
+             **{f"k.{k}": i64(k) for k in range(4)}, "k.two": i64(2),
+             "k.groups": i64(2), "k.zero": i64(0), "k.big": i64(2 ** 62), "k.axis1": i64(1)}
+    head(n, w, "cat", 8)
+    return make(n, w, (3, 8, 8), 5), w
+
+
+def test_shapes_computed_at_run_time_are_known_to_analysis():
+    """Before: ONNX shape inference alone left every tensor after the shuffle without a shape."""
+    model, _ = torchscript_shuffle_model()
+    an = analyse(model)
+    assert an.shapes["g5"] == (1, 2, 4, 8, 8) and an.shapes["shuffled"] == (1, 8, 8, 8)
+    assert an.shapes["x2"] == (1, 4, 8, 8) and an.shapes["c1x"] == (1, 4, 8, 8) and an.shapes["cat"] == (1, 8, 8, 8)
+    # the model itself still computes its shapes (its batch dimension stays dynamic)
+    assert [x.op_type for x in an.model.graph.node].count("Shape") == 2
+
+
+def test_torchscript_channel_shuffle_merges_instead_of_crashing():
+    """ShuffleNetV2's TorchScript export crashed merge with `internal error: KeyError` on the Conv after the
+    shuffle (statistics repair read a shape shape inference had not found). Now: a merged model, the shuffle
+    left unmerged and named, each head computing its own model (the trunk is a layer both models share)."""
+    a, w = torchscript_shuffle_model()
+    b, _ = torchscript_shuffle_model(dict(w, **{"c1.w": conv_w(4, 4, k=1), "c1.b": bias(4)}))
+    x = RNG.randn(32, 3, 8, 8).astype(np.float32)
+    res = onnxzip.merge(a, b, RNG.randn(128, 3, 8, 8).astype(np.float32), method="zip")
+    assert [u["op"] for u in res.card["unmerged"]] == ["Reshape"], res.card["unmerged"]
+    assert "[1, 2, 4, 8, 8]" in res.card["unmerged"][0]["reason"]
+    assert res.card["trunk"]["weighted_layers_zipped"] == 1 and res.card["repair"]["branch_layers"] == 2
+    got_a, got_b = run(res.model, x)
+    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-4)
+    np.testing.assert_allclose(got_b, run(b, x)[0], atol=1e-4)
+
+
+def test_repair_measures_layers_whose_rank_shape_inference_does_not_know():
+    """An operator of another domain (com.microsoft.Gelu, which onnxruntime runs and ONNX cannot infer) leaves the
+    conv after it without even a rank: statistics repair measures it in a pass of its own instead of crashing."""
+    n = [helper.make_node("Conv", ["input", "c0.w", "c0.b"], ["c0"], pads=[1] * 4),
+         helper.make_node("Relu", ["c0"], ["r0"]),
+         helper.make_node("Gelu", ["r0"], ["g"], domain="com.microsoft"),
+         helper.make_node("Conv", ["g", "c1.w", "c1.b"], ["c1"]),
+         helper.make_node("Relu", ["c1"], ["r1"])]
+    w = {"c0.w": conv_w(8, 3), "c0.b": bias(8), "c1.w": conv_w(6, 8, k=1), "c1.b": bias(6)}
+    head(n, w, "r1", 6)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])
+    a = helper.make_model(helper.make_graph(n, "g", [x], [y], [numpy_helper.from_array(v, k) for k, v in w.items()]),
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    a.ir_version = 10
+    an = analyse(a)
+    assert "c1" not in an.ranks and an.nodes[3].kind == "weighted"
+    data = RNG.randn(128, 3, 8, 8).astype(np.float32)
+    res = onnxzip.merge(a, a, data)
+    assert res.card["unmerged"][0]["op"] == "Gelu" and res.card["repair"]["branch_layers"] == 2
+    xs = RNG.randn(16, 3, 8, 8).astype(np.float32)
+    got_a, got_b = run(res.model, xs)
+    np.testing.assert_allclose(got_a, run(a, xs)[0], atol=1e-4)
+    np.testing.assert_allclose(got_b, run(a, xs)[0], atol=1e-4)
