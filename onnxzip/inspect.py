@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .errors import MismatchError
 from .graph import Analysis, analyse, descendants, match, stop_points, trunk_nodes, unsupported_report
-from .surgery import merge_points, zipped_spaces
+from .surgery import merge_points, why_nothing_zipped, zipped_spaces
 
 
 def describe(analysis: Analysis, path: str | None = None) -> dict:
@@ -58,6 +58,8 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
         "feature_spaces": spaces,
         "task_heads": heads,
         "unmerged": [{"node": names[i], "op": a.nodes[i].op_type, "reason": r} for i, r in unsupported_report(a)],
+        "zipped_nothing": not zipped,
+        "zipped_nothing_reason": why_nothing_zipped(a, trunk),
         "stop_points": [{"value": v, "meaning": d} for v, d in stop_points(a)],
     }
 
@@ -108,8 +110,11 @@ def format_report(report: dict) -> str:
         lines.append("left unmerged (both copies kept; --strict makes this an error):")
         for u in r["unmerged"]:
             lines.append(f"  {u['node']} ({u['op']}): {u['reason']}")
-    else:
+    elif not r["zipped_nothing"]:
         lines.append("left unmerged: nothing")
+    if r["zipped_nothing"]:
+        lines.append(f"NOTHING IS ZIPPED: {r['zipped_nothing_reason']}. merge would write both models side by side "
+                     "(an ensemble, at twice the cost of one); with --strict it fails")
     lines.append("--stop-at accepts:")
     for p in r["stop_points"]:
         lines.append(f"  {p['value']:>6}  {p['meaning']}")

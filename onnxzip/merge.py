@@ -42,7 +42,7 @@ from .onnx_io import check_model
 from .refit import REFIT_METHODS, refit as refit_layers
 from .repair import repair as repair_statistics, repair_points
 from .solver import solve
-from .surgery import ZipPlan, build, merge_points, zipped_spaces
+from .surgery import ZipPlan, build, merge_points, why_nothing_zipped, zipped_spaces
 
 log = logging.getLogger("onnxzip")
 
@@ -85,6 +85,9 @@ class MergeResult:
                  f"{len(c['spaces'])} feature space(s) zipped"]
         lines.append(f"parameters: {c['parameters']['merged']:,} merged vs {c['parameters']['a']:,} + "
                      f"{c['parameters']['b']:,} in the two models")
+        if c.get("zipped_nothing") and c["method"] != "ensemble" and c.get("stop_at") not in ("input", 0):
+            lines.append(f"warning: NOTHING IS ZIPPED ({c['zipped_nothing_reason']}): the merged model is both models "
+                         "side by side, at twice the cost of one")
         thin = [s["space"] for s in c.get("spaces", []) if s.get("thin_statistics")]
         if thin:
             lines.append(f"warning: thin statistics (fewer samples than twice the width) in {len(thin)} feature "
@@ -415,6 +418,20 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     for i, reason in unmerged:
         logger.warning("left unmerged from %s on: %s", a.describe_node(i), reason)
     trunk = set() if method == "ensemble" else trunk_nodes(a, stop_at)
+    if method == "ensemble":
+        nothing_zipped = "--method ensemble asks for both models side by side"
+    elif stop_at in ("input", 0):
+        nothing_zipped = f"--stop-at {stop_at} asks for both models side by side"
+    else:
+        nothing_zipped = why_nothing_zipped(a, trunk)
+        if nothing_zipped is not None:
+            # asked to zip, got an ensemble: never silently (issue 13, "say what happened")
+            if strict:
+                raise UnsupportedModelError(f"{label_a}: nothing can be zipped: {nothing_zipped}; the merged model "
+                                            "would be both models side by side (without --strict it is written "
+                                            "anyway, as that ensemble)")
+            logger.warning("NOTHING IS ZIPPED: %s. The merged model is both models side by side (an ensemble, at "
+                           "twice the cost of one); --strict makes this an error", nothing_zipped)
 
     specs = input_specs(a.model)
     calib = _calibration(data, specs, None, logger)
@@ -550,6 +567,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
                   "weighted_layers_zipped": sum(1 for i in a.weighted if i in trunk),
                   "nodes": len(trunk), "task_heads": [a.nodes[i].name for i in a.heads]},
         "unmerged": [{"node": a.nodes[i].name, "op": a.nodes[i].op_type, "reason": r} for i, r in unmerged],
+        "zipped_nothing": nothing_zipped is not None,
+        "zipped_nothing_reason": nothing_zipped,
         "spaces": card_spaces,
         "parameters": {"merged": count_parameters(merged), "a": count_parameters(model_a),
                        "b": count_parameters(model_b)},

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import Analysis, Correspondence, TensorSpace
+from .graph import Analysis, Correspondence, TensorSpace, descendants
 from .solver import Matching, concat_matchings, identity_match
 
 TRUNK_PREFIX = "zip"
@@ -75,6 +75,28 @@ def zipped_spaces(a: Analysis, trunk: set) -> list:
             if not space.identity and not space.composite:
                 out.append(ts.space)
     return out
+
+
+def why_nothing_zipped(a: Analysis, trunk: set) -> str | None:
+    """None when the trunk zips at least one feature space; otherwise why it zips none, naming the node at fault
+    (the merged model is then the ensemble of both models, at twice the cost of one)."""
+    if zipped_spaces(a, trunk):
+        return None
+    if not a.weighted:
+        return "the model has no weighted layer (Conv, Gemm, MatMul by a constant)"
+    first = a.weighted[0]
+    if first in trunk:
+        return (f"no feature space is computed in the shared trunk (the first weighted layer, "
+                f"{a.describe_node(first)}, writes none that is read there)")
+    if first in a.heads and all(i in a.heads for i in a.weighted):
+        heads = ", ".join(a.describe_node(i) for i in a.heads)
+        return (f"every weighted layer is taken for a task head (a weighted layer with no weighted layer after it): "
+                f"{heads}")
+    roots = sorted(i for i in a.blocked_reasons if i not in a.heads and first in descendants(a, [i]))
+    if roots:
+        return (f"the first weighted layer, {a.describe_node(first)}, comes after {a.describe_node(roots[0])}, "
+                f"which is left unmerged: {a.blocked_reasons[roots[0]]}")
+    return f"the first weighted layer, {a.describe_node(first)}, is not in the shared trunk"
 
 
 def is_trunk_tensor(a: Analysis, trunk: set, name: str) -> bool:

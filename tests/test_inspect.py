@@ -60,3 +60,18 @@ def test_inspect_models_without_b():
     model, _ = F.mlp()
     report = inspect_models(model)
     assert report["match"] is None and report["a"]["weighted_layers"] == 3
+
+
+def test_nothing_zipped_is_not_reported_as_nothing_unmerged(tmp_path):
+    """The one weighted layer is the task head: nothing is unmerged, but nothing is zipped either (issue 13)."""
+    from test_merge_errors import nothing_to_zip
+    path = save(nothing_to_zip("head_only", 0), tmp_path / "a.onnx")
+    result = CliRunner().invoke(cli, ["inspect", path])
+    assert result.exit_code == 0, result.output
+    assert "left unmerged: nothing" not in result.output and "NOTHING IS ZIPPED" in result.output
+    assert "'fc' (Gemm)" in result.output
+    report = json.loads(CliRunner().invoke(cli, ["inspect", path, "--json"]).output)
+    assert report["a"]["zipped_nothing"] is True and not report["a"]["unmerged"]
+    model, _ = F.mlp()
+    assert describe(analyse(model))["zipped_nothing"] is False
+    assert "left unmerged: nothing" in format_report(inspect_models(model))
