@@ -49,6 +49,7 @@ class WeightAxis:
     space: int
     role: str
     expand: int = 1
+    groups: int = 1  # a grouped Conv's input axis: output-channel group g (along axis 0) reads input block g only
 
 
 @dataclass
@@ -61,6 +62,9 @@ class FeatureSpace:
     carriers: list = field(default_factory=list)  # node indices that carry or tie it
     tensors: list = field(default_factory=list)  # tensor names in it
     parts: list = field(default_factory=list)  # a channel Concat: the spaces it is made of, in order
+    # contiguous equal blocks the channels fall into (a grouped convolution's groups): matching keeps every feature
+    # inside its block, block g of each model with block g of the others, so the merged layer stays grouped
+    blocks: int = 1
 
     @property
     def composite(self) -> bool:
@@ -369,6 +373,12 @@ def _fold_shape_computations(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProt
 # The walk
 
 
+def common_blocks(width: int, a: int, b: int) -> int:
+    """The coarsest split of `width` channels into contiguous equal blocks that refines both a split into `a` and
+    one into `b` blocks: blocks of gcd(width/a, width/b) channels."""
+    return width // int(np.gcd(width // a, width // b))
+
+
 class _Unsupported(Exception):
     """Raised by a handler: this node cannot be followed (the reason says why)."""
 
@@ -389,6 +399,7 @@ class _Walk:
         self.widths: dict = {}
         self.identity: set = set()
         self.parts: dict = {}  # composite space id -> the space ids it concatenates
+        self.blocks: dict = {}  # space id -> number of contiguous equal blocks its channels must stay in
         self.node_index = -1
 
     # union-find ------------------------------------------------------------------------------------------------
@@ -419,6 +430,13 @@ class _Walk:
             raise _Unsupported("adds a learned feature space to the graph input")
         self.parent[rb] = ra
 
+    def split_into_blocks(self, sid: int, blocks: int) -> None:
+        """Features of space `sid` may only be matched inside `blocks` contiguous equal blocks (on top of any
+        blocks already required)."""
+        if self.find(sid) in self.parts:
+            raise _Unsupported("splits a concatenation of channels into groups")
+        self.blocks[sid] = common_blocks(self.widths[sid], self.blocks.get(sid, 1), blocks)
+
     # tensor verbs ----------------------------------------------------------------------------------------------
     def space_of(self, name: str) -> TensorSpace | None:
         return self.tensor_spaces.get(name)
@@ -441,8 +459,9 @@ class _Walk:
     def set_space(self, name: str, ts: TensorSpace) -> None:
         self.tensor_spaces[name] = ts
 
-    def add_weight(self, input_index: int, axis: int, space: int, role: str, expand: int = 1) -> None:
-        self.weights.append(WeightAxis(self.node_index, input_index, axis, space, role, expand))
+    def add_weight(self, input_index: int, axis: int, space: int, role: str, expand: int = 1,
+                   groups: int = 1) -> None:
+        self.weights.append(WeightAxis(self.node_index, input_index, axis, space, role, expand, groups))
 
     def attr(self, node, name, default=None):
         for a in node.attribute:
@@ -517,7 +536,24 @@ def _conv(w: _Walk, node):
             w.add_weight(2, 0, x.space, "out")
         w.set_space(node.output[0], x)
         return "carrier", None, x, x
-    raise _Unsupported(f"grouped convolution (group={group}) is not supported")
+    if c_in % group or weight.shape[0] % group or weight.shape[1] != c_in // group:
+        raise _Unsupported(f"grouped convolution (group={group}) of {c_in} input and {weight.shape[0]} output "
+                           "channels that do not split into equal groups")
+    if c_in // group < 2:
+        raise _Unsupported(f"grouped convolution with one input channel per group (group={group}) and "
+                           f"{weight.shape[0] // group} outputs per group: its input channels cannot be matched")
+    # grouped: output group g reads input block g only. Both spaces are split into `group` blocks and matched
+    # block by block, so the merged layer keeps its groups (exact for permutations inside the groups)
+    w.split_into_blocks(x.space, group)
+    out = w.new_space(weight.shape[0])
+    w.split_into_blocks(out, group)
+    w.add_weight(1, 0, out, "out")
+    w.add_weight(1, 1, x.space, "in", groups=group)
+    if len(node.input) > 2 and node.input[2]:
+        _require_const(w, node, 2, "bias")
+        w.add_weight(2, 0, out, "out")
+    w.set_space(node.output[0], TensorSpace(out, 1))
+    return "weighted", node.input[0], x, TensorSpace(out, 1)
 
 
 def _gemm(w: _Walk, node):
@@ -862,9 +898,11 @@ def _weighted_output_space(w: _Walk, node, shared_input: bool) -> TensorSpace | 
     weight = w.const(node.input[1])
     if weight is None or weight.ndim < 2:
         return None
+    group = 1
     if node.op_type == "Conv":
-        if shared_input and w.attr(node, "group", 1) != 1:
-            return None  # merging output channels across groups would mix the groups' inputs
+        group = w.attr(node, "group", 1)
+        if weight.shape[0] % group:
+            return None
         out_axis, axis = 0, 1
     elif node.op_type == "Gemm":
         if shared_input and w.attr(node, "transA", 0):
@@ -879,6 +917,8 @@ def _weighted_output_space(w: _Walk, node, shared_input: bool) -> TensorSpace | 
     if shared_input and len(node.input) > 2 and node.input[2] and bias is None:
         return None
     sid = w.new_space(weight.shape[out_axis])
+    if group > 1:  # output group g reads input group g only: merge its output channels inside their group
+        w.split_into_blocks(sid, group)
     w.add_weight(1, out_axis, sid, "out")
     if bias is not None and bias.size > 1:
         w.add_weight(2, bias.ndim - 1, sid, "out")
@@ -983,7 +1023,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                         _set_shared(w, name)
         else:
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            saved = (len(w.weights), dict(w.tensor_spaces))
+            saved = (len(w.weights), dict(w.tensor_spaces), dict(w.blocks))
             try:
                 if handler is None:
                     raise _Unsupported(f"operator {node.domain + '.' if node.domain else ''}{node.op_type} "
@@ -992,7 +1032,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                 info.kind, info.data_input, info.in_space, info.out_space = kind, data_input, in_space, out_space
             except _Unsupported as exc:
                 del w.weights[saved[0]:]
-                w.tensor_spaces = saved[1]
+                w.tensor_spaces, w.blocks = saved[1], saved[2]
                 info.kind, info.reason = "unsupported", str(exc)
         if info.kind in ("opaque", "unsupported"):
             for out in node.output:
@@ -1006,15 +1046,20 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
         return None if ts is None else TensorSpace(w.find(ts.space), ts.axis, ts.expand)
 
     tensor_spaces = {k: canon(v) for k, v in w.tensor_spaces.items()}
-    weights = [WeightAxis(x.node, x.input, x.axis, w.find(x.space), x.role, x.expand) for x in w.weights]
+    weights = [WeightAxis(x.node, x.input, x.axis, w.find(x.space), x.role, x.expand, x.groups) for x in w.weights]
     for info in infos:
         info.in_space, info.out_space = canon(info.in_space), canon(info.out_space)
+    blocks = {}  # tied spaces share their blocks
+    for sid, count in w.blocks.items():
+        root = w.find(sid)
+        blocks[root] = common_blocks(w.widths[root], blocks.get(root, 1), count)
     spaces = {}
     for sid in w.parent:
         root = w.find(sid)
         if root not in spaces:
             spaces[root] = FeatureSpace(root, w.widths[root], identity=root in w.identity,
-                                        parts=[w.find(p) for p in w.parts.get(root, [])])
+                                        parts=[w.find(p) for p in w.parts.get(root, [])],
+                                        blocks=blocks.get(root, 1))
     for name, ts in tensor_spaces.items():
         spaces[ts.space].tensors.append(name)
     spaces = {k: v for k, v in spaces.items() if v.tensors}

@@ -28,6 +28,7 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
         entry = {
             "id": sid,
             "width": space.width,
+            "blocks": space.blocks,
             "producers": [names[i] for i in space.producers],
             "consumers": [names[i] for i in space.consumers],
             "carried_by": sorted({a.nodes[i].op_type for i in space.carriers}),
@@ -95,6 +96,8 @@ def format_report(report: dict) -> str:
         flag = "zipped" if s["zipped_by_default"] else ("head" if s["head_output"] else "unmerged")
         extra = f" concat of spaces {s['concat_of']}" if "concat_of" in s else ""
         tied = f" tied by {', '.join(s['tied_by'])}" if s["tied_by"] else ""
+        if s.get("blocks", 1) > 1:
+            extra += f" in {s['blocks']} blocks (grouped: matched block by block)"
         lines.append(f"  space {s['id']:>3}: width {s['width']:>5}  [{flag}]{extra}{tied}")
         if s["producers"]:
             lines.append(f"      written by {', '.join(s['producers'])}")

@@ -41,7 +41,7 @@ from .graph import Analysis, analyse, match, trunk_nodes, unsupported_report
 from .onnx_io import check_model
 from .refit import REFIT_METHODS, refit as refit_layers
 from .repair import repair as repair_statistics, repair_points
-from .solver import solve
+from .solver import solve_blocks
 from .surgery import ZipPlan, build, merge_points, why_nothing_zipped, zipped_spaces
 
 log = logging.getLogger("onnxzip")
@@ -492,7 +492,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         width = a.spaces[sid].width
         key = f"space:{sid}"
         correlation = _similarity(stats[key]) if method in ("zip", "permute") else None
-        matching = solve(method, correlation, width, 2, alpha, beta)
+        matching = solve_blocks(method, correlation, width, a.spaces[sid].blocks, 2, alpha, beta)
         plan.matchings[sid] = matching
         samples = int(stats[key].count)
         # The 2F x 2F correlation of a space of width F needs more than 2F samples to be of full rank.
@@ -501,7 +501,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
             logger.warning("feature space %d (width %d, at %s) has only %d samples for %d stacked features: its "
                            "statistics are too thin to trust; give more calibration samples", sid, width,
                            ", ".join(points[sid]), samples, 2 * width)
-        card_spaces.append({"space": sid, "width": width, "merge_points": list(points[sid]), "samples": samples,
+        card_spaces.append({"space": sid, "width": width, "blocks": a.spaces[sid].blocks,
+                            "merge_points": list(points[sid]), "samples": samples,
                             "thin_statistics": thin,
                             "cross_model_merges": int(matching.cross_merges),
                             "within_model_merges": [int(x) for x in matching.within_merges],

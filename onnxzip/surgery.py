@@ -128,8 +128,27 @@ def merge_points(a: Analysis, trunk: set) -> dict:
     return points
 
 
-def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray) -> np.ndarray:
-    """Contract `axis` of `value` (size F*expand, channel-major) with `matrix` (F' x F) -> size F'*expand."""
+def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray, groups: int = 1) -> np.ndarray:
+    """Contract `axis` of `value` (size F*expand, channel-major) with `matrix` (F' x F) -> size F'*expand.
+
+    `groups` > 1: a grouped Conv's weight, whose output-channel group g (along axis 0) holds only the F/groups
+    input channels of block g on `axis`; `matrix` must be block-diagonal over the groups, and each group's slice is
+    contracted with its own diagonal block."""
+    if groups > 1:
+        f_out, f_in = matrix.shape
+        if f_out % groups or f_in % groups:
+            raise ValueError(f"a {f_out}x{f_in} matrix does not split into {groups} groups")
+        bo, bi = f_out // groups, f_in // groups
+        diagonal = np.zeros_like(matrix)
+        chunks = np.split(np.asarray(value, dtype=np.float64), groups, axis=0)
+        out = []
+        for g, chunk in enumerate(chunks):
+            block = matrix[g * bo:(g + 1) * bo, g * bi:(g + 1) * bi]
+            diagonal[g * bo:(g + 1) * bo, g * bi:(g + 1) * bi] = block
+            out.append(transform_axis(chunk, axis, expand, block))
+        if not np.array_equal(diagonal, matrix):  # graph analysis split the space into these blocks: a bug if not
+            raise ValueError(f"the matching of a grouped layer's input is not block-diagonal over {groups} groups")
+        return np.concatenate(out, axis=0)
     x = np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0)
     rest = x.shape[1:]
     f_out, f_in = matrix.shape
@@ -161,7 +180,7 @@ def trunk_weight(plan: ZipPlan, node: int, j: int) -> np.ndarray:
             if wa.role == "out":
                 value = transform_axis(value, wa.axis, wa.expand, _merge_matrix(plan, wa.space, m))
             else:
-                value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T)
+                value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T, wa.groups)
         total = value if total is None else total + value
     return total
 
@@ -178,7 +197,7 @@ def branch_weight(plan: ZipPlan, m: int, node: int, j: int) -> np.ndarray | None
         return None
     value = _const(plan, m, node, j)
     for wa in axes:
-        value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T)
+        value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T, wa.groups)
     return value
 
 

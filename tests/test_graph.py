@@ -169,8 +169,40 @@ def reshape_model(groups=1):
         return out
     return n, w, twin, (3, 8, 8), 2
 
+def permute_within(blocks, n):
+    """A permutation of n channels that keeps each of `blocks` contiguous blocks in place."""
+    size = n // blocks
+    return np.concatenate([g * size + RNG.permutation(size) for g in range(blocks)])
+
+
+def grouped_model():
+    """ResNeXt-style: a grouped conv on the input (group 2, 4 -> 8), a bottleneck 1x1 -> 3x3 grouped (group 4,
+    two channels per group) -> 1x1 whose output is added back to the stem's (a residual tie), then the head."""
+    n = [helper.make_node("Conv", ["input", "c0.w", "c0.b"], ["c0"], pads=[1] * 4, group=2),
+         helper.make_node("Relu", ["c0"], ["x0"]),
+         helper.make_node("Conv", ["x0", "c1.w", "c1.b"], ["c1"]),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "g.w", "g.b"], ["g"], pads=[1] * 4, group=4),
+         helper.make_node("Relu", ["g"], ["r2"]),
+         helper.make_node("Conv", ["r2", "c3.w", "c3.b"], ["c3"]),
+         helper.make_node("Add", ["c3", "x0"], ["s"]),
+         helper.make_node("Relu", ["s"], ["r3"])]
+    w = {"c0.w": conv_w(8, 4, groups=2), "c0.b": bias(8), "c1.w": conv_w(8, 8, k=1), "c1.b": bias(8),
+         "g.w": conv_w(8, 8, groups=4), "g.b": bias(8), "c3.w": conv_w(8, 8, k=1), "c3.b": bias(8)}
+    head(n, w, "r3", 8)
+
+    def twin(w):
+        p0, p1, p2 = permute_within(2, 8), permute_within(4, 8), permute_within(4, 8)
+        g = w["g.w"][p2]  # output channels inside their groups; then each group's inputs inside its block
+        g = np.concatenate([g[2 * k:2 * k + 2][:, p1[2 * k:2 * k + 2] - 2 * k] for k in range(4)])
+        return dict(w, **{"c0.w": w["c0.w"][p0], "c0.b": w["c0.b"][p0], "c1.w": w["c1.w"][p1][:, p0],
+                          "c1.b": w["c1.b"][p1], "g.w": g, "g.b": w["g.b"][p2], "c3.w": w["c3.w"][p0][:, p2],
+                          "c3.b": w["c3.b"][p0], "fc.w": w["fc.w"][:, p0]})
+    return n, w, twin, (4, 8, 8), 3
+
+
 BUILDERS = {"concat": concat_model, "depthwise": depthwise_model, "se": se_model, "layernorm": layernorm_model,
-            "reshape": reshape_model}
+            "reshape": reshape_model, "grouped": grouped_model}
 
 
 @pytest.mark.parametrize("method", ["permute", "zip"])
@@ -263,33 +295,6 @@ def test_unsupported_operator_is_reported_with_node_and_reason():
     ((i, reason),) = unsupported_report(an)
     assert an.nodes[i].op_type == "LRN" and "LRN" in reason
     assert i in an.blocked and an.heads[0] in an.blocked
-
-
-def test_grouped_conv_is_left_unmerged_and_exact():
-    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
-         helper.make_node("Relu", ["c1"], ["r1"]),
-         helper.make_node("Conv", ["r1", "g.w"], ["g"], pads=[1] * 4, group=2),
-         helper.make_node("Relu", ["g"], ["r2"])]
-    w = {"c1.w": conv_w(6, 3), "c1.b": bias(6), "g.w": conv_w(6, 6, groups=2)}
-    head(n, w, "r2", 6)
-    a = make(n, w, (3, 8, 8), 5)
-    an = analyse(a)
-    ((i, reason),) = unsupported_report(an)
-    assert "group" in reason
-    w2 = dict(w)
-    p = perm(6)
-    w2["c1.w"], w2["c1.b"], w2["g.w"] = w["c1.w"][p], w["c1.b"][p], w["g.w"][:, :, :, :]
-    w2["g.w"] = w["g.w"]  # grouped conv input channels can't be permuted freely: only the first space is
-    b = make(n, w2, (3, 8, 8), 5)
-    x = RNG.randn(32, 3, 8, 8).astype(np.float32)
-    res = onnxzip.merge(a, b, RNG.randn(128, 3, 8, 8).astype(np.float32), method="ensemble")
-    got_a, got_b = run(res.model, x)
-    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-5)
-    np.testing.assert_allclose(got_b, run(b, x)[0], atol=1e-5)
-    res = onnxzip.merge(a, a, RNG.randn(128, 3, 8, 8).astype(np.float32), method="zip")
-    assert res.card["unmerged"] and res.card["unmerged"][0]["op"] == "Conv"
-    got_a, _ = run(res.model, x)
-    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-4)
 
 
 def test_identity_of_a_constant_is_a_constant():
@@ -454,3 +459,46 @@ def test_repair_measures_layers_whose_rank_shape_inference_does_not_know():
     got_a, got_b = run(res.model, xs)
     np.testing.assert_allclose(got_a, run(a, xs)[0], atol=1e-4)
     np.testing.assert_allclose(got_b, run(a, xs)[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grouped convolutions (issue 13): spaces split into blocks, matched block by block (grouped_model is above, with
+# the other builders; its twins merge exactly in test_twin_of_special_structures_is_exact)
+
+
+def test_grouped_conv_spaces_are_split_into_its_groups():
+    nodes, w, _, in_shape, _ = grouped_model()
+    an = analyse(make(nodes, w, in_shape, 5))
+    assert not unsupported_report(an)
+    assert [an.nodes[i].kind for i in range(5)] == ["weighted", "carrier", "weighted", "carrier", "weighted"]
+    blocks = {name: an.spaces[an.tensor_spaces[name].space].blocks for name in ("x0", "r1", "r2", "s")}
+    assert blocks == {"x0": 2, "r1": 4, "r2": 4, "s": 2}
+    (g_in,) = [x for x in an.weight_axes(4, 1) if x.role == "in"]
+    assert g_in.groups == 4 and g_in.space == an.tensor_spaces["r1"].space
+
+
+def test_grouped_conv_with_one_input_channel_per_group_is_refused_by_name():
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "g.w"], ["g"], pads=[1] * 4, group=6, name="multiplier"),
+         helper.make_node("Relu", ["g"], ["r2"])]
+    w = {"c1.w": conv_w(6, 3), "c1.b": bias(6), "g.w": conv_w(12, 6, groups=6)}
+    head(n, w, "r2", 12)
+    ((i, reason),) = unsupported_report(analyse(make(n, w, (3, 8, 8), 5)))
+    assert "multiplier" in analyse(make(n, w, (3, 8, 8), 5)).describe_node(i) and "one input channel" in reason
+
+
+@pytest.mark.parametrize("method", ["zip", "permute", "average"])
+def test_unrelated_grouped_models_merge_into_a_grouped_model(method):
+    """Two different initialisations: ZipIt!'s greedy matching would pair features across groups if it could (the
+    merged layer could then not stay grouped); block by block, the merged graph keeps every group attribute and runs."""
+    nodes, w, _, in_shape, _ = grouped_model()
+    _, w2, _, _, _ = grouped_model()
+    a, b = make(nodes, w, in_shape, 5), make(nodes, w2, in_shape, 5)
+    res = onnxzip.merge(a, b, RNG.randn(256, *in_shape).astype(np.float32), method=method)
+    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 4
+    assert [s["blocks"] for s in res.card["spaces"]] == [2, 4, 4]
+    groups = [next((x.i for x in n.attribute if x.name == "group"), 1) for n in res.model.graph.node
+              if n.op_type == "Conv" and n.name.startswith("zip/")]
+    assert groups == [2, 1, 4, 1]
+    assert all(np.isfinite(y).all() for y in run(res.model, RNG.randn(8, *in_shape).astype(np.float32)))

@@ -374,3 +374,26 @@ def test_solve_rejects_bad_input():
         zip_match(corr, beta=-0.1)
     with pytest.raises(ValueError, match="out of range"):
         average_match(3).unmerge_index(2)
+
+
+def test_solve_blocks_keeps_every_cluster_inside_one_block():
+    """Features 0-3 and 4-7 of each model are two blocks (a grouped layer's groups). The correlation pairs every
+    feature of A with B's feature in the *other* block; matching must still stay inside the blocks, and equal the
+    blocks solved one by one."""
+    from onnxzip.solver import solve_blocks
+    rng = np.random.RandomState(4)
+    x = rng.randn(400, 8)
+    y = np.concatenate([x[:, 4:], x[:, :4]], axis=1) + 0.1 * rng.randn(400, 8)
+    corr = np.corrcoef(np.concatenate([x, y], axis=1).T)
+    for method in ("zip", "permute", "average"):
+        m = solve_blocks(method, corr, 8, 2)
+        block_of = np.concatenate([np.arange(8) // 4, np.arange(8) // 4])
+        for c in range(m.merged_width):
+            assert len(set(block_of[m.clusters == c])) == 1, (method, c)
+        first = solve(method, corr[np.ix_([0, 1, 2, 3, 8, 9, 10, 11], [0, 1, 2, 3, 8, 9, 10, 11])], 4)
+        np.testing.assert_array_equal(m.merge[0][:4, :4], first.merge[0])
+        np.testing.assert_array_equal(m.merge[0][:4, 4:], 0)
+    # without blocks, the same correlation pairs across the blocks
+    assert (solve("permute", corr, 8).unmerge_index(1)[:4] >= 4).all()
+    with pytest.raises(ValueError):
+        solve_blocks("zip", corr, 8, 3)
