@@ -28,11 +28,15 @@ IDENTITY = "identity"  # a space both models share as it is (the graph input): m
 
 @dataclass(frozen=True)
 class TensorSpace:
-    """Where a tensor keeps its channels: `axis` holds `width * expand` entries, channel-major."""
+    """Where a tensor keeps its channels: `axis` holds `width * expand` entries, channel-major.
+
+    `split` (inside a channel shuffle only): the channels span len(split) consecutive axes from `axis`, of these
+    sizes, row-major (Reshape (N, C, H, W) -> (N, G, C/G, H, W): split (G, C/G))."""
 
     space: int
     axis: int
     expand: int = 1
+    split: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,21 @@ class FeatureSpace:
     carriers: list = field(default_factory=list)  # node indices that carry or tie it
     tensors: list = field(default_factory=list)  # tensor names in it
     parts: list = field(default_factory=list)  # a channel Concat: the spaces it is made of, in order
-    # contiguous equal blocks the channels fall into (a grouped convolution's groups): matching keeps every feature
-    # inside its block, block g of each model with block g of the others, so the merged layer stays grouped
-    blocks: int = 1
+    # the blocks the channels fall into, one label per channel (None: one block): a grouped convolution's groups,
+    # the channels a Slice keeps. Matching keeps every feature inside its block, block b of each model with block
+    # b of the others, and numbers a block's merged features by the block's own positions (solver.solve_blocks)
+    partition: tuple | None = None
+    # a view (Slice, Split, channel shuffle): channel j is channel view[j][1] of space view[j][0]
+    view: list | None = None
 
     @property
     def composite(self) -> bool:
-        return bool(self.parts)
+        """Derived from other spaces (a channel Concat, a view): matched through them, never solved itself."""
+        return bool(self.parts) or self.view is not None
+
+    @property
+    def blocks(self) -> int:
+        return 1 if self.partition is None else len(set(self.partition))
 
 
 @dataclass
@@ -251,8 +263,9 @@ def _fold_batchnorms(model: onnx.ModelProto) -> int:
     return len(drop)
 
 
-def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
-    """Shapes (batch dimension set to 1), element types and ranks of every tensor that shape inference can reach.
+def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict, dict, dict]:
+    """Shapes (batch dimension set to 1), element types and ranks of every tensor that shape inference can reach,
+    and the values of the small computations on shapes and constants that were evaluated to get there.
     Inference runs on the model without its weights (shapes are all it needs), so models of any size work.
 
     ONNX's data propagation stops at operators it does not evaluate (TorchScript computes a channel shuffle's
@@ -269,12 +282,13 @@ def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
                 d.dim_value = 1
     del m.graph.value_info[:]
     m = _infer_shapes(m)
+    values = {}
     for _ in range(_FOLD_ROUNDS):
-        folded = _fold_shape_computations(m, _collect_shapes(m)[0])
+        folded = _fold_shape_computations(m, _collect_shapes(m)[0], values)
         if folded is None:
             break
         m = _infer_shapes(folded)
-    return _collect_shapes(m)
+    return _collect_shapes(m) + (values,)
 
 
 # rounds of folding and inference at most: each round can resolve the Reshapes whose output shapes the next
@@ -308,9 +322,9 @@ def _collect_shapes(m: onnx.ModelProto) -> tuple[dict, dict, dict]:
     return shapes, types, ranks
 
 
-def _fold_shape_computations(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProto | None:
+def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict) -> onnx.ModelProto | None:
     """A copy of `m` (batch 1) in which every small node computed from constants and known shapes alone is replaced
-    by its value as an initializer; None when there is nothing new to fold."""
+    by its value as an initializer (added to `found` too); None when there is nothing new to fold."""
     from onnx.reference import ReferenceEvaluator
 
     opsets = {op.domain: op.version for op in m.opset_import}
@@ -366,6 +380,7 @@ def _fold_shape_computations(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProt
     del out.graph.value_info[:]
     out.graph.value_info.extend(infos)
     out.graph.initializer.extend(numpy_helper.from_array(np.asarray(folded[name]), name) for name in sorted(names))
+    found.update(folded)
     return out
 
 
@@ -373,10 +388,15 @@ def _fold_shape_computations(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProt
 # The walk
 
 
-def common_blocks(width: int, a: int, b: int) -> int:
-    """The coarsest split of `width` channels into contiguous equal blocks that refines both a split into `a` and
-    one into `b` blocks: blocks of gcd(width/a, width/b) channels."""
-    return width // int(np.gcd(width // a, width // b))
+def refine_partition(a, b) -> np.ndarray:
+    """The coarsest partition finer than both label arrays (None: one block), labelled 0, 1, ... in order of first
+    appearance."""
+    if a is None:
+        a = np.zeros(len(b), dtype=np.int64)
+    pairs = np.asarray(a, dtype=np.int64) * (int(np.max(b)) + 1) + np.asarray(b, dtype=np.int64)
+    _, first, inverse = np.unique(pairs, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))
+    return order[inverse.reshape(-1)]
 
 
 class _Unsupported(Exception):
@@ -390,7 +410,7 @@ class _Walk:
         self.model = model
         self.graph = model.graph
         self.initializers = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
-        self.shapes, self.types, self.ranks = _concrete_shapes(model)
+        self.shapes, self.types, self.ranks, self.values = _concrete_shapes(model)
         self.tensor_spaces: dict = {}
         self.static: set = set(self.initializers)
         self.opaque: set = set()
@@ -399,7 +419,12 @@ class _Walk:
         self.widths: dict = {}
         self.identity: set = set()
         self.parts: dict = {}  # composite space id -> the space ids it concatenates
-        self.blocks: dict = {}  # space id -> number of contiguous equal blocks its channels must stay in
+        self.partitions: dict = {}  # space id -> block label of each channel (matching stays inside blocks)
+        self.views: dict = {}  # view space id -> [(space id, channel), ...] over spaces that are not derived
+        self.readers: dict = {}  # tensor name -> nodes reading it
+        for node in self.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
         self.node_index = -1
 
     # union-find ------------------------------------------------------------------------------------------------
@@ -423,6 +448,8 @@ class _Walk:
             return
         if ra in self.parts or rb in self.parts:
             raise _Unsupported("ties a concatenation of channels to another feature space")
+        if ra in self.views or rb in self.views:
+            raise _Unsupported("ties a slice or shuffle of channels to another feature space")
         if self.widths[ra] != self.widths[rb]:
             raise _Unsupported(f"ties spaces of different widths ({self.widths[ra]} and {self.widths[rb]})")
         if (ra in self.identity) != (rb in self.identity):
@@ -433,9 +460,46 @@ class _Walk:
     def split_into_blocks(self, sid: int, blocks: int) -> None:
         """Features of space `sid` may only be matched inside `blocks` contiguous equal blocks (on top of any
         blocks already required)."""
-        if self.find(sid) in self.parts:
-            raise _Unsupported("splits a concatenation of channels into groups")
-        self.blocks[sid] = common_blocks(self.widths[sid], self.blocks.get(sid, 1), blocks)
+        if self.find(sid) in self.parts or self.find(sid) in self.views:
+            raise _Unsupported("splits a concatenation, slice or shuffle of channels into groups")
+        width = self.widths[sid]
+        self.refine(sid, np.arange(width) // (width // blocks))
+
+    def refine(self, sid: int, labels: np.ndarray) -> None:
+        """Features of space `sid` may only be matched inside the blocks of `labels` (and of earlier partitions)."""
+        self.partitions[sid] = refine_partition(self.partitions.get(sid), labels)
+
+    def channels(self, sid: int) -> list:
+        """Channel j of space `sid` as (space, channel) of a space that is not derived (a Concat's parts, a view's
+        sources, followed down)."""
+        sid = self.find(sid)
+        if sid in self.views:
+            return list(self.views[sid])
+        if sid in self.parts:
+            return [pair for part in self.parts[sid] for pair in self.channels(part)]
+        return [(sid, c) for c in range(self.widths[sid])]
+
+    def new_view(self, channels: list) -> int:
+        """A space whose channel j is channels[j] = (space, channel). Each space it reads only part of is
+        partitioned so that the part read is whole blocks: every cluster of a feature read stays inside the view."""
+        if len(set(channels)) != len(channels):
+            raise _Unsupported("reads a channel twice")
+        read: dict = {}
+        for space, c in channels:
+            read.setdefault(space, []).append(c)
+        for space, cs in read.items():
+            if len(cs) < self.widths[space] and self.find(space) not in self.identity:
+                labels = np.zeros(self.widths[space], dtype=np.int64)
+                labels[cs] = 1
+                self.refine(space, labels)
+        sid = self.new_space(len(channels))
+        self.views[sid] = list(channels)
+        return sid
+
+    def value(self, name: str):
+        """A constant, or a value computed from shapes and constants alone (see `_fold_shape_computations`)."""
+        value = self.initializers.get(name)
+        return self.values.get(name) if value is None else value
 
     # tensor verbs ----------------------------------------------------------------------------------------------
     def space_of(self, name: str) -> TensorSpace | None:
@@ -742,7 +806,134 @@ def _flatten(w: _Walk, node):
 
 
 def _reshape(w: _Walk, node):
-    return _flatten_like(w, node, w.shape(node.input[0]), w.shape(node.output[0]))
+    """Flatten-like reshapes (`_flatten_like`), and the two reshapes of a channel shuffle: (N, C, H, W) ->
+    (N, G, C/G, H, W), whose output then holds the channels split over two axes, and back."""
+    x = w.space_of(node.input[0])
+    in_shape, out_shape = w.shape(node.input[0]), w.shape(node.output[0])
+    if in_shape is None or out_shape is None:
+        raise _Unsupported("the shapes around it are unknown to ONNX shape inference")
+    a = x.axis
+    if x.split:
+        if tuple(out_shape) != tuple(in_shape[:a]) + (int(np.prod(x.split)),) + tuple(in_shape[a + len(x.split):]):
+            raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} inside a channel shuffle")
+        out = TensorSpace(x.space, a, x.expand)
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
+    if x.expand == 1 and len(out_shape) == len(in_shape) + 1 and tuple(out_shape[:a]) == tuple(in_shape[:a]) \
+            and tuple(out_shape[a + 2:]) == tuple(in_shape[a + 1:]) and out_shape[a] * out_shape[a + 1] == in_shape[a] \
+            and out_shape[a] > 1 and out_shape[a + 1] > 1 and _shuffle_follows(w, node, a):
+        out = TensorSpace(x.space, a, 1, (int(out_shape[a]), int(out_shape[a + 1])))
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
+    return _flatten_like(w, node, in_shape, out_shape)
+
+
+def _shuffle_follows(w: _Walk, node, a: int) -> bool:
+    """Whether the output of `node` (channels split over axes a, a+1) is read by exactly one Transpose that swaps
+    those two axes and keeps every other in place, itself read by exactly one Reshape that merges them back: a
+    channel shuffle (ShuffleNet). Only then are the channels split: nothing else reads a tensor so split."""
+    outputs = {o.name for o in w.graph.output}
+    readers = w.readers.get(node.output[0], [])
+    if len(readers) != 1 or node.output[0] in outputs or readers[0].op_type != "Transpose":
+        return False
+    transpose = readers[0]
+    rank = len(w.shape(node.output[0]))
+    perm = list(w.attr(transpose, "perm") or reversed(range(rank)))
+    swapped = list(range(rank))
+    swapped[a], swapped[a + 1] = a + 1, a
+    if perm != swapped:
+        return False
+    readers = w.readers.get(transpose.output[0], [])
+    if len(readers) != 1 or transpose.output[0] in outputs or readers[0].op_type != "Reshape":
+        return False
+    before, after = w.shape(node.input[0]), w.shape(readers[0].output[0])
+    return before is not None and tuple(before) == tuple(after or ())
+
+
+def _shuffled(w: _Walk, x: TensorSpace, b: int) -> TensorSpace:
+    """A Transpose swapping the two axes that hold the channels (G, K) -> (K, G): a view of the channels in the new
+    row-major order, channel k*G + g of the output being channel g*K + k of the input."""
+    g, k = x.split
+    source = w.channels(x.space)
+    order = [gi * k + ki for ki in range(k) for gi in range(g)]
+    return TensorSpace(w.new_view([source[c] for c in order]), b, x.expand, (k, g))
+
+
+def _channel_range(w: _Walk, x: TensorSpace, start: int, stop: int) -> TensorSpace:
+    """Channels start..stop-1 of a space: the space itself when that is all of them, else a view."""
+    if start == 0 and stop == w.width(x):
+        return x
+    if x.expand != 1:
+        raise _Unsupported("slices a flattened channel axis")
+    return TensorSpace(w.new_view(w.channels(x.space)[start:stop]), x.axis)
+
+
+def _slice(w: _Walk, node):
+    """Slice: along other axes it carries the space (a crop); along the channel axis with step 1 it keeps a range
+    of channels, a view (ShuffleNet's `chunk`: starts and ends are often computed from shapes)."""
+    x = w.space_of(node.input[0])
+    rank = w.rank(node.input[0])
+    if len(node.input) > 1:  # opset >= 10: starts, ends, axes, steps as inputs
+        parts = []
+        for i in range(1, 5):
+            if i < len(node.input) and node.input[i]:
+                value = w.value(node.input[i])
+                if value is None:
+                    raise _Unsupported(f"its input '{node.input[i]}' is computed from the data")
+                parts.append([int(v) for v in np.asarray(value).reshape(-1)])
+            else:
+                parts.append(None)
+        starts, ends, axes, steps = parts
+    else:
+        starts, ends, axes, steps = w.attr(node, "starts"), w.attr(node, "ends"), w.attr(node, "axes"), None
+    axes = list(range(len(starts))) if axes is None else [a % rank for a in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    out = x
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if axis != x.axis:
+            continue
+        size = w.width(x) * x.expand
+        if step != 1:
+            raise _Unsupported(f"slices the channel axis with step {step}")
+        lo, hi = (max(0, min(size, v + size if v < 0 else v)) for v in (start, end))
+        if hi <= lo:
+            raise _Unsupported("slices the channel axis to nothing")
+        out = _channel_range(w, x, lo, hi)
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _split(w: _Walk, node):
+    """Split: along other axes every output carries the space; along the channel axis each output is a view of its
+    range of channels."""
+    x = w.space_of(node.input[0])
+    rank = w.rank(node.input[0])
+    axis = w.attr(node, "axis", 0) % rank
+    outputs = [o for o in node.output]
+    if axis != x.axis:
+        for o in outputs:
+            if o:
+                w.set_space(o, x)
+        return "carrier", None, x, x
+    size = w.width(x) * x.expand
+    sizes = w.attr(node, "split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        value = w.value(node.input[1])
+        if value is None:
+            raise _Unsupported(f"its split sizes '{node.input[1]}' are computed from the data")
+        sizes = [int(v) for v in np.asarray(value).reshape(-1)]
+    if sizes is None:
+        n = len(outputs)
+        chunk = -(-size // n)  # opset 18's num_outputs: equal chunks, the last one smaller
+        sizes = [min(chunk, size - k * chunk) for k in range(n)]
+    if sum(sizes) != size or len(sizes) != len(outputs):
+        raise _Unsupported(f"splits {size} channels into {list(sizes)}")
+    start = 0
+    for o, n in zip(outputs, sizes):
+        if o:
+            w.set_space(o, _channel_range(w, x, start, start + n))
+        start += n
+    return "carrier", None, x, None
 
 
 def _squeeze(w: _Walk, node):
@@ -772,6 +963,10 @@ def _transpose(w: _Walk, node):
     x = w.space_of(node.input[0])
     rank = w.rank(node.input[0])
     perm = w.attr(node, "perm") or list(reversed(range(rank)))
+    if x.split:  # inside a channel shuffle (_shuffle_follows checked the permutation)
+        out = _shuffled(w, x, x.axis)
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
     out = TensorSpace(x.space, list(perm).index(x.axis), x.expand)
     w.set_space(node.output[0], out)
     return "carrier", None, x, out
@@ -959,6 +1154,8 @@ HANDLERS = {
     "Unsqueeze": _squeeze,
     "Transpose": _transpose,
     "Concat": _concat,
+    "Slice": _slice,
+    "Split": _split,
     "LayerNormalization": _layernorm,
     "GroupNormalization": _groupnorm,
     "Pad": _pad,
@@ -1023,16 +1220,20 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                         _set_shared(w, name)
         else:
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            saved = (len(w.weights), dict(w.tensor_spaces), dict(w.blocks))
+            saved = (len(w.weights), dict(w.tensor_spaces), dict(w.partitions), dict(w.views))
             try:
                 if handler is None:
                     raise _Unsupported(f"operator {node.domain + '.' if node.domain else ''}{node.op_type} "
                                        "is not one onnxzip knows how channels move through")
+                if node.op_type not in ("Transpose", "Reshape") and any(
+                        w.space_of(n) is not None and w.space_of(n).split for n in inputs):
+                    raise _Unsupported("its input holds the channels split over several axes (inside a channel "
+                                       "shuffle)")
                 kind, data_input, in_space, out_space = handler(w, node)
                 info.kind, info.data_input, info.in_space, info.out_space = kind, data_input, in_space, out_space
             except _Unsupported as exc:
                 del w.weights[saved[0]:]
-                w.tensor_spaces, w.blocks = saved[1], saved[2]
+                w.tensor_spaces, w.partitions, w.views = saved[1], saved[2], saved[3]
                 info.kind, info.reason = "unsupported", str(exc)
         if info.kind in ("opaque", "unsupported"):
             for out in node.output:
@@ -1043,26 +1244,31 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
 
     # canonical space ids after all ties
     def canon(ts):
-        return None if ts is None else TensorSpace(w.find(ts.space), ts.axis, ts.expand)
+        return None if ts is None else TensorSpace(w.find(ts.space), ts.axis, ts.expand, ts.split)
 
     tensor_spaces = {k: canon(v) for k, v in w.tensor_spaces.items()}
     weights = [WeightAxis(x.node, x.input, x.axis, w.find(x.space), x.role, x.expand, x.groups) for x in w.weights]
     for info in infos:
         info.in_space, info.out_space = canon(info.in_space), canon(info.out_space)
-    blocks = {}  # tied spaces share their blocks
-    for sid, count in w.blocks.items():
+    partitions = {}  # tied spaces share their blocks
+    for sid, labels in w.partitions.items():
         root = w.find(sid)
-        blocks[root] = common_blocks(w.widths[root], blocks.get(root, 1), count)
+        partitions[root] = refine_partition(partitions.get(root), labels)
     spaces = {}
     for sid in w.parent:
         root = w.find(sid)
         if root not in spaces:
+            labels = partitions.get(root)
+            view = w.views.get(root)
             spaces[root] = FeatureSpace(root, w.widths[root], identity=root in w.identity,
                                         parts=[w.find(p) for p in w.parts.get(root, [])],
-                                        blocks=blocks.get(root, 1))
+                                        partition=None if labels is None or len(set(labels.tolist())) == 1
+                                        else tuple(int(x) for x in labels),
+                                        view=None if view is None else [(w.find(sp), c) for sp, c in view])
     for name, ts in tensor_spaces.items():
         spaces[ts.space].tensors.append(name)
-    spaces = {k: v for k, v in spaces.items() if v.tensors}
+    referenced = {p for v in spaces.values() for p in v.parts} | {sp for v in spaces.values() for sp, _ in v.view or []}
+    spaces = {k: v for k, v in spaces.items() if v.tensors or k in referenced}
     for info in infos:
         if info.kind == "weighted":
             spaces[info.out_space.space].producers.append(info.index)
@@ -1244,7 +1450,19 @@ def trunk_nodes(analysis: Analysis, stop_at=None) -> set:
     else:
         k = 0 if stop_at == "input" else int(stop_at)
         limit = weighted[k] if k < len(weighted) else len(analysis.nodes)
-    return {i for i in range(limit) if i not in analysis.blocked}
+    trunk = {i for i in range(limit) if i not in analysis.blocked}
+    # a channel shuffle is in the trunk whole or not at all: the tensors inside it hold the channels over two axes,
+    # which no unmerge into a branch can follow
+    changed = True
+    while changed:
+        changed = False
+        for i in sorted(trunk, reverse=True):
+            for name in analysis.model.graph.node[i].output:
+                ts = analysis.tensor_spaces.get(name)
+                if ts is not None and ts.split and any(j not in trunk for j, _ in analysis.consumers.get(name, [])):
+                    trunk.discard(i)
+                    changed = True
+    return trunk
 
 
 def stop_points(analysis: Analysis) -> list:

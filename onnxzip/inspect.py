@@ -37,7 +37,10 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
             "zipped_by_default": sid in zipped,
             "head_output": any(i in a.heads for i in space.producers),
         }
-        if space.composite:
+        if space.view is not None:
+            entry["view_of"] = sorted({sp for sp, _ in space.view})
+            entry["zipped_by_default"] = any(t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
+        elif space.composite:
             entry["concat_of"] = space.parts
             entry["zipped_by_default"] = all(p in zipped or a.spaces[p].identity for p in space.parts) and any(
                 t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
@@ -95,9 +98,11 @@ def format_report(report: dict) -> str:
     for s in r["feature_spaces"]:
         flag = "zipped" if s["zipped_by_default"] else ("head" if s["head_output"] else "unmerged")
         extra = f" concat of spaces {s['concat_of']}" if "concat_of" in s else ""
+        if "view_of" in s:
+            extra = f" slice/shuffle of space(s) {s['view_of']}"
         tied = f" tied by {', '.join(s['tied_by'])}" if s["tied_by"] else ""
         if s.get("blocks", 1) > 1:
-            extra += f" in {s['blocks']} blocks (grouped: matched block by block)"
+            extra += f" in {s['blocks']} blocks (grouped, sliced: matched block by block)"
         lines.append(f"  space {s['id']:>3}: width {s['width']:>5}  [{flag}]{extra}{tied}")
         if s["producers"]:
             lines.append(f"      written by {', '.join(s['producers'])}")

@@ -492,7 +492,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         width = a.spaces[sid].width
         key = f"space:{sid}"
         correlation = _similarity(stats[key]) if method in ("zip", "permute") else None
-        matching = solve_blocks(method, correlation, width, a.spaces[sid].blocks, 2, alpha, beta)
+        matching = solve_blocks(method, correlation, width, a.spaces[sid].partition or 1, 2, alpha, beta)
         plan.matchings[sid] = matching
         samples = int(stats[key].count)
         # The 2F x 2F correlation of a space of width F needs more than 2F samples to be of full rank.

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import Analysis, Correspondence, TensorSpace, descendants
-from .solver import Matching, concat_matchings, identity_match
+from .solver import Matching, concat_matchings, identity_match, view_matching
 
 TRUNK_PREFIX = "zip"
 
@@ -38,10 +38,13 @@ class ZipPlan:
 
     def matching(self, space: int) -> Matching:
         """The matching of a space: solved ones from `matchings`; the shared input matched to itself; a channel
-        Concat block-diagonal over its parts."""
+        Concat block-diagonal over its parts; a view (Slice, Split, shuffle) from the spaces it reads."""
         if space not in self.matchings:
             info = self.a.spaces[space]
-            if info.composite:
+            if info.view is not None:
+                sources = {sp: self.matching(sp) for sp in {sp for sp, _ in info.view}}
+                self.matchings[space] = view_matching(info.view, sources)
+            elif info.composite:
                 self.matchings[space] = concat_matchings([self.matching(p) for p in info.parts])
             elif info.identity:
                 self.matchings[space] = identity_match(info.width, len(self.analyses))
@@ -114,18 +117,29 @@ def merge_points(a: Analysis, trunk: set) -> dict:
         for name in a.spaces[sid].tensors:
             if not is_trunk_tensor(a, trunk, name) or name in a.input_names:
                 continue
+            if a.tensor_spaces[name].split:
+                continue  # inside a channel shuffle: measured on the tensor before it
             ends = name in outputs
             for j, _ in a.consumers.get(name, []):
                 info = a.nodes[j]
                 if j not in trunk or (info.kind == "weighted" and info.data_input == name):
                     ends = True
-                elif info.out_space is not None and a.spaces[info.out_space.space].composite:
-                    ends = True  # read into a channel Concat: its consumers see these features as they are
+                elif any(_derived(a, out) for out in a.model.graph.node[j].output if out):
+                    # read into a channel Concat, a slice or a shuffle: what reads those sees these features as
+                    # they are
+                    ends = True
             if ends:
                 points.setdefault(sid, []).append(name)
         if sid not in points:  # read by nothing that ends it: fall back to every trunk tensor of the space
-            points[sid] = [n for n in a.spaces[sid].tensors if is_trunk_tensor(a, trunk, n)]
+            points[sid] = [n for n in a.spaces[sid].tensors if is_trunk_tensor(a, trunk, n)
+                           and not a.tensor_spaces[n].split]
     return points
+
+
+def _derived(a: Analysis, name: str) -> bool:
+    """Whether tensor `name` holds a Concat, a view or channels split over two axes (not a space of its own)."""
+    ts = a.tensor_spaces.get(name)
+    return ts is not None and (bool(ts.split) or a.spaces[ts.space].composite)
 
 
 def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray, groups: int = 1) -> np.ndarray:

@@ -375,11 +375,12 @@ def test_batchnorm_is_not_folded_where_the_layer_output_is_used_elsewhere():
 # Shapes that ONNX shape inference cannot reach on its own (issue 13, "never a crash")
 
 
-def torchscript_shuffle_model(w=None):
+def torchscript_shuffle_model(w=None, chunk="slice"):
     """conv0 -> ReLU -> channel shuffle and `chunk(2, dim=1)` as PyTorch's TorchScript exporter writes them
     (ShuffleNetV2): every shape is computed at run time, Shape -> Gather -> Div -> Cast -> Concat, and ONNX's data
-    propagation stops at the Div. (TorchScript gathers scalars and unsqueezes them; `make` keeps no 0-d constant.) The second half goes through conv1, is concatenated back with the
-    first half, then the head. Returns (model, weights); pass `w` to rebuild with other weights."""
+    propagation stops at the Div (TorchScript gathers scalars and unsqueezes them; `make` keeps no 0-d constant).
+    The second half goes through conv1, is concatenated back with the first half, then the head. Returns (model, weights); pass `w` to rebuild with other weights. `chunk="split"`:
+    one Split (sizes [4, 4]) instead of the computed Slices, as the dynamo exporter writes `chunk`."""
     i64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
     n = [helper.make_node("Conv", ["input", "c0.w", "c0.b"], ["c0"], pads=[1] * 4),
          helper.make_node("Relu", ["c0"], ["r0"]),
@@ -392,20 +393,25 @@ def torchscript_shuffle_model(w=None):
           helper.make_node("Reshape", ["r0", "shape5"], ["g5"]),
           helper.make_node("Transpose", ["g5"], ["t5"], perm=[0, 2, 1, 3, 4]),
           helper.make_node("Concat", ["u.n", "u.c", "u.h", "u.w"], ["shape4"], axis=0),
-          helper.make_node("Reshape", ["t5", "shape4"], ["shuffled"]),
-          helper.make_node("Shape", ["shuffled"], ["s2"]),
-          helper.make_node("Gather", ["s2", "k.1"], ["c2"], axis=0),
-          helper.make_node("Div", ["c2", "k.two"], ["half1"]),
-          helper.make_node("Slice", ["shuffled", "k.zero", "half1", "k.axis1"], ["x1"]),
-          helper.make_node("Slice", ["shuffled", "half1", "k.big", "k.axis1"], ["x2"]),
-          helper.make_node("Conv", ["x2", "c1.w", "c1.b"], ["c1x"]),
+          helper.make_node("Reshape", ["t5", "shape4"], ["shuffled"])]
+    if chunk == "split":
+        n.append(helper.make_node("Split", ["shuffled", "k.halves"], ["x1", "x2"], axis=1))
+    else:
+        n += [helper.make_node("Shape", ["shuffled"], ["s2"]),
+              helper.make_node("Gather", ["s2", "k.1"], ["c2"], axis=0),
+              helper.make_node("Div", ["c2", "k.two"], ["half1"]),
+              helper.make_node("Slice", ["shuffled", "k.zero", "half1", "k.axis1"], ["x1"]),
+              helper.make_node("Slice", ["shuffled", "half1", "k.big", "k.axis1"], ["x2"])]
+    n += [          helper.make_node("Conv", ["x2", "c1.w", "c1.b"], ["c1x"]),
           helper.make_node("Relu", ["c1x"], ["r1"]),
           helper.make_node("Concat", ["x1", "r1"], ["cat"], axis=1)]
     if w is None:
         w = {"c0.w": conv_w(8, 3), "c0.b": bias(8), "c1.w": conv_w(4, 4, k=1), "c1.b": bias(4),
              **{f"k.{k}": i64(k) for k in range(4)}, "k.two": i64(2),
-             "k.groups": i64(2), "k.zero": i64(0), "k.big": i64(2 ** 62), "k.axis1": i64(1)}
+             "k.groups": i64(2), "k.zero": i64(0), "k.big": i64(2 ** 62), "k.axis1": i64(1), "k.halves": i64(4, 4)}
+    given = {k: w[k] for k in ("fc.w", "fc.b") if k in w}
     head(n, w, "cat", 8)
+    w.update(given)  # a twin keeps its (permuted) head
     return make(n, w, (3, 8, 8), 5), w
 
 
@@ -419,20 +425,49 @@ def test_shapes_computed_at_run_time_are_known_to_analysis():
     assert [x.op_type for x in an.model.graph.node].count("Shape") == 2
 
 
-def test_torchscript_channel_shuffle_merges_instead_of_crashing():
+def shuffle_twin(w):
+    """torchscript_shuffle_model's twin. The shuffle puts conv0's channels in the order 0 4 1 5 2 6 3 7, the slices
+    keep {0, 1, 4, 5} and {2, 3, 6, 7}: conv0 is permuted inside those blocks (what a merge may match), conv1
+    freely, and conv1 and the head read their inputs in the order the twin's shuffle and slices deliver them."""
+    order = np.array([0, 4, 1, 5, 2, 6, 3, 7])
+    p0 = np.array([5, 4, 7, 6, 0, 1, 3, 2])  # keeps {0, 1, 4, 5} and {2, 3, 6, 7}
+    p1 = perm(4)
+    q = np.argsort(order)[p0[order]]  # the twin's shuffled channel j is A's shuffled channel q[j]
+    assert sorted(q[:4]) == [0, 1, 2, 3]
+    return dict(w, **{"c0.w": w["c0.w"][p0], "c0.b": w["c0.b"][p0], "c1.w": w["c1.w"][p1][:, q[4:] - 4],
+                      "c1.b": w["c1.b"][p1], "fc.w": w["fc.w"][:, np.concatenate([q[:4], 4 + p1])]})
+
+
+@pytest.mark.parametrize("chunk", ["slice", "split"])
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_torchscript_channel_shuffle_and_chunk_merge_exactly(method, chunk):
     """ShuffleNetV2's TorchScript export crashed merge with `internal error: KeyError` on the Conv after the
-    shuffle (statistics repair read a shape shape inference had not found). Now: a merged model, the shuffle
-    left unmerged and named, each head computing its own model (the trunk is a layer both models share)."""
-    a, w = torchscript_shuffle_model()
-    b, _ = torchscript_shuffle_model(dict(w, **{"c1.w": conv_w(4, 4, k=1), "c1.b": bias(4)}))
+    shuffle (statistics repair read a shape shape inference had not found). Now the shuffle and the slices are
+    followed (views of conv0's space, which is split into the two blocks the slices keep), and twins merge
+    exactly with everything but the head in the trunk."""
+    a, w = torchscript_shuffle_model(chunk=chunk)
+    b, _ = torchscript_shuffle_model(shuffle_twin(w), chunk)
     x = RNG.randn(32, 3, 8, 8).astype(np.float32)
-    res = onnxzip.merge(a, b, RNG.randn(128, 3, 8, 8).astype(np.float32), method="zip")
-    assert [u["op"] for u in res.card["unmerged"]] == ["Reshape"], res.card["unmerged"]
-    assert "[1, 2, 4, 8, 8]" in res.card["unmerged"][0]["reason"]
-    assert res.card["trunk"]["weighted_layers_zipped"] == 1 and res.card["repair"]["branch_layers"] == 2
+    (want,) = run(a, x)
+    np.testing.assert_allclose(run(b, x)[0], want, atol=1e-5)  # the fixture is a twin
+    an = analyse(a)
+    assert an.spaces[an.tensor_spaces["r0"].space].partition == (0, 0, 1, 1, 0, 0, 1, 1)
+    assert an.tensor_spaces["g5"].split == (2, 4)
+    res = onnxzip.merge(a, b, RNG.randn(256, 3, 8, 8).astype(np.float32), method=method, beta=0.0)
+    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 2
     got_a, got_b = run(res.model, x)
-    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-4)
-    np.testing.assert_allclose(got_b, run(b, x)[0], atol=1e-4)
+    np.testing.assert_allclose(got_a, want, atol=1e-4)
+    np.testing.assert_allclose(got_b, want, atol=1e-4)
+
+
+def test_unrelated_shuffle_models_merge_with_clusters_inside_the_slices():
+    """Two initialisations: unrestricted, ZipIt! would merge channels that the slices then separate (no merged
+    model could hold such a cluster on both sides); the blocks keep every cluster inside one slice."""
+    a, _ = torchscript_shuffle_model()
+    b, _ = torchscript_shuffle_model()
+    res = onnxzip.merge(a, b, RNG.randn(256, 3, 8, 8).astype(np.float32), method="zip", beta=0.5)
+    assert not res.card["unmerged"] and [s["blocks"] for s in res.card["spaces"]] == [2, 1]
+    assert all(np.isfinite(y).all() for y in run(res.model, RNG.randn(8, 3, 8, 8).astype(np.float32)))
 
 
 def test_repair_measures_layers_whose_rank_shape_inference_does_not_know():
