@@ -860,8 +860,9 @@ def _shuffled(w: _Walk, x: TensorSpace, b: int) -> TensorSpace:
 
 
 def _channel_range(w: _Walk, x: TensorSpace, start: int, stop: int) -> TensorSpace:
-    """Channels start..stop-1 of a space: the space itself when that is all of them, else a view."""
-    if start == 0 and stop == w.width(x):
+    """Entries start..stop-1 of the channel axis: the space itself when that is all of them, else a view (of whole
+    channels: a flattened axis is not cut)."""
+    if start == 0 and stop == w.width(x) * x.expand:
         return x
     if x.expand != 1:
         raise _Unsupported("slices a flattened channel axis")

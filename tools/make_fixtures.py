@@ -362,6 +362,45 @@ class GroupedCNN(nn.Module):
                 "gconv": (c, g, conv_out("gconv", "bn2") + conv_in("conv3"), "in place")}
 
 
+def channel_shuffle(x, groups):
+    """torchvision's ShuffleNetV2 channel shuffle, as written there."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleCNN(nn.Module):
+    """ShuffleNetV2 unit (stride 1) as torchvision writes it: conv0-bn-relu, chunk(2) into x1, x2; x2 through 1x1
+    pw1-bn-relu, 3x3 depthwise dw-bn, 1x1 pw2-bn-relu; cat(x1, x2') then channel_shuffle(groups 2); global average
+    pool, linear head."""
+
+    input_shape = (3, 12, 12)
+    expected = (4, "conv0, pw1 (the depthwise conv carries it), pw2, fc head (chunk, cat and shuffle are views)")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.pw1, self.bn1 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.dw, self.bn_dw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.pw2, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.relu0, self.relu1, self.relu2 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.relu0(self.bn0(self.conv0(x)))
+        x1, x2 = x.chunk(2, dim=1)
+        x2 = self.relu2(self.bn2(self.pw2(self.bn_dw(self.dw(self.relu1(self.bn1(self.pw1(x2))))))))
+        x = channel_shuffle(torch.cat((x1, x2), dim=1), 2)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def spaces(self):
+        # pw1's input (conv0's second half) and fc's input (the shuffled concatenation) are permuted in torch_twin
+        return {"conv0": (16, 2, conv_out("conv0", "bn0"), "in place"),
+                "pw1": (8, 1, conv_out("pw1", "bn1") + conv_out("dw", "bn_dw") + conv_in("pw2")),
+                "pw2": (8, 1, conv_out("pw2", "bn2"))}
+
+
 class SECNN(nn.Module):
     """conv0-relu, conv1-relu, squeeze-and-excitation (GAP, 1x1 reduce-relu, 1x1 expand-sigmoid, Mul), GAP, head."""
 
@@ -427,6 +466,17 @@ def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
         sd = twin.state_dict()
         idx = torch.cat([perms["conv0"], 8 + perms["conv1a"], 12 + perms["conv1b"]])
         sd["conv2.weight"] = sd["conv2.weight"].index_select(1, idx)
+        twin.load_state_dict(sd)
+    if isinstance(model, ShuffleCNN):
+        # chunk keeps conv0's halves (its permutation keeps each half in place); pw1 reads the second half; fc
+        # reads the shuffled cat(x1, x2'): B's cat channel c is A's r[c], B's shuffled channel j is A's q[j]
+        sd = twin.state_dict()
+        p0, p2 = perms["conv0"].numpy(), perms["pw2"].numpy()
+        sd["pw1.weight"] = sd["pw1.weight"].index_select(1, torch.as_tensor(p0[8:] - 8))
+        order = np.array([g * 8 + k for k in range(8) for g in range(2)])  # shuffled j = cat[order[j]]
+        r = np.concatenate([p0[:8], 8 + p2])
+        q = np.argsort(order)[r[order]]
+        sd["fc.weight"] = sd["fc.weight"].index_select(1, torch.as_tensor(q))
         twin.load_state_dict(sd)
     if isinstance(model, GroupedCNN):
         # gconv's output group g reads conv1's block g only: permute each group's inputs by its block's
@@ -685,6 +735,11 @@ FIXTURES = {
                                     "GlobalAveragePool -> 1x1 Conv -> Relu -> 1x1 Conv -> Sigmoid -> Mul with the "
                                     "feature map."),
     "heads_5_7": heads_fixture,
+    "shuffle": lambda out: torch_fixture(out, "shuffle", ShuffleCNN, "ts", 13,
+                                         "TorchScript computes the shuffle's Reshape targets (Shape -> Gather -> "
+                                         "Div -> Cast -> Unsqueeze -> Concat) and chunk's Slice bounds from shapes. "
+                                         "The twin permutes conv0 inside each half (the halves chunk keeps), pw1 "
+                                         "and pw2 freely."),
     "grouped": lambda out: torch_fixture(out, "grouped", GroupedCNN, "ts", 12,
                                          "ResNeXt bottleneck: Conv with group=4 on 16 channels (4 per group, BN "
                                          "folded). The twin permutes conv1's and gconv's channels inside each group "
