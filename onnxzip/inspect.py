@@ -42,7 +42,8 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
             entry["zipped_by_default"] = any(t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
         elif space.composite:
             entry["concat_of"] = space.parts
-            entry["zipped_by_default"] = all(p in zipped or a.spaces[p].identity for p in space.parts) and any(
+            entry["zipped_by_default"] = all(p in zipped or a.spaces[p].identity or a.spaces[p].composite
+                                             for p in space.parts) and any(
                 t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
         spaces.append(entry)
     heads = []

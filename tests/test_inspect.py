@@ -75,3 +75,15 @@ def test_nothing_zipped_is_not_reported_as_nothing_unmerged(tmp_path):
     model, _ = F.mlp()
     assert describe(analyse(model))["zipped_nothing"] is False
     assert "left unmerged: nothing" in format_report(inspect_models(model))
+
+
+def test_views_and_blocks_are_reported():
+    """The ShuffleNet unit fixture: chunk and shuffle are views, conv0's space is cut into the halves chunk keeps,
+    and every space but the head's is zipped by default (issue 13)."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shuffle", "a.onnx")
+    r = inspect_models(onnx.load(path), path_a=path)["a"]
+    spaces = r["feature_spaces"]
+    assert all(s["zipped_by_default"] for s in spaces if not s["head_output"]), spaces
+    assert sum("view_of" in s for s in spaces) == 3 and [s["blocks"] for s in spaces if s["blocks"] > 1] == [2]
+    assert "slice/shuffle of space(s)" in format_report({"a": r, "match": None})
