@@ -175,7 +175,8 @@ def cli():
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the merged model: finite outputs, close to the originals on held-out samples.")
 @click.option("--strict", is_flag=True,
-              help="Fail on any operator onnxzip cannot merge instead of leaving it and everything after it unzipped.")
+              help="Fail on any operator onnxzip cannot merge instead of leaving it and everything after it unzipped, "
+                   "and when nothing at all would be zipped.")
 @click.option("--keep-batchnorm", is_flag=True,
               help="Merge BatchNorm parameters per channel instead of first folding each BatchNorm into the "
                    "Conv/Gemm before it (the default, which makes BN-kept and BN-folded exports merge alike).")

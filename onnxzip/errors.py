@@ -35,7 +35,7 @@ class CalibrationDataError(OnnxzipError):
 
 
 class UnsupportedModelError(OnnxzipError):
-    """The graph holds something onnxzip cannot merge (and --strict asked for an error, or nothing is left to merge)."""
+    """With --strict: the graph holds something onnxzip cannot merge, or nothing at all can be zipped."""
 
     exit_code = 6
 

@@ -28,11 +28,15 @@ IDENTITY = "identity"  # a space both models share as it is (the graph input): m
 
 @dataclass(frozen=True)
 class TensorSpace:
-    """Where a tensor keeps its channels: `axis` holds `width * expand` entries, channel-major."""
+    """Where a tensor keeps its channels: `axis` holds `width * expand` entries, channel-major.
+
+    `split` (inside a channel shuffle only): the channels span len(split) consecutive axes from `axis`, of these
+    sizes, row-major (Reshape (N, C, H, W) -> (N, G, C/G, H, W): split (G, C/G))."""
 
     space: int
     axis: int
     expand: int = 1
+    split: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class WeightAxis:
     space: int
     role: str
     expand: int = 1
+    groups: int = 1  # a grouped Conv's input axis: output-channel group g (along axis 0) reads input block g only
 
 
 @dataclass
@@ -61,10 +66,21 @@ class FeatureSpace:
     carriers: list = field(default_factory=list)  # node indices that carry or tie it
     tensors: list = field(default_factory=list)  # tensor names in it
     parts: list = field(default_factory=list)  # a channel Concat: the spaces it is made of, in order
+    # the blocks the channels fall into, one label per channel (None: one block): a grouped convolution's groups,
+    # the channels a Slice keeps. Matching keeps every feature inside its block, block b of each model with block
+    # b of the others, and numbers a block's merged features by the block's own positions (solver.solve_blocks)
+    partition: tuple | None = None
+    # a view (Slice, Split, channel shuffle): channel j is channel view[j][1] of space view[j][0]
+    view: list | None = None
 
     @property
     def composite(self) -> bool:
-        return bool(self.parts)
+        """Derived from other spaces (a channel Concat, a view): matched through them, never solved itself."""
+        return bool(self.parts) or self.view is not None
+
+    @property
+    def blocks(self) -> int:
+        return 1 if self.partition is None else len(set(self.partition))
 
 
 @dataclass
@@ -101,6 +117,7 @@ class Analysis:
     # tensor -> (gamma, beta) of the BatchNormalization that wrote it, folded or kept: where BN's output should sit
     # (mean beta, std |gamma|), which the paper's BN reset restores after merging
     batchnorm_params: dict = field(default_factory=dict)
+    ranks: dict = field(default_factory=dict)  # tensor name -> rank where known (also where some dims are not)
 
     @property
     def weighted(self) -> list:
@@ -256,9 +273,16 @@ def _fold_batchnorms(model: onnx.ModelProto) -> int:
     return len(drop)
 
 
-def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict]:
-    """Shapes (batch dimension set to 1) and element types of every tensor that shape inference can reach.
-    Inference runs on the model without its weights (shapes are all it needs), so models of any size work."""
+def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict, dict, dict]:
+    """Shapes (batch dimension set to 1), element types and ranks of every tensor that shape inference can reach,
+    and the values of the small computations on shapes and constants that were evaluated to get there.
+    Inference runs on the model without its weights (shapes are all it needs), so models of any size work.
+
+    ONNX's data propagation stops at operators it does not evaluate (TorchScript computes a channel shuffle's
+    Reshape target as Shape -> Gather -> Div -> Cast -> Unsqueeze -> Concat, and Div is not propagated), which
+    leaves everything after it without a shape. So small computations on shapes and constants are evaluated here
+    (`_fold_shape_computations`) and inference runs again on a copy that holds their values as constants; the
+    model itself keeps computing them (its batch dimension stays dynamic)."""
     m, _ = without_weights(model)
     for inp in m.graph.input:
         dims = inp.type.tensor_type.shape.dim
@@ -267,26 +291,122 @@ def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict]:
                 d.ClearField("dim_param")
                 d.dim_value = 1
     del m.graph.value_info[:]
+    m = _infer_shapes(m)
+    values = {}
+    for _ in range(_FOLD_ROUNDS):
+        folded = _fold_shape_computations(m, _collect_shapes(m)[0], values)
+        if folded is None:
+            break
+        m = _infer_shapes(folded)
+    return _collect_shapes(m) + (values,)
+
+
+# rounds of folding and inference at most: each round can resolve the Reshapes whose output shapes the next
+# computations read (a channel shuffle per block: a round per block)
+_FOLD_ROUNDS = 64
+# computations on shapes are small; a constant computation larger than this is left to the model
+_FOLD_MAX_ELEMENTS = 4096
+
+
+def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        return onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - shape inference errors are many and unexported
         raise ModelError(f"ONNX shape inference failed: {exc}") from exc
-    shapes, types = {}, {}
+
+
+def _collect_shapes(m: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    shapes, types, ranks = {}, {}, {}
     for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
         tt = vi.type.tensor_type
         types[vi.name] = tt.elem_type
         if tt.HasField("shape"):
             dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            ranks[vi.name] = len(dims)
             if all(d is not None for d in dims):
                 shapes[vi.name] = dims
     for init in m.graph.initializer:
         shapes[init.name] = tuple(init.dims)
         types[init.name] = init.data_type
-    return shapes, types
+        ranks[init.name] = len(init.dims)
+    return shapes, types, ranks
+
+
+def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict) -> onnx.ModelProto | None:
+    """A copy of `m` (batch 1) in which every small node computed from constants and known shapes alone is replaced
+    by its value as an initializer (added to `found` too); None when there is nothing new to fold."""
+    from onnx.reference import ReferenceEvaluator
+
+    opsets = {op.domain: op.version for op in m.opset_import}
+    values = {}
+    for t in m.graph.initializer:
+        size = int(np.prod(t.dims, dtype=np.int64))
+        if size > _FOLD_MAX_ELEMENTS:
+            continue
+        try:
+            value = numpy_helper.to_array(t)
+        except Exception:  # noqa: BLE001 - a weight stripped to its shape by without_weights
+            continue
+        if value.size == size:
+            values[t.name] = value
+    folded = {}
+    for node in m.graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.output or not node.output[0]:
+            continue
+        if node.op_type in ("Shape", "Size") and node.input[0] in shapes:
+            if node.op_type == "Size":
+                value = np.array(int(np.prod(shapes[node.input[0]], dtype=np.int64)), dtype=np.int64)
+            else:
+                dims = np.array(shapes[node.input[0]], dtype=np.int64)
+                rank = len(dims)
+                start = next((a.i for a in node.attribute if a.name == "start"), 0)
+                end = next((a.i for a in node.attribute if a.name == "end"), rank)
+                value = dims[slice(start, end)]  # negative and out-of-range bounds clamp like Python's
+            folded[node.output[0]] = values[node.output[0]] = value
+            continue
+        inputs = [n for n in node.input if n]
+        if not inputs or node.op_type in ("Constant", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                                          "RandomUniformLike", "Multinomial", "Bernoulli"):
+            continue
+        if not all(n in values for n in inputs) or any(o in values for o in node.output if o):
+            continue
+        try:
+            results = ReferenceEvaluator(node, opsets=opsets).run(None, {n: values[n] for n in inputs})
+        except Exception:  # noqa: BLE001 - an operator the reference evaluator cannot run is left as it is
+            continue
+        for name, value in zip(node.output, results):
+            value = np.asarray(value)
+            if name and value.size <= _FOLD_MAX_ELEMENTS:
+                folded[name] = values[name] = value
+    gone = [n for n in m.graph.node if n.output and all(o in folded for o in n.output if o)]
+    if not gone:
+        return None
+    names = {o for n in gone for o in n.output if o}
+    out = copy.deepcopy(m)
+    kept = [n for n in out.graph.node if not (n.output and all(o in names for o in n.output if o))]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    infos = [v for v in out.graph.value_info if v.name not in names]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(infos)
+    out.graph.initializer.extend(numpy_helper.from_array(np.asarray(folded[name]), name) for name in sorted(names))
+    found.update(folded)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The walk
+
+
+def refine_partition(a, b) -> np.ndarray:
+    """The coarsest partition finer than both label arrays (None: one block), labelled 0, 1, ... in order of first
+    appearance."""
+    if a is None:
+        a = np.zeros(len(b), dtype=np.int64)
+    pairs = np.asarray(a, dtype=np.int64) * (int(np.max(b)) + 1) + np.asarray(b, dtype=np.int64)
+    _, first, inverse = np.unique(pairs, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))
+    return order[inverse.reshape(-1)]
 
 
 class _Unsupported(Exception):
@@ -300,7 +420,7 @@ class _Walk:
         self.model = model
         self.graph = model.graph
         self.initializers = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
-        self.shapes, self.types = _concrete_shapes(model)
+        self.shapes, self.types, self.ranks, self.values = _concrete_shapes(model)
         self.tensor_spaces: dict = {}
         self.static: set = set(self.initializers)
         self.opaque: set = set()
@@ -309,6 +429,12 @@ class _Walk:
         self.widths: dict = {}
         self.identity: set = set()
         self.parts: dict = {}  # composite space id -> the space ids it concatenates
+        self.partitions: dict = {}  # space id -> block label of each channel (matching stays inside blocks)
+        self.views: dict = {}  # view space id -> [(space id, channel), ...] over spaces that are not derived
+        self.readers: dict = {}  # tensor name -> nodes reading it
+        for node in self.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
         self.node_index = -1
 
     # union-find ------------------------------------------------------------------------------------------------
@@ -332,12 +458,58 @@ class _Walk:
             return
         if ra in self.parts or rb in self.parts:
             raise _Unsupported("ties a concatenation of channels to another feature space")
+        if ra in self.views or rb in self.views:
+            raise _Unsupported("ties a slice or shuffle of channels to another feature space")
         if self.widths[ra] != self.widths[rb]:
             raise _Unsupported(f"ties spaces of different widths ({self.widths[ra]} and {self.widths[rb]})")
         if (ra in self.identity) != (rb in self.identity):
             # an input-derived space tied to a learned one: nothing is gained by treating it as identity
             raise _Unsupported("adds a learned feature space to the graph input")
         self.parent[rb] = ra
+
+    def split_into_blocks(self, sid: int, blocks: int) -> None:
+        """Features of space `sid` may only be matched inside `blocks` contiguous equal blocks (on top of any
+        blocks already required)."""
+        if self.find(sid) in self.parts or self.find(sid) in self.views:
+            raise _Unsupported("splits a concatenation, slice or shuffle of channels into groups")
+        width = self.widths[sid]
+        self.refine(sid, np.arange(width) // (width // blocks))
+
+    def refine(self, sid: int, labels: np.ndarray) -> None:
+        """Features of space `sid` may only be matched inside the blocks of `labels` (and of earlier partitions)."""
+        self.partitions[sid] = refine_partition(self.partitions.get(sid), labels)
+
+    def channels(self, sid: int) -> list:
+        """Channel j of space `sid` as (space, channel) of a space that is not derived (a Concat's parts, a view's
+        sources, followed down)."""
+        sid = self.find(sid)
+        if sid in self.views:
+            return list(self.views[sid])
+        if sid in self.parts:
+            return [pair for part in self.parts[sid] for pair in self.channels(part)]
+        return [(sid, c) for c in range(self.widths[sid])]
+
+    def new_view(self, channels: list) -> int:
+        """A space whose channel j is channels[j] = (space, channel). Each space it reads only part of is
+        partitioned so that the part read is whole blocks: every cluster of a feature read stays inside the view."""
+        if len(set(channels)) != len(channels):
+            raise _Unsupported("reads a channel twice")
+        read: dict = {}
+        for space, c in channels:
+            read.setdefault(space, []).append(c)
+        for space, cs in read.items():
+            if len(cs) < self.widths[space] and self.find(space) not in self.identity:
+                labels = np.zeros(self.widths[space], dtype=np.int64)
+                labels[cs] = 1
+                self.refine(space, labels)
+        sid = self.new_space(len(channels))
+        self.views[sid] = list(channels)
+        return sid
+
+    def value(self, name: str):
+        """A constant, or a value computed from shapes and constants alone (see `_fold_shape_computations`)."""
+        value = self.initializers.get(name)
+        return self.values.get(name) if value is None else value
 
     # tensor verbs ----------------------------------------------------------------------------------------------
     def space_of(self, name: str) -> TensorSpace | None:
@@ -361,8 +533,9 @@ class _Walk:
     def set_space(self, name: str, ts: TensorSpace) -> None:
         self.tensor_spaces[name] = ts
 
-    def add_weight(self, input_index: int, axis: int, space: int, role: str, expand: int = 1) -> None:
-        self.weights.append(WeightAxis(self.node_index, input_index, axis, space, role, expand))
+    def add_weight(self, input_index: int, axis: int, space: int, role: str, expand: int = 1,
+                   groups: int = 1) -> None:
+        self.weights.append(WeightAxis(self.node_index, input_index, axis, space, role, expand, groups))
 
     def attr(self, node, name, default=None):
         for a in node.attribute:
@@ -437,7 +610,24 @@ def _conv(w: _Walk, node):
             w.add_weight(2, 0, x.space, "out")
         w.set_space(node.output[0], x)
         return "carrier", None, x, x
-    raise _Unsupported(f"grouped convolution (group={group}) is not supported")
+    if c_in % group or weight.shape[0] % group or weight.shape[1] != c_in // group:
+        raise _Unsupported(f"grouped convolution (group={group}) of {c_in} input and {weight.shape[0]} output "
+                           "channels that do not split into equal groups")
+    if c_in // group < 2:
+        raise _Unsupported(f"grouped convolution with one input channel per group (group={group}) and "
+                           f"{weight.shape[0] // group} outputs per group: its input channels cannot be matched")
+    # grouped: output group g reads input block g only. Both spaces are split into `group` blocks and matched
+    # block by block, so the merged layer keeps its groups (exact for permutations inside the groups)
+    w.split_into_blocks(x.space, group)
+    out = w.new_space(weight.shape[0])
+    w.split_into_blocks(out, group)
+    w.add_weight(1, 0, out, "out")
+    w.add_weight(1, 1, x.space, "in", groups=group)
+    if len(node.input) > 2 and node.input[2]:
+        _require_const(w, node, 2, "bias")
+        w.add_weight(2, 0, out, "out")
+    w.set_space(node.output[0], TensorSpace(out, 1))
+    return "weighted", node.input[0], x, TensorSpace(out, 1)
 
 
 def _gemm(w: _Walk, node):
@@ -626,7 +816,135 @@ def _flatten(w: _Walk, node):
 
 
 def _reshape(w: _Walk, node):
-    return _flatten_like(w, node, w.shape(node.input[0]), w.shape(node.output[0]))
+    """Flatten-like reshapes (`_flatten_like`), and the two reshapes of a channel shuffle: (N, C, H, W) ->
+    (N, G, C/G, H, W), whose output then holds the channels split over two axes, and back."""
+    x = w.space_of(node.input[0])
+    in_shape, out_shape = w.shape(node.input[0]), w.shape(node.output[0])
+    if in_shape is None or out_shape is None:
+        raise _Unsupported("the shapes around it are unknown to ONNX shape inference")
+    a = x.axis
+    if x.split:
+        if tuple(out_shape) != tuple(in_shape[:a]) + (int(np.prod(x.split)),) + tuple(in_shape[a + len(x.split):]):
+            raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} inside a channel shuffle")
+        out = TensorSpace(x.space, a, x.expand)
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
+    if x.expand == 1 and len(out_shape) == len(in_shape) + 1 and tuple(out_shape[:a]) == tuple(in_shape[:a]) \
+            and tuple(out_shape[a + 2:]) == tuple(in_shape[a + 1:]) and out_shape[a] * out_shape[a + 1] == in_shape[a] \
+            and out_shape[a] > 1 and out_shape[a + 1] > 1 and _shuffle_follows(w, node, a):
+        out = TensorSpace(x.space, a, 1, (int(out_shape[a]), int(out_shape[a + 1])))
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
+    return _flatten_like(w, node, in_shape, out_shape)
+
+
+def _shuffle_follows(w: _Walk, node, a: int) -> bool:
+    """Whether the output of `node` (channels split over axes a, a+1) is read by exactly one Transpose that swaps
+    those two axes and keeps every other in place, itself read by exactly one Reshape that merges them back: a
+    channel shuffle (ShuffleNet). Only then are the channels split: nothing else reads a tensor so split."""
+    outputs = {o.name for o in w.graph.output}
+    readers = w.readers.get(node.output[0], [])
+    if len(readers) != 1 or node.output[0] in outputs or readers[0].op_type != "Transpose":
+        return False
+    transpose = readers[0]
+    rank = len(w.shape(node.output[0]))
+    perm = list(w.attr(transpose, "perm") or reversed(range(rank)))
+    swapped = list(range(rank))
+    swapped[a], swapped[a + 1] = a + 1, a
+    if perm != swapped:
+        return False
+    readers = w.readers.get(transpose.output[0], [])
+    if len(readers) != 1 or transpose.output[0] in outputs or readers[0].op_type != "Reshape":
+        return False
+    before, after = w.shape(node.input[0]), w.shape(readers[0].output[0])
+    return before is not None and tuple(before) == tuple(after or ())
+
+
+def _shuffled(w: _Walk, x: TensorSpace, b: int) -> TensorSpace:
+    """A Transpose swapping the two axes that hold the channels (G, K) -> (K, G): a view of the channels in the new
+    row-major order, channel k*G + g of the output being channel g*K + k of the input."""
+    g, k = x.split
+    source = w.channels(x.space)
+    order = [gi * k + ki for ki in range(k) for gi in range(g)]
+    return TensorSpace(w.new_view([source[c] for c in order]), b, x.expand, (k, g))
+
+
+def _channel_range(w: _Walk, x: TensorSpace, start: int, stop: int) -> TensorSpace:
+    """Entries start..stop-1 of the channel axis: the space itself when that is all of them, else a view (of whole
+    channels: a flattened axis is not cut)."""
+    if start == 0 and stop == w.width(x) * x.expand:
+        return x
+    if x.expand != 1:
+        raise _Unsupported("slices a flattened channel axis")
+    return TensorSpace(w.new_view(w.channels(x.space)[start:stop]), x.axis)
+
+
+def _slice(w: _Walk, node):
+    """Slice: along other axes it carries the space (a crop); along the channel axis with step 1 it keeps a range
+    of channels, a view (ShuffleNet's `chunk`: starts and ends are often computed from shapes)."""
+    x = w.space_of(node.input[0])
+    rank = w.rank(node.input[0])
+    if len(node.input) > 1:  # opset >= 10: starts, ends, axes, steps as inputs
+        parts = []
+        for i in range(1, 5):
+            if i < len(node.input) and node.input[i]:
+                value = w.value(node.input[i])
+                if value is None:
+                    raise _Unsupported(f"its input '{node.input[i]}' is computed from the data")
+                parts.append([int(v) for v in np.asarray(value).reshape(-1)])
+            else:
+                parts.append(None)
+        starts, ends, axes, steps = parts
+    else:
+        starts, ends, axes, steps = w.attr(node, "starts"), w.attr(node, "ends"), w.attr(node, "axes"), None
+    axes = list(range(len(starts))) if axes is None else [a % rank for a in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    out = x
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if axis != x.axis:
+            continue
+        size = w.width(x) * x.expand
+        if step != 1:
+            raise _Unsupported(f"slices the channel axis with step {step}")
+        lo, hi = (max(0, min(size, v + size if v < 0 else v)) for v in (start, end))
+        if hi <= lo:
+            raise _Unsupported("slices the channel axis to nothing")
+        out = _channel_range(w, x, lo, hi)
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _split(w: _Walk, node):
+    """Split: along other axes every output carries the space; along the channel axis each output is a view of its
+    range of channels."""
+    x = w.space_of(node.input[0])
+    rank = w.rank(node.input[0])
+    axis = w.attr(node, "axis", 0) % rank
+    outputs = [o for o in node.output]
+    if axis != x.axis:
+        for o in outputs:
+            if o:
+                w.set_space(o, x)
+        return "carrier", None, x, x
+    size = w.width(x) * x.expand
+    sizes = w.attr(node, "split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        value = w.value(node.input[1])
+        if value is None:
+            raise _Unsupported(f"its split sizes '{node.input[1]}' are computed from the data")
+        sizes = [int(v) for v in np.asarray(value).reshape(-1)]
+    if sizes is None:
+        n = len(outputs)
+        chunk = -(-size // n)  # opset 18's num_outputs: equal chunks, the last one smaller
+        sizes = [min(chunk, size - k * chunk) for k in range(n)]
+    if sum(sizes) != size or len(sizes) != len(outputs):
+        raise _Unsupported(f"splits {size} channels into {list(sizes)}")
+    start = 0
+    for o, n in zip(outputs, sizes):
+        if o:
+            w.set_space(o, _channel_range(w, x, start, start + n))
+        start += n
+    return "carrier", None, x, None
 
 
 def _squeeze(w: _Walk, node):
@@ -656,6 +974,10 @@ def _transpose(w: _Walk, node):
     x = w.space_of(node.input[0])
     rank = w.rank(node.input[0])
     perm = w.attr(node, "perm") or list(reversed(range(rank)))
+    if x.split:  # inside a channel shuffle (_shuffle_follows checked the permutation)
+        out = _shuffled(w, x, x.axis)
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
     out = TensorSpace(x.space, list(perm).index(x.axis), x.expand)
     w.set_space(node.output[0], out)
     return "carrier", None, x, out
@@ -782,9 +1104,11 @@ def _weighted_output_space(w: _Walk, node, shared_input: bool) -> TensorSpace | 
     weight = w.const(node.input[1])
     if weight is None or weight.ndim < 2:
         return None
+    group = 1
     if node.op_type == "Conv":
-        if shared_input and w.attr(node, "group", 1) != 1:
-            return None  # merging output channels across groups would mix the groups' inputs
+        group = w.attr(node, "group", 1)
+        if weight.shape[0] % group:
+            return None
         out_axis, axis = 0, 1
     elif node.op_type == "Gemm":
         if shared_input and w.attr(node, "transA", 0):
@@ -799,6 +1123,8 @@ def _weighted_output_space(w: _Walk, node, shared_input: bool) -> TensorSpace | 
     if shared_input and len(node.input) > 2 and node.input[2] and bias is None:
         return None
     sid = w.new_space(weight.shape[out_axis])
+    if group > 1:  # output group g reads input group g only: merge its output channels inside their group
+        w.split_into_blocks(sid, group)
     w.add_weight(1, out_axis, sid, "out")
     if bias is not None and bias.size > 1:
         w.add_weight(2, bias.ndim - 1, sid, "out")
@@ -839,6 +1165,8 @@ HANDLERS = {
     "Unsqueeze": _squeeze,
     "Transpose": _transpose,
     "Concat": _concat,
+    "Slice": _slice,
+    "Split": _split,
     "LayerNormalization": _layernorm,
     "GroupNormalization": _groupnorm,
     "Pad": _pad,
@@ -904,16 +1232,20 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                         _set_shared(w, name)
         else:
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            saved = (len(w.weights), dict(w.tensor_spaces))
+            saved = (len(w.weights), dict(w.tensor_spaces), dict(w.partitions), dict(w.views))
             try:
                 if handler is None:
                     raise _Unsupported(f"operator {node.domain + '.' if node.domain else ''}{node.op_type} "
                                        "is not one onnxzip knows how channels move through")
+                if node.op_type not in ("Transpose", "Reshape") and any(
+                        w.space_of(n) is not None and w.space_of(n).split for n in inputs):
+                    raise _Unsupported("its input holds the channels split over several axes (inside a channel "
+                                       "shuffle)")
                 kind, data_input, in_space, out_space = handler(w, node)
                 info.kind, info.data_input, info.in_space, info.out_space = kind, data_input, in_space, out_space
             except _Unsupported as exc:
                 del w.weights[saved[0]:]
-                w.tensor_spaces = saved[1]
+                w.tensor_spaces, w.partitions, w.views = saved[1], saved[2], saved[3]
                 info.kind, info.reason = "unsupported", str(exc)
         if info.kind in ("opaque", "unsupported"):
             for out in node.output:
@@ -924,21 +1256,31 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
 
     # canonical space ids after all ties
     def canon(ts):
-        return None if ts is None else TensorSpace(w.find(ts.space), ts.axis, ts.expand)
+        return None if ts is None else TensorSpace(w.find(ts.space), ts.axis, ts.expand, ts.split)
 
     tensor_spaces = {k: canon(v) for k, v in w.tensor_spaces.items()}
-    weights = [WeightAxis(x.node, x.input, x.axis, w.find(x.space), x.role, x.expand) for x in w.weights]
+    weights = [WeightAxis(x.node, x.input, x.axis, w.find(x.space), x.role, x.expand, x.groups) for x in w.weights]
     for info in infos:
         info.in_space, info.out_space = canon(info.in_space), canon(info.out_space)
+    partitions = {}  # tied spaces share their blocks
+    for sid, labels in w.partitions.items():
+        root = w.find(sid)
+        partitions[root] = refine_partition(partitions.get(root), labels)
     spaces = {}
     for sid in w.parent:
         root = w.find(sid)
         if root not in spaces:
+            labels = partitions.get(root)
+            view = w.views.get(root)
             spaces[root] = FeatureSpace(root, w.widths[root], identity=root in w.identity,
-                                        parts=[w.find(p) for p in w.parts.get(root, [])])
+                                        parts=[w.find(p) for p in w.parts.get(root, [])],
+                                        partition=None if labels is None or len(set(labels.tolist())) == 1
+                                        else tuple(int(x) for x in labels),
+                                        view=None if view is None else [(w.find(sp), c) for sp, c in view])
     for name, ts in tensor_spaces.items():
         spaces[ts.space].tensors.append(name)
-    spaces = {k: v for k, v in spaces.items() if v.tensors}
+    referenced = {p for v in spaces.values() for p in v.parts} | {sp for v in spaces.values() for sp, _ in v.view or []}
+    spaces = {k: v for k, v in spaces.items() if v.tensors or k in referenced}
     for info in infos:
         if info.kind == "weighted":
             spaces[info.out_space.space].producers.append(info.index)
@@ -949,6 +1291,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
 
     analysis = Analysis(model, infos, spaces, tensor_spaces, w.static, w.opaque, weights, w.initializers,
                         w.shapes, producer, consumers)
+    analysis.ranks = w.ranks
     analysis.folded_batchnorms = batchnorms - sum(n.op_type == "BatchNormalization" for n in graph.node)
     analysis.batchnorm_params = batchnorm_params
     _find_heads_and_blocked(analysis)
@@ -1120,7 +1463,19 @@ def trunk_nodes(analysis: Analysis, stop_at=None) -> set:
     else:
         k = 0 if stop_at == "input" else int(stop_at)
         limit = weighted[k] if k < len(weighted) else len(analysis.nodes)
-    return {i for i in range(limit) if i not in analysis.blocked}
+    trunk = {i for i in range(limit) if i not in analysis.blocked}
+    # a channel shuffle is in the trunk whole or not at all: the tensors inside it hold the channels over two axes,
+    # which no unmerge into a branch can follow
+    changed = True
+    while changed:
+        changed = False
+        for i in sorted(trunk, reverse=True):
+            for name in analysis.model.graph.node[i].output:
+                ts = analysis.tensor_spaces.get(name)
+                if ts is not None and ts.split and any(j not in trunk for j, _ in analysis.consumers.get(name, [])):
+                    trunk.discard(i)
+                    changed = True
+    return trunk
 
 
 def stop_points(analysis: Analysis) -> list:

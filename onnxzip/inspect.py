@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .errors import MismatchError
 from .graph import Analysis, analyse, descendants, match, stop_points, trunk_nodes, unsupported_report
-from .surgery import merge_points, zipped_spaces
+from .surgery import merge_points, why_nothing_zipped, zipped_spaces
 
 
 def describe(analysis: Analysis, path: str | None = None) -> dict:
@@ -28,6 +28,7 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
         entry = {
             "id": sid,
             "width": space.width,
+            "blocks": space.blocks,
             "producers": [names[i] for i in space.producers],
             "consumers": [names[i] for i in space.consumers],
             "carried_by": sorted({a.nodes[i].op_type for i in space.carriers}),
@@ -36,9 +37,13 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
             "zipped_by_default": sid in zipped,
             "head_output": any(i in a.heads for i in space.producers),
         }
-        if space.composite:
+        if space.view is not None:
+            entry["view_of"] = sorted({sp for sp, _ in space.view})
+            entry["zipped_by_default"] = any(t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
+        elif space.composite:
             entry["concat_of"] = space.parts
-            entry["zipped_by_default"] = all(p in zipped or a.spaces[p].identity for p in space.parts) and any(
+            entry["zipped_by_default"] = all(p in zipped or a.spaces[p].identity or a.spaces[p].composite
+                                             for p in space.parts) and any(
                 t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
         spaces.append(entry)
     heads = []
@@ -58,6 +63,8 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
         "feature_spaces": spaces,
         "task_heads": heads,
         "unmerged": [{"node": names[i], "op": a.nodes[i].op_type, "reason": r} for i, r in unsupported_report(a)],
+        "zipped_nothing": not zipped,
+        "zipped_nothing_reason": why_nothing_zipped(a, trunk),
         "stop_points": [{"value": v, "meaning": d} for v, d in stop_points(a)],
     }
 
@@ -92,7 +99,11 @@ def format_report(report: dict) -> str:
     for s in r["feature_spaces"]:
         flag = "zipped" if s["zipped_by_default"] else ("head" if s["head_output"] else "unmerged")
         extra = f" concat of spaces {s['concat_of']}" if "concat_of" in s else ""
+        if "view_of" in s:
+            extra = f" slice/shuffle of space(s) {s['view_of']}"
         tied = f" tied by {', '.join(s['tied_by'])}" if s["tied_by"] else ""
+        if s.get("blocks", 1) > 1:
+            extra += f" in {s['blocks']} blocks (grouped, sliced: matched block by block)"
         lines.append(f"  space {s['id']:>3}: width {s['width']:>5}  [{flag}]{extra}{tied}")
         if s["producers"]:
             lines.append(f"      written by {', '.join(s['producers'])}")
@@ -108,8 +119,11 @@ def format_report(report: dict) -> str:
         lines.append("left unmerged (both copies kept; --strict makes this an error):")
         for u in r["unmerged"]:
             lines.append(f"  {u['node']} ({u['op']}): {u['reason']}")
-    else:
+    elif not r["zipped_nothing"]:
         lines.append("left unmerged: nothing")
+    if r["zipped_nothing"]:
+        lines.append(f"NOTHING IS ZIPPED: {r['zipped_nothing_reason']}. merge would write both models side by side "
+                     "(an ensemble, at twice the cost of one); with --strict it fails")
     lines.append("--stop-at accepts:")
     for p in r["stop_points"]:
         lines.append(f"  {p['value']:>6}  {p['meaning']}")

@@ -41,8 +41,8 @@ from .graph import Analysis, analyse, match, trunk_nodes, unsupported_report
 from .onnx_io import check_model
 from .refit import REFIT_METHODS, refit as refit_layers
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
-from .solver import solve
-from .surgery import ZipPlan, build, merge_points, zipped_spaces
+from .solver import solve_blocks
+from .surgery import ZipPlan, build, merge_points, why_nothing_zipped, zipped_spaces
 
 log = logging.getLogger("onnxzip")
 
@@ -85,6 +85,9 @@ class MergeResult:
                  f"{len(c['spaces'])} feature space(s) zipped"]
         lines.append(f"parameters: {c['parameters']['merged']:,} merged vs {c['parameters']['a']:,} + "
                      f"{c['parameters']['b']:,} in the two models")
+        if c.get("zipped_nothing") and c["method"] != "ensemble" and c.get("stop_at") not in ("input", 0):
+            lines.append(f"warning: NOTHING IS ZIPPED ({c['zipped_nothing_reason']}): the merged model is both models "
+                         "side by side, at twice the cost of one")
         thin = [s["space"] for s in c.get("spaces", []) if s.get("thin_statistics")]
         if thin:
             lines.append(f"warning: thin statistics (fewer samples than twice the width) in {len(thin)} feature "
@@ -417,6 +420,20 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     for i, reason in unmerged:
         logger.warning("left unmerged from %s on: %s", a.describe_node(i), reason)
     trunk = set() if method == "ensemble" else trunk_nodes(a, stop_at)
+    if method == "ensemble":
+        nothing_zipped = "--method ensemble asks for both models side by side"
+    elif stop_at in ("input", 0):
+        nothing_zipped = f"--stop-at {stop_at} asks for both models side by side"
+    else:
+        nothing_zipped = why_nothing_zipped(a, trunk)
+        if nothing_zipped is not None:
+            # asked to zip, got an ensemble: never silently (issue 13, "say what happened")
+            if strict:
+                raise UnsupportedModelError(f"{label_a}: nothing can be zipped: {nothing_zipped}; the merged model "
+                                            "would be both models side by side (without --strict it is written "
+                                            "anyway, as that ensemble)")
+            logger.warning("NOTHING IS ZIPPED: %s. The merged model is both models side by side (an ensemble, at "
+                           "twice the cost of one); --strict makes this an error", nothing_zipped)
 
     specs = input_specs(a.model)
     calib = _calibration(data, specs, None, logger)
@@ -477,7 +494,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         width = a.spaces[sid].width
         key = f"space:{sid}"
         correlation = _similarity(stats[key]) if method in ("zip", "permute") else None
-        matching = solve(method, correlation, width, 2, alpha, beta)
+        matching = solve_blocks(method, correlation, width, a.spaces[sid].partition or 1, 2, alpha, beta)
         plan.matchings[sid] = matching
         samples = int(stats[key].count)
         # The 2F x 2F correlation of a space of width F needs more than 2F samples to be of full rank.
@@ -486,7 +503,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
             logger.warning("feature space %d (width %d, at %s) has only %d samples for %d stacked features: its "
                            "statistics are too thin to trust; give more calibration samples", sid, width,
                            ", ".join(points[sid]), samples, 2 * width)
-        card_spaces.append({"space": sid, "width": width, "merge_points": list(points[sid]), "samples": samples,
+        card_spaces.append({"space": sid, "width": width, "blocks": a.spaces[sid].blocks,
+                            "merge_points": list(points[sid]), "samples": samples,
                             "thin_statistics": thin,
                             "cross_model_merges": int(matching.cross_merges),
                             "within_model_merges": [int(x) for x in matching.within_merges],
@@ -555,6 +573,8 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
                   "weighted_layers_zipped": sum(1 for i in a.weighted if i in trunk),
                   "nodes": len(trunk), "task_heads": [a.nodes[i].name for i in a.heads]},
         "unmerged": [{"node": a.nodes[i].name, "op": a.nodes[i].op_type, "reason": r} for i, r in unmerged],
+        "zipped_nothing": nothing_zipped is not None,
+        "zipped_nothing_reason": nothing_zipped,
         "spaces": card_spaces,
         "parameters": {"merged": count_parameters(merged), "a": count_parameters(model_a),
                        "b": count_parameters(model_b)},

@@ -486,6 +486,9 @@ def _prune(model: onnx.ModelProto, outputs: list, types: dict, known: dict | Non
         keep.add(id(node))
         stack.extend(x for x in node.input if x)
     nodes = [n for n in model.graph.node if id(n) in keep]
+    # a node with several outputs (Split) may be kept for one while another is known: that one stays its output
+    produced = {t for n in nodes for t in n.output}
+    cut = [t for t in cut if t not in produced]
     used = {x for n in nodes for x in n.input}
     inputs = [i for i in model.graph.input if i.name in used]
     inputs += [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(known[t].dtype), None)

@@ -318,7 +318,13 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
     points.sort(key=lambda p: position[merged_tensor(plan, surgery, p)])
     fits = min(data.num_samples, max_batch_bytes // _bytes_per_sample(plan.a))
     fixed_batch = data._fixed_batch() is not None  # a model that fixes its batch size can't take one big batch
-    one_pass = not fixed_batch and fits >= min(data.num_samples, MIN_ONE_PASS_SAMPLES)
+    # the one-pass probes reduce over every axis but the channels, so they need each point's rank; where shape
+    # inference does not know one (after an operator it cannot infer), every point is measured in its own pass
+    ranks_known = all(point.tensor in plan.a.ranks for point in points)
+    if not ranks_known:
+        log.info("statistics repair: the rank of %s is unknown to shape inference; one pass per layer",
+                 next(p.tensor for p in points if p.tensor not in plan.a.ranks))
+    one_pass = ranks_known and not fixed_batch and fits >= min(data.num_samples, MIN_ONE_PASS_SAMPLES)
     if one_pass and fits < data.num_samples:
         data = data.split(data.num_samples - fits)[0]
     summary["samples"] = int(data.num_samples)
@@ -370,7 +376,7 @@ def _measure_in_one_pass(plan, surgery, points, goals, frozen, data, device, eps
     inserts, outputs = {}, []
     for n, (point, (mu_t, sd_t)) in enumerate(zip(points, goals)):
         tensor = merged_tensor(plan, surgery, point)
-        rank = len(plan.a.shapes[point.tensor])
+        rank = plan.a.ranks[point.tensor]
         axis = point.space.axis
         axes = [k for k in range(rank) if k != axis]
         shape = [1] * rank

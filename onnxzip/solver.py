@@ -129,6 +129,91 @@ def concat_matchings(parts: list) -> Matching:
     )
 
 
+def block_labels(width: int, blocks) -> np.ndarray:
+    """(F,) int: the block of each feature. `blocks` is a number of contiguous equal blocks (a grouped layer's
+    groups) or already a label per feature (any partition, e.g. the channels a Slice keeps after a shuffle)."""
+    if isinstance(blocks, (int, np.integer)):
+        if blocks < 1 or width % blocks:
+            raise ValueError(f"blocks must be a positive divisor of the width {width}, got {blocks!r}")
+        return np.arange(width) // (width // int(blocks))
+    labels = np.asarray(blocks, dtype=np.int64)
+    if labels.shape != (width,):
+        raise ValueError(f"a partition of {width} features needs {width} labels, got shape {labels.shape}")
+    return labels
+
+
+def solve_blocks(
+    method: str,
+    corr: np.ndarray | None,
+    width: int,
+    blocks=1,
+    num_models: int = 2,
+    alpha: float = 0.3,
+    beta: float = 0.125,
+) -> Matching:
+    """Match a space whose F features are partitioned into blocks (`block_labels`: a grouped convolution's groups,
+    the channels a Slice keeps): block b of every model is matched on its own, from its own rows and columns of
+    the stacked correlation, and its merged features take the positions of its source features (block b's merged
+    features are numbered by the positions block b holds in the space). No cluster spans two blocks, every merged
+    feature sits at a position of its own block, so a grouped layer stays grouped and a slice of whole blocks holds
+    exactly its own merged features; a permutation inside each block is found exactly as for a whole space. Blocks
+    are not re-matched across positions (block b of one model is never matched with block c != b of another)."""
+    labels = block_labels(width, blocks)
+    if len(np.unique(labels)) == 1:
+        return solve(method, corr, width, num_models, alpha, beta)
+    num_models = _check_num_models(num_models)
+    c = None if corr is None else _check_corr(corr, num_models, width)
+    clusters = np.empty(num_models * width, dtype=np.int64)
+    values, cross, within, forced = [], 0, np.zeros(num_models, dtype=np.int64), 0
+    for label in np.unique(labels):
+        positions = np.flatnonzero(labels == label)
+        size = positions.size
+        index = np.concatenate([m * width + positions for m in range(num_models)])
+        part = solve(method, None if c is None else c[np.ix_(index, index)], size, num_models, alpha, beta)
+        if part.merged_width != size:  # the positions are the merged features' numbering
+            raise ValueError(f"a block of {size} features was merged into {part.merged_width}")
+        for m in range(num_models):
+            clusters[m * width + positions] = positions[part.clusters[m * size:(m + 1) * size]]
+        cross += part.cross_merges
+        within += np.asarray(part.within_merges, dtype=np.int64)
+        forced += part.forced_merges
+        if np.isfinite(part.mean_merge_correlation):
+            values.append(part.mean_merge_correlation)
+    return matching_from_clusters(clusters, num_models, width, cross_merges=cross,
+                                  within_merges=[int(x) for x in within], forced_merges=forced,
+                                  mean_merge_correlation=float(np.mean(values)) if values else float("nan"))
+
+
+def view_matching(channels: list, matchings: dict) -> Matching:
+    """The matching of a *view*: a tensor whose channel j is channel c_j of space s_j, for `channels` =
+    [(s_j, c_j), ...] (a slice, a shuffle, their compositions), from the matchings of the spaces it reads.
+
+    The merged tensor holds merged channel c_j of s_j at position j (the view's operators run on merged tensors
+    alike), so each model's channel j is restored from the position that holds its cluster. That position exists
+    when every cluster of a feature the view reads lies inside the view (graph analysis partitions each space so
+    that views read whole blocks, and `solve_blocks` keeps clusters at their block's positions); ValueError if not."""
+    if not channels:
+        raise ValueError("a view needs at least one channel")
+    n = next(iter(matchings.values())).num_models
+    position = {pair: j for j, pair in enumerate(channels)}
+    if len(position) != len(channels):
+        raise ValueError("a view reads a channel twice")
+    width = len(channels)
+    clusters = np.empty(n * width, dtype=np.int64)
+    for j, (space, c) in enumerate(channels):
+        base = matchings[space]
+        if base.merged_width != base.width:
+            raise ValueError(f"space {space} is merged into {base.merged_width} of {base.width} features; a view "
+                             "needs one merged feature per position")
+        for m in range(n):
+            cluster = int(base.clusters[m * base.width + c])
+            if (space, cluster) not in position:
+                raise ValueError(f"channel {c} of space {space} (model {m}) is merged with features the view does "
+                                 "not read")
+            clusters[m * width + j] = position[(space, cluster)]
+    return matching_from_clusters(clusters, n, width)
+
+
 def _check_num_models(num_models: int) -> int:
     if int(num_models) != num_models or num_models < 1:
         raise ValueError(f"num_models must be a positive integer, got {num_models!r}")

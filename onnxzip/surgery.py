@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import Analysis, Correspondence, TensorSpace
-from .solver import Matching, concat_matchings, identity_match
+from .graph import Analysis, Correspondence, TensorSpace, descendants
+from .solver import Matching, concat_matchings, identity_match, view_matching
 
 TRUNK_PREFIX = "zip"
 
@@ -38,10 +38,13 @@ class ZipPlan:
 
     def matching(self, space: int) -> Matching:
         """The matching of a space: solved ones from `matchings`; the shared input matched to itself; a channel
-        Concat block-diagonal over its parts."""
+        Concat block-diagonal over its parts; a view (Slice, Split, shuffle) from the spaces it reads."""
         if space not in self.matchings:
             info = self.a.spaces[space]
-            if info.composite:
+            if info.view is not None:
+                sources = {sp: self.matching(sp) for sp in {sp for sp, _ in info.view}}
+                self.matchings[space] = view_matching(info.view, sources)
+            elif info.composite:
                 self.matchings[space] = concat_matchings([self.matching(p) for p in info.parts])
             elif info.identity:
                 self.matchings[space] = identity_match(info.width, len(self.analyses))
@@ -77,6 +80,28 @@ def zipped_spaces(a: Analysis, trunk: set) -> list:
     return out
 
 
+def why_nothing_zipped(a: Analysis, trunk: set) -> str | None:
+    """None when the trunk zips at least one feature space; otherwise why it zips none, naming the node at fault
+    (the merged model is then the ensemble of both models, at twice the cost of one)."""
+    if zipped_spaces(a, trunk):
+        return None
+    if not a.weighted:
+        return "the model has no weighted layer (Conv, Gemm, MatMul by a constant)"
+    first = a.weighted[0]
+    if first in trunk:
+        return (f"no feature space is computed in the shared trunk (the first weighted layer, "
+                f"{a.describe_node(first)}, writes none that is read there)")
+    if first in a.heads and all(i in a.heads for i in a.weighted):
+        heads = ", ".join(a.describe_node(i) for i in a.heads)
+        return (f"every weighted layer is taken for a task head (a weighted layer with no weighted layer after it): "
+                f"{heads}")
+    roots = sorted(i for i in a.blocked_reasons if i not in a.heads and first in descendants(a, [i]))
+    if roots:
+        return (f"the first weighted layer, {a.describe_node(first)}, comes after {a.describe_node(roots[0])}, "
+                f"which is left unmerged: {a.blocked_reasons[roots[0]]}")
+    return f"the first weighted layer, {a.describe_node(first)}, is not in the shared trunk"
+
+
 def is_trunk_tensor(a: Analysis, trunk: set, name: str) -> bool:
     if name in a.producer:
         return a.producer[name][0] in trunk
@@ -92,22 +117,52 @@ def merge_points(a: Analysis, trunk: set) -> dict:
         for name in a.spaces[sid].tensors:
             if not is_trunk_tensor(a, trunk, name) or name in a.input_names:
                 continue
+            if a.tensor_spaces[name].split:
+                continue  # inside a channel shuffle: measured on the tensor before it
             ends = name in outputs
             for j, _ in a.consumers.get(name, []):
                 info = a.nodes[j]
                 if j not in trunk or (info.kind == "weighted" and info.data_input == name):
                     ends = True
-                elif info.out_space is not None and a.spaces[info.out_space.space].composite:
-                    ends = True  # read into a channel Concat: its consumers see these features as they are
+                elif any(_derived(a, out) for out in a.model.graph.node[j].output if out):
+                    # read into a channel Concat, a slice or a shuffle: what reads those sees these features as
+                    # they are
+                    ends = True
             if ends:
                 points.setdefault(sid, []).append(name)
         if sid not in points:  # read by nothing that ends it: fall back to every trunk tensor of the space
-            points[sid] = [n for n in a.spaces[sid].tensors if is_trunk_tensor(a, trunk, n)]
+            points[sid] = [n for n in a.spaces[sid].tensors if is_trunk_tensor(a, trunk, n)
+                           and not a.tensor_spaces[n].split]
     return points
 
 
-def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray) -> np.ndarray:
-    """Contract `axis` of `value` (size F*expand, channel-major) with `matrix` (F' x F) -> size F'*expand."""
+def _derived(a: Analysis, name: str) -> bool:
+    """Whether tensor `name` holds a Concat, a view or channels split over two axes (not a space of its own)."""
+    ts = a.tensor_spaces.get(name)
+    return ts is not None and (bool(ts.split) or a.spaces[ts.space].composite)
+
+
+def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray, groups: int = 1) -> np.ndarray:
+    """Contract `axis` of `value` (size F*expand, channel-major) with `matrix` (F' x F) -> size F'*expand.
+
+    `groups` > 1: a grouped Conv's weight, whose output-channel group g (along axis 0) holds only the F/groups
+    input channels of block g on `axis`; `matrix` must be block-diagonal over the groups, and each group's slice is
+    contracted with its own diagonal block."""
+    if groups > 1:
+        f_out, f_in = matrix.shape
+        if f_out % groups or f_in % groups:
+            raise ValueError(f"a {f_out}x{f_in} matrix does not split into {groups} groups")
+        bo, bi = f_out // groups, f_in // groups
+        diagonal = np.zeros_like(matrix)
+        chunks = np.split(np.asarray(value, dtype=np.float64), groups, axis=0)
+        out = []
+        for g, chunk in enumerate(chunks):
+            block = matrix[g * bo:(g + 1) * bo, g * bi:(g + 1) * bi]
+            diagonal[g * bo:(g + 1) * bo, g * bi:(g + 1) * bi] = block
+            out.append(transform_axis(chunk, axis, expand, block))
+        if not np.array_equal(diagonal, matrix):  # graph analysis split the space into these blocks: a bug if not
+            raise ValueError(f"the matching of a grouped layer's input is not block-diagonal over {groups} groups")
+        return np.concatenate(out, axis=0)
     x = np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0)
     rest = x.shape[1:]
     f_out, f_in = matrix.shape
@@ -139,7 +194,7 @@ def trunk_weight(plan: ZipPlan, node: int, j: int) -> np.ndarray:
             if wa.role == "out":
                 value = transform_axis(value, wa.axis, wa.expand, _merge_matrix(plan, wa.space, m))
             else:
-                value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T)
+                value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T, wa.groups)
         total = value if total is None else total + value
     return total
 
@@ -156,7 +211,7 @@ def branch_weight(plan: ZipPlan, m: int, node: int, j: int) -> np.ndarray | None
         return None
     value = _const(plan, m, node, j)
     for wa in axes:
-        value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T)
+        value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T, wa.groups)
     return value
 
 

@@ -169,8 +169,40 @@ def reshape_model(groups=1):
         return out
     return n, w, twin, (3, 8, 8), 2
 
+def permute_within(blocks, n):
+    """A permutation of n channels that keeps each of `blocks` contiguous blocks in place."""
+    size = n // blocks
+    return np.concatenate([g * size + RNG.permutation(size) for g in range(blocks)])
+
+
+def grouped_model():
+    """ResNeXt-style: a grouped conv on the input (group 2, 4 -> 8), a bottleneck 1x1 -> 3x3 grouped (group 4,
+    two channels per group) -> 1x1 whose output is added back to the stem's (a residual tie), then the head."""
+    n = [helper.make_node("Conv", ["input", "c0.w", "c0.b"], ["c0"], pads=[1] * 4, group=2),
+         helper.make_node("Relu", ["c0"], ["x0"]),
+         helper.make_node("Conv", ["x0", "c1.w", "c1.b"], ["c1"]),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "g.w", "g.b"], ["g"], pads=[1] * 4, group=4),
+         helper.make_node("Relu", ["g"], ["r2"]),
+         helper.make_node("Conv", ["r2", "c3.w", "c3.b"], ["c3"]),
+         helper.make_node("Add", ["c3", "x0"], ["s"]),
+         helper.make_node("Relu", ["s"], ["r3"])]
+    w = {"c0.w": conv_w(8, 4, groups=2), "c0.b": bias(8), "c1.w": conv_w(8, 8, k=1), "c1.b": bias(8),
+         "g.w": conv_w(8, 8, groups=4), "g.b": bias(8), "c3.w": conv_w(8, 8, k=1), "c3.b": bias(8)}
+    head(n, w, "r3", 8)
+
+    def twin(w):
+        p0, p1, p2 = permute_within(2, 8), permute_within(4, 8), permute_within(4, 8)
+        g = w["g.w"][p2]  # output channels inside their groups; then each group's inputs inside its block
+        g = np.concatenate([g[2 * k:2 * k + 2][:, p1[2 * k:2 * k + 2] - 2 * k] for k in range(4)])
+        return dict(w, **{"c0.w": w["c0.w"][p0], "c0.b": w["c0.b"][p0], "c1.w": w["c1.w"][p1][:, p0],
+                          "c1.b": w["c1.b"][p1], "g.w": g, "g.b": w["g.b"][p2], "c3.w": w["c3.w"][p0][:, p2],
+                          "c3.b": w["c3.b"][p0], "fc.w": w["fc.w"][:, p0]})
+    return n, w, twin, (4, 8, 8), 3
+
+
 BUILDERS = {"concat": concat_model, "depthwise": depthwise_model, "se": se_model, "layernorm": layernorm_model,
-            "reshape": reshape_model}
+            "reshape": reshape_model, "grouped": grouped_model}
 
 
 @pytest.mark.parametrize("method", ["permute", "zip"])
@@ -265,33 +297,6 @@ def test_unsupported_operator_is_reported_with_node_and_reason():
     assert i in an.blocked and an.heads[0] in an.blocked
 
 
-def test_grouped_conv_is_left_unmerged_and_exact():
-    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
-         helper.make_node("Relu", ["c1"], ["r1"]),
-         helper.make_node("Conv", ["r1", "g.w"], ["g"], pads=[1] * 4, group=2),
-         helper.make_node("Relu", ["g"], ["r2"])]
-    w = {"c1.w": conv_w(6, 3), "c1.b": bias(6), "g.w": conv_w(6, 6, groups=2)}
-    head(n, w, "r2", 6)
-    a = make(n, w, (3, 8, 8), 5)
-    an = analyse(a)
-    ((i, reason),) = unsupported_report(an)
-    assert "group" in reason
-    w2 = dict(w)
-    p = perm(6)
-    w2["c1.w"], w2["c1.b"], w2["g.w"] = w["c1.w"][p], w["c1.b"][p], w["g.w"][:, :, :, :]
-    w2["g.w"] = w["g.w"]  # grouped conv input channels can't be permuted freely: only the first space is
-    b = make(n, w2, (3, 8, 8), 5)
-    x = RNG.randn(32, 3, 8, 8).astype(np.float32)
-    res = onnxzip.merge(a, b, RNG.randn(128, 3, 8, 8).astype(np.float32), method="ensemble")
-    got_a, got_b = run(res.model, x)
-    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-5)
-    np.testing.assert_allclose(got_b, run(b, x)[0], atol=1e-5)
-    res = onnxzip.merge(a, a, RNG.randn(128, 3, 8, 8).astype(np.float32), method="zip")
-    assert res.card["unmerged"] and res.card["unmerged"][0]["op"] == "Conv"
-    got_a, _ = run(res.model, x)
-    np.testing.assert_allclose(got_a, run(a, x)[0], atol=1e-4)
-
-
 def test_identity_of_a_constant_is_a_constant():
     """TorchScript with BatchNorm kept stores equal parameters once and writes the others as Identity of it."""
     n = [helper.make_node("Conv", ["input", "c1.w"], ["c1"], pads=[1] * 4),
@@ -364,3 +369,173 @@ def test_batchnorm_is_not_folded_where_the_layer_output_is_used_elsewhere():
     head(n, w, "r1", 8)
     model = make(n, w, (3, 8, 8), 5)
     assert "BatchNormalization" in [n.op_type for n in normalise(model).graph.node]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes that ONNX shape inference cannot reach on its own (issue 13, "never a crash")
+
+
+def torchscript_shuffle_model(w=None, chunk="slice"):
+    """conv0 -> ReLU -> channel shuffle and `chunk(2, dim=1)` as PyTorch's TorchScript exporter writes them
+    (ShuffleNetV2): every shape is computed at run time, Shape -> Gather -> Div -> Cast -> Concat, and ONNX's data
+    propagation stops at the Div (TorchScript gathers scalars and unsqueezes them; `make` keeps no 0-d constant).
+    The second half goes through conv1, is concatenated back with the first half, then the head. Returns (model, weights); pass `w` to rebuild with other weights. `chunk="split"`:
+    one Split (sizes [4, 4]) instead of the computed Slices, as the dynamo exporter writes `chunk`."""
+    i64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
+    n = [helper.make_node("Conv", ["input", "c0.w", "c0.b"], ["c0"], pads=[1] * 4),
+         helper.make_node("Relu", ["c0"], ["r0"]),
+         helper.make_node("Shape", ["r0"], ["s"])]
+    for k, dim in enumerate("nchw"):
+        n.append(helper.make_node("Gather", ["s", f"k.{k}"], [f"u.{dim}"], axis=0))
+    n += [helper.make_node("Div", ["u.c", "k.two"], ["cg"]),
+          helper.make_node("Cast", ["cg"], ["cg1"], to=TensorProto.INT64),
+          helper.make_node("Concat", ["u.n", "k.groups", "cg1", "u.h", "u.w"], ["shape5"], axis=0),
+          helper.make_node("Reshape", ["r0", "shape5"], ["g5"]),
+          helper.make_node("Transpose", ["g5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+          helper.make_node("Concat", ["u.n", "u.c", "u.h", "u.w"], ["shape4"], axis=0),
+          helper.make_node("Reshape", ["t5", "shape4"], ["shuffled"])]
+    if chunk == "split":
+        n.append(helper.make_node("Split", ["shuffled", "k.halves"], ["x1", "x2"], axis=1))
+    else:
+        n += [helper.make_node("Shape", ["shuffled"], ["s2"]),
+              helper.make_node("Gather", ["s2", "k.1"], ["c2"], axis=0),
+              helper.make_node("Div", ["c2", "k.two"], ["half1"]),
+              helper.make_node("Slice", ["shuffled", "k.zero", "half1", "k.axis1"], ["x1"]),
+              helper.make_node("Slice", ["shuffled", "half1", "k.big", "k.axis1"], ["x2"])]
+    n += [          helper.make_node("Conv", ["x2", "c1.w", "c1.b"], ["c1x"]),
+          helper.make_node("Relu", ["c1x"], ["r1"]),
+          helper.make_node("Concat", ["x1", "r1"], ["cat"], axis=1)]
+    if w is None:
+        w = {"c0.w": conv_w(8, 3), "c0.b": bias(8), "c1.w": conv_w(4, 4, k=1), "c1.b": bias(4),
+             **{f"k.{k}": i64(k) for k in range(4)}, "k.two": i64(2),
+             "k.groups": i64(2), "k.zero": i64(0), "k.big": i64(2 ** 62), "k.axis1": i64(1), "k.halves": i64(4, 4)}
+    given = {k: w[k] for k in ("fc.w", "fc.b") if k in w}
+    head(n, w, "cat", 8)
+    w.update(given)  # a twin keeps its (permuted) head
+    return make(n, w, (3, 8, 8), 5), w
+
+
+def test_shapes_computed_at_run_time_are_known_to_analysis():
+    """Before: ONNX shape inference alone left every tensor after the shuffle without a shape."""
+    model, _ = torchscript_shuffle_model()
+    an = analyse(model)
+    assert an.shapes["g5"] == (1, 2, 4, 8, 8) and an.shapes["shuffled"] == (1, 8, 8, 8)
+    assert an.shapes["x2"] == (1, 4, 8, 8) and an.shapes["c1x"] == (1, 4, 8, 8) and an.shapes["cat"] == (1, 8, 8, 8)
+    # the model itself still computes its shapes (its batch dimension stays dynamic)
+    assert [x.op_type for x in an.model.graph.node].count("Shape") == 2
+
+
+def shuffle_twin(w):
+    """torchscript_shuffle_model's twin. The shuffle puts conv0's channels in the order 0 4 1 5 2 6 3 7, the slices
+    keep {0, 1, 4, 5} and {2, 3, 6, 7}: conv0 is permuted inside those blocks (what a merge may match), conv1
+    freely, and conv1 and the head read their inputs in the order the twin's shuffle and slices deliver them."""
+    order = np.array([0, 4, 1, 5, 2, 6, 3, 7])
+    p0 = np.array([5, 4, 7, 6, 0, 1, 3, 2])  # keeps {0, 1, 4, 5} and {2, 3, 6, 7}
+    p1 = perm(4)
+    q = np.argsort(order)[p0[order]]  # the twin's shuffled channel j is A's shuffled channel q[j]
+    assert sorted(q[:4]) == [0, 1, 2, 3]
+    return dict(w, **{"c0.w": w["c0.w"][p0], "c0.b": w["c0.b"][p0], "c1.w": w["c1.w"][p1][:, q[4:] - 4],
+                      "c1.b": w["c1.b"][p1], "fc.w": w["fc.w"][:, np.concatenate([q[:4], 4 + p1])]})
+
+
+@pytest.mark.parametrize("chunk", ["slice", "split"])
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_torchscript_channel_shuffle_and_chunk_merge_exactly(method, chunk):
+    """ShuffleNetV2's TorchScript export crashed merge with `internal error: KeyError` on the Conv after the
+    shuffle (statistics repair read a shape shape inference had not found). Now the shuffle and the slices are
+    followed (views of conv0's space, which is split into the two blocks the slices keep), and twins merge
+    exactly with everything but the head in the trunk."""
+    a, w = torchscript_shuffle_model(chunk=chunk)
+    b, _ = torchscript_shuffle_model(shuffle_twin(w), chunk)
+    x = RNG.randn(32, 3, 8, 8).astype(np.float32)
+    (want,) = run(a, x)
+    np.testing.assert_allclose(run(b, x)[0], want, atol=1e-5)  # the fixture is a twin
+    an = analyse(a)
+    assert an.spaces[an.tensor_spaces["r0"].space].partition == (0, 0, 1, 1, 0, 0, 1, 1)
+    assert an.tensor_spaces["g5"].split == (2, 4)
+    res = onnxzip.merge(a, b, RNG.randn(256, 3, 8, 8).astype(np.float32), method=method, beta=0.0)
+    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 2
+    got_a, got_b = run(res.model, x)
+    np.testing.assert_allclose(got_a, want, atol=1e-4)
+    np.testing.assert_allclose(got_b, want, atol=1e-4)
+
+
+def test_unrelated_shuffle_models_merge_with_clusters_inside_the_slices():
+    """Two initialisations: unrestricted, ZipIt! would merge channels that the slices then separate (no merged
+    model could hold such a cluster on both sides); the blocks keep every cluster inside one slice."""
+    a, _ = torchscript_shuffle_model()
+    b, _ = torchscript_shuffle_model()
+    res = onnxzip.merge(a, b, RNG.randn(256, 3, 8, 8).astype(np.float32), method="zip", beta=0.5)
+    assert not res.card["unmerged"] and [s["blocks"] for s in res.card["spaces"]] == [2, 1]
+    assert all(np.isfinite(y).all() for y in run(res.model, RNG.randn(8, 3, 8, 8).astype(np.float32)))
+
+
+def test_repair_measures_layers_whose_rank_shape_inference_does_not_know():
+    """An operator of another domain (com.microsoft.Gelu, which onnxruntime runs and ONNX cannot infer) leaves the
+    conv after it without even a rank: statistics repair measures it in a pass of its own instead of crashing."""
+    n = [helper.make_node("Conv", ["input", "c0.w", "c0.b"], ["c0"], pads=[1] * 4),
+         helper.make_node("Relu", ["c0"], ["r0"]),
+         helper.make_node("Gelu", ["r0"], ["g"], domain="com.microsoft"),
+         helper.make_node("Conv", ["g", "c1.w", "c1.b"], ["c1"]),
+         helper.make_node("Relu", ["c1"], ["r1"])]
+    w = {"c0.w": conv_w(8, 3), "c0.b": bias(8), "c1.w": conv_w(6, 8, k=1), "c1.b": bias(6)}
+    head(n, w, "r1", 6)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])
+    a = helper.make_model(helper.make_graph(n, "g", [x], [y], [numpy_helper.from_array(v, k) for k, v in w.items()]),
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    a.ir_version = 10
+    an = analyse(a)
+    assert "c1" not in an.ranks and an.nodes[3].kind == "weighted"
+    data = RNG.randn(128, 3, 8, 8).astype(np.float32)
+    xs = RNG.randn(16, 3, 8, 8).astype(np.float32)
+    for refit in ("none", "ls"):  # the refit supersedes the repair; it leaves layers of unknown shape as they are
+        res = onnxzip.merge(a, a, data, refit=refit)
+        assert res.card["unmerged"][0]["op"] == "Gelu"
+        assert res.card["repair"].get("branch_layers") == (2 if refit == "none" else None)
+        got_a, got_b = run(res.model, xs)
+        np.testing.assert_allclose(got_a, run(a, xs)[0], atol=1e-4)
+        np.testing.assert_allclose(got_b, run(a, xs)[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grouped convolutions (issue 13): spaces split into blocks, matched block by block (grouped_model is above, with
+# the other builders; its twins merge exactly in test_twin_of_special_structures_is_exact)
+
+
+def test_grouped_conv_spaces_are_split_into_its_groups():
+    nodes, w, _, in_shape, _ = grouped_model()
+    an = analyse(make(nodes, w, in_shape, 5))
+    assert not unsupported_report(an)
+    assert [an.nodes[i].kind for i in range(5)] == ["weighted", "carrier", "weighted", "carrier", "weighted"]
+    blocks = {name: an.spaces[an.tensor_spaces[name].space].blocks for name in ("x0", "r1", "r2", "s")}
+    assert blocks == {"x0": 2, "r1": 4, "r2": 4, "s": 2}
+    (g_in,) = [x for x in an.weight_axes(4, 1) if x.role == "in"]
+    assert g_in.groups == 4 and g_in.space == an.tensor_spaces["r1"].space
+
+
+def test_grouped_conv_with_one_input_channel_per_group_is_refused_by_name():
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "g.w"], ["g"], pads=[1] * 4, group=6, name="multiplier"),
+         helper.make_node("Relu", ["g"], ["r2"])]
+    w = {"c1.w": conv_w(6, 3), "c1.b": bias(6), "g.w": conv_w(12, 6, groups=6)}
+    head(n, w, "r2", 12)
+    ((i, reason),) = unsupported_report(analyse(make(n, w, (3, 8, 8), 5)))
+    assert "multiplier" in analyse(make(n, w, (3, 8, 8), 5)).describe_node(i) and "one input channel" in reason
+
+
+@pytest.mark.parametrize("method", ["zip", "permute", "average"])
+def test_unrelated_grouped_models_merge_into_a_grouped_model(method):
+    """Two different initialisations: ZipIt!'s greedy matching would pair features across groups if it could (the
+    merged layer could then not stay grouped); block by block, the merged graph keeps every group attribute and runs."""
+    nodes, w, _, in_shape, _ = grouped_model()
+    _, w2, _, _, _ = grouped_model()
+    a, b = make(nodes, w, in_shape, 5), make(nodes, w2, in_shape, 5)
+    res = onnxzip.merge(a, b, RNG.randn(256, *in_shape).astype(np.float32), method=method)
+    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 4
+    assert [s["blocks"] for s in res.card["spaces"]] == [2, 4, 4]
+    groups = [next((x.i for x in n.attribute if x.name == "group"), 1) for n in res.model.graph.node
+              if n.op_type == "Conv" and n.name.startswith("zip/")]
+    assert groups == [2, 1, 4, 1]
+    assert all(np.isfinite(y).all() for y in run(res.model, RNG.randn(8, *in_shape).astype(np.float32)))

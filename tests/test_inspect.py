@@ -60,3 +60,30 @@ def test_inspect_models_without_b():
     model, _ = F.mlp()
     report = inspect_models(model)
     assert report["match"] is None and report["a"]["weighted_layers"] == 3
+
+
+def test_nothing_zipped_is_not_reported_as_nothing_unmerged(tmp_path):
+    """The one weighted layer is the task head: nothing is unmerged, but nothing is zipped either (issue 13)."""
+    from test_merge_errors import nothing_to_zip
+    path = save(nothing_to_zip("head_only", 0), tmp_path / "a.onnx")
+    result = CliRunner().invoke(cli, ["inspect", path])
+    assert result.exit_code == 0, result.output
+    assert "left unmerged: nothing" not in result.output and "NOTHING IS ZIPPED" in result.output
+    assert "'fc' (Gemm)" in result.output
+    report = json.loads(CliRunner().invoke(cli, ["inspect", path, "--json"]).output)
+    assert report["a"]["zipped_nothing"] is True and not report["a"]["unmerged"]
+    model, _ = F.mlp()
+    assert describe(analyse(model))["zipped_nothing"] is False
+    assert "left unmerged: nothing" in format_report(inspect_models(model))
+
+
+def test_views_and_blocks_are_reported():
+    """The ShuffleNet unit fixture: chunk and shuffle are views, conv0's space is cut into the halves chunk keeps,
+    and every space but the head's is zipped by default (issue 13)."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shuffle", "a.onnx")
+    r = inspect_models(onnx.load(path), path_a=path)["a"]
+    spaces = r["feature_spaces"]
+    assert all(s["zipped_by_default"] for s in spaces if not s["head_output"]), spaces
+    assert sum("view_of" in s for s in spaces) == 3 and [s["blocks"] for s in spaces if s["blocks"] > 1] == [2]
+    assert "slice/shuffle of space(s)" in format_report({"a": r, "match": None})

@@ -169,3 +169,68 @@ def test_existing_output_without_force(dirs, vgg_pair):
 def test_errors_share_one_family():
     for cls in (CalibrationDataError, MismatchError, ModelError, OutputError, UnsupportedModelError):
         assert issubclass(cls, OnnxzipError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zipping nothing is said, never silent (issue 13): asked to zip, the merge found nothing to zip
+# ---------------------------------------------------------------------------------------------------------------
+
+def nothing_to_zip(kind, seed):
+    """`head_only`: Flatten -> Gemm, the one weighted layer is the task head (as when the pooler of a transformer
+    export is taken for the head). `input_mean`: Sub of a per-channel input mean that differs between the two
+    models, then Flatten -> Gemm -> Relu -> Gemm: the first layer reads a tensor computed differently per model."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.RandomState(seed)
+    w = {"fc.w": rng.randn(5, 48).astype(np.float32) / 7, "fc.b": np.zeros(5, np.float32)}
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"])]
+    if kind == "input_mean":
+        w.update({"mean": rng.rand(3, 1, 1).astype(np.float32), "fc0.w": rng.randn(48, 16).astype(np.float32) / 7,
+                  "fc0.b": np.zeros(16, np.float32), "fc.w": rng.randn(5, 16).astype(np.float32) / 4})
+        nodes = [helper.make_node("Sub", ["input", "mean"], ["centred"], name="input_mean"),
+                 helper.make_node("Flatten", ["centred"], ["flat0"]),
+                 helper.make_node("Gemm", ["flat0", "fc0.w", "fc0.b"], ["h"], name="fc0"),
+                 helper.make_node("Relu", ["h"], ["flat"])]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v, k) for k, v in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("kind,named", [("head_only", "'fc' (Gemm)"), ("input_mean", "'input_mean' (Sub)")])
+def test_zipping_nothing_is_warned_and_named_in_the_card(kind, named, caplog):
+    a, b = nothing_to_zip(kind, 0), nothing_to_zip(kind, 1)
+    data = np.random.RandomState(2).randn(64, 3, 4, 4).astype(np.float32)
+    with caplog.at_level("WARNING", logger="onnxzip"):
+        res = onnxzip.merge(a, b, data, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "NOTHING IS ZIPPED" in r.getMessage()]
+    assert len(warned) == 1 and named in warned[0], [r.getMessage() for r in caplog.records]
+    assert res.card["zipped_nothing"] is True and named in res.card["zipped_nothing_reason"]
+    assert res.card["spaces"] == [] and res.card["trunk"]["weighted_layers_zipped"] == 0
+    assert any("NOTHING IS ZIPPED" in line for line in res.summary_lines())
+    x = np.random.RandomState(3).randn(16, 3, 4, 4).astype(np.float32)
+    got = F.run(res.model, x)  # the ensemble it says it is
+    np.testing.assert_allclose(got["a/logits"], F.run(a, x)["logits"], atol=1e-5)
+    np.testing.assert_allclose(got["b/logits"], F.run(b, x)["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["head_only", "input_mean"])
+def test_zipping_nothing_with_strict_is_an_error(kind, dirs):
+    a, b = nothing_to_zip(kind, 0), nothing_to_zip(kind, 1)
+    data = np.random.RandomState(2).randn(64, 3, 4, 4).astype(np.float32)
+    msg = expect_error(UnsupportedModelError, dirs, a, b, data, strict=True)
+    assert ("nothing can be zipped" if kind == "head_only" else "input_mean") in msg, msg
+    assert UnsupportedModelError.exit_code == 6
+
+
+def test_zipping_nothing_on_purpose_is_not_warned(caplog):
+    a, b = nothing_to_zip("input_mean", 0), nothing_to_zip("input_mean", 0)  # the same model: fc0 is zipped
+    data = np.random.RandomState(2).randn(64, 3, 4, 4).astype(np.float32)
+    assert onnxzip.merge(a, b, data, progress=False).card["zipped_nothing"] is False
+    with caplog.at_level("WARNING", logger="onnxzip"):
+        for kw in ({"method": "ensemble"}, {"stop_at": "input"}):
+            card = onnxzip.merge(a, b, data, progress=False, strict=True, **kw).card
+            assert card["zipped_nothing"] is True and "side by side" in card["zipped_nothing_reason"]
+    assert not [r for r in caplog.records if "NOTHING" in r.getMessage()]

@@ -374,3 +374,48 @@ def test_solve_rejects_bad_input():
         zip_match(corr, beta=-0.1)
     with pytest.raises(ValueError, match="out of range"):
         average_match(3).unmerge_index(2)
+
+
+def test_solve_blocks_keeps_every_cluster_inside_one_block():
+    """Features 0-3 and 4-7 of each model are two blocks (a grouped layer's groups). The correlation pairs every
+    feature of A with B's feature in the *other* block; matching must still stay inside the blocks, and equal the
+    blocks solved one by one."""
+    from onnxzip.solver import solve_blocks
+    rng = np.random.RandomState(4)
+    x = rng.randn(400, 8)
+    y = np.concatenate([x[:, 4:], x[:, :4]], axis=1) + 0.1 * rng.randn(400, 8)
+    corr = np.corrcoef(np.concatenate([x, y], axis=1).T)
+    for method in ("zip", "permute", "average"):
+        m = solve_blocks(method, corr, 8, 2)
+        block_of = np.concatenate([np.arange(8) // 4, np.arange(8) // 4])
+        for c in range(m.merged_width):
+            assert len(set(block_of[m.clusters == c])) == 1, (method, c)
+        first = solve(method, corr[np.ix_([0, 1, 2, 3, 8, 9, 10, 11], [0, 1, 2, 3, 8, 9, 10, 11])], 4)
+        np.testing.assert_array_equal(m.merge[0][:4, :4], first.merge[0])
+        np.testing.assert_array_equal(m.merge[0][:4, 4:], 0)
+    # without blocks, the same correlation pairs across the blocks
+    assert (solve("permute", corr, 8).unmerge_index(1)[:4] >= 4).all()
+    with pytest.raises(ValueError):
+        solve_blocks("zip", corr, 8, 3)
+
+
+def test_solve_blocks_with_a_partition_numbers_each_block_by_its_positions():
+    """Blocks {0, 2, 5} and {1, 3, 4} (the channels a slice keeps after a shuffle): every cluster stays inside a
+    block, and a block's merged features sit at its own positions, so a view of whole blocks holds exactly its own
+    merged features (view_matching); a view of part of a block is refused."""
+    from onnxzip.solver import solve_blocks, view_matching
+    rng = np.random.RandomState(7)
+    x = rng.randn(300, 6)
+    y = x[:, [3, 0, 5, 1, 2, 4]] + 0.1 * rng.randn(300, 6)  # B's feature k is A's [3, 0, 5, 1, 2, 4][k]
+    corr = np.corrcoef(np.concatenate([x, y], axis=1).T)
+    labels = [0, 1, 0, 1, 1, 0]
+    m = solve_blocks("permute", corr, 6, labels)
+    for model in range(2):
+        for c, k in enumerate(m.unmerge_index(model)):
+            assert labels[c] == labels[k], (model, c, k)
+    view = view_matching([(9, 5), (9, 0), (9, 2)], {9: m})  # block 0 in another order
+    assert view.width == 3 and view.merged_width == 3
+    with pytest.raises(ValueError):
+        view_matching([(9, 0), (9, 1)], {9: m})
+    unrestricted = solve("permute", corr, 6)
+    assert any(labels[c] != labels[k] for c, k in enumerate(unrestricted.unmerge_index(1)))

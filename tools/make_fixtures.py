@@ -33,9 +33,14 @@ REQUIRED = {"torch": "torch==2.13.0 (CPU is enough)", "onnx": "onnx", "onnxrunti
             "skl2onnx": "skl2onnx"}
 
 
-def _require():
+# what each kind of fixture needs beyond torch, onnx and onnxruntime
+EXTRA_REQUIRED = {"dynamo": ("onnxscript",), "sklearn": ("sklearn", "skl2onnx")}
+
+
+def _require(modules=("torch", "onnx", "onnxruntime")):
     missing = []
-    for mod, pip_name in REQUIRED.items():
+    for mod in modules:
+        pip_name = REQUIRED[mod]
         try:
             importlib.import_module(mod)
         except ImportError:
@@ -98,24 +103,27 @@ def init_weights(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def _perm(width: int, groups: int, rng: np.random.RandomState) -> np.ndarray:
+def _perm(width: int, groups: int, rng: np.random.RandomState, swap_groups: bool = True) -> np.ndarray:
     """A random permutation of `width` channels; with groups > 1 one that keeps every group of width/groups
     consecutive channels together (groups permuted among themselves, channels within each group), the most
-    general permutation a GroupNorm with 1 < groups < C is invariant to."""
+    general permutation a GroupNorm with 1 < groups < C is invariant to. `swap_groups=False`: every group stays in
+    its place, only its channels are permuted (what a grouped convolution's twin needs, see GroupedCNN)."""
     if groups == 1:
         return rng.permutation(width)
     size = width // groups
-    return np.concatenate([g * size + rng.permutation(size) for g in rng.permutation(groups)])
+    order = rng.permutation(groups) if swap_groups else np.arange(groups)
+    return np.concatenate([g * size + rng.permutation(size) for g in order])
 
 
 def permuted_twin(model: nn.Module, spaces: dict, rng: np.random.RandomState) -> tuple:
     """(deep copy of `model` with each hidden space permuted, {space: permutation}) for
-    spaces = {name: (width, groups, [(param, axis), ...])}."""
+    spaces = {name: (width, groups, [(param, axis), ...])}, or (width, groups, members, "in place") for a
+    permutation that keeps each group in its place."""
     twin = copy.deepcopy(model)
     state = {k: v.clone() for k, v in twin.state_dict().items()}
     perms = {}
-    for name, (width, groups, members) in spaces.items():
-        p = perms[name] = torch.as_tensor(_perm(width, groups, rng))
+    for name, (width, groups, members, *how) in spaces.items():
+        p = perms[name] = torch.as_tensor(_perm(width, groups, rng, swap_groups=how != ["in place"]))
         for param, axis in members:
             t = state[param]
             assert t.shape[axis] == width, f"space {name}: {param} axis {axis} has {t.shape[axis]}, not {width}"
@@ -321,6 +329,78 @@ class DepthwiseCNN(nn.Module):
                 "pw": (16, 1, conv_out("pw", "bn2") + conv_in("fc"))}
 
 
+class GroupedCNN(nn.Module):
+    """ResNeXt-style: conv0-bn-relu, one bottleneck block (1x1 conv1-bn-relu, 3x3 grouped gconv (groups 4)-bn-relu,
+    1x1 conv3-bn, + skip, relu), global average pool, linear head."""
+
+    input_shape = (3, 12, 12)
+    width, groups = 16, 4
+    expected = (4, "conv0 (tied by the residual Add with conv3), conv1, gconv, fc head")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        c, g = self.width, self.groups
+        self.conv0, self.bn0 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.gconv, self.bn2 = nn.Conv2d(c, c, 3, padding=1, groups=g), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.relu0, self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.relu0(self.bn0(self.conv0(x)))
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.gconv(y)))
+        x = self.relu3(self.bn3(self.conv3(y)) + x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def spaces(self):
+        c, g = self.width, self.groups
+        # gconv's input axis (c/g wide) is permuted group by group in torch_twin
+        return {"conv0": (c, 1, conv_out("conv0", "bn0") + conv_out("conv3", "bn3") + conv_in("conv1") + conv_in("fc")),
+                "conv1": (c, g, conv_out("conv1", "bn1"), "in place"),
+                "gconv": (c, g, conv_out("gconv", "bn2") + conv_in("conv3"), "in place")}
+
+
+def channel_shuffle(x, groups):
+    """torchvision's ShuffleNetV2 channel shuffle, as written there."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleCNN(nn.Module):
+    """ShuffleNetV2 unit (stride 1) as torchvision writes it: conv0-bn-relu, chunk(2) into x1, x2; x2 through 1x1
+    pw1-bn-relu, 3x3 depthwise dw-bn, 1x1 pw2-bn-relu; cat(x1, x2') then channel_shuffle(groups 2); global average
+    pool, linear head."""
+
+    input_shape = (3, 12, 12)
+    expected = (4, "conv0, pw1 (the depthwise conv carries it), pw2, fc head (chunk, cat and shuffle are views)")
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.pw1, self.bn1 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.dw, self.bn_dw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.pw2, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.relu0, self.relu1, self.relu2 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.relu0(self.bn0(self.conv0(x)))
+        x1, x2 = x.chunk(2, dim=1)
+        x2 = self.relu2(self.bn2(self.pw2(self.bn_dw(self.dw(self.relu1(self.bn1(self.pw1(x2))))))))
+        x = channel_shuffle(torch.cat((x1, x2), dim=1), 2)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def spaces(self):
+        # pw1's input (conv0's second half) and fc's input (the shuffled concatenation) are permuted in torch_twin
+        return {"conv0": (16, 2, conv_out("conv0", "bn0"), "in place"),
+                "pw1": (8, 1, conv_out("pw1", "bn1") + conv_out("dw", "bn_dw") + conv_in("pw2")),
+                "pw2": (8, 1, conv_out("pw2", "bn2"))}
+
+
 class SECNN(nn.Module):
     """conv0-relu, conv1-relu, squeeze-and-excitation (GAP, 1x1 reduce-relu, 1x1 expand-sigmoid, Mul), GAP, head."""
 
@@ -386,6 +466,27 @@ def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
         sd = twin.state_dict()
         idx = torch.cat([perms["conv0"], 8 + perms["conv1a"], 12 + perms["conv1b"]])
         sd["conv2.weight"] = sd["conv2.weight"].index_select(1, idx)
+        twin.load_state_dict(sd)
+    if isinstance(model, ShuffleCNN):
+        # chunk keeps conv0's halves (its permutation keeps each half in place); pw1 reads the second half; fc
+        # reads the shuffled cat(x1, x2'): B's cat channel c is A's r[c], B's shuffled channel j is A's q[j]
+        sd = twin.state_dict()
+        p0, p2 = perms["conv0"].numpy(), perms["pw2"].numpy()
+        sd["pw1.weight"] = sd["pw1.weight"].index_select(1, torch.as_tensor(p0[8:] - 8))
+        order = np.array([g * 8 + k for k in range(8) for g in range(2)])  # shuffled j = cat[order[j]]
+        r = np.concatenate([p0[:8], 8 + p2])
+        q = np.argsort(order)[r[order]]
+        sd["fc.weight"] = sd["fc.weight"].index_select(1, torch.as_tensor(q))
+        twin.load_state_dict(sd)
+    if isinstance(model, GroupedCNN):
+        # gconv's output group g reads conv1's block g only: permute each group's inputs by its block's
+        # permutation (conv1's keeps every block in place)
+        sd = twin.state_dict()
+        g, size = GroupedCNN.groups, GroupedCNN.width // GroupedCNN.groups
+        p = perms["conv1"]
+        w = sd["gconv.weight"]
+        sd["gconv.weight"] = torch.cat([w[k * size:(k + 1) * size].index_select(1, p[k * size:(k + 1) * size] - k * size)
+                                        for k in range(g)])
         twin.load_state_dict(sd)
     return twin.eval()
 
@@ -494,7 +595,7 @@ def torch_fixture(out, name, cls, how, seed, note="", **kw):
     b = torch_twin(a, np.random.RandomState(seed + 1000))
     x = torch.randn(8, *cls.input_shape)
     sa, sb = a.state_dict(), b.state_dict()
-    members = {p for _, _, ms in a.spaces().values() for p, _ in ms}
+    members = {p for _, _, ms, *_ in a.spaces().values() for p, _ in ms}
     unchanged = [p for p in members if torch.equal(sa[p], sb[p])]
     assert not unchanged, f"{name}: the twin left {unchanged} as they were"
     with torch.no_grad():
@@ -634,6 +735,15 @@ FIXTURES = {
                                     "GlobalAveragePool -> 1x1 Conv -> Relu -> 1x1 Conv -> Sigmoid -> Mul with the "
                                     "feature map."),
     "heads_5_7": heads_fixture,
+    "shuffle": lambda out: torch_fixture(out, "shuffle", ShuffleCNN, "ts", 13,
+                                         "TorchScript computes the shuffle's Reshape targets (Shape -> Gather -> "
+                                         "Div -> Cast -> Unsqueeze -> Concat) and chunk's Slice bounds from shapes. "
+                                         "The twin permutes conv0 inside each half (the halves chunk keeps), pw1 "
+                                         "and pw2 freely."),
+    "grouped": lambda out: torch_fixture(out, "grouped", GroupedCNN, "ts", 12,
+                                         "ResNeXt bottleneck: Conv with group=4 on 16 channels (4 per group, BN "
+                                         "folded). The twin permutes conv1's and gconv's channels inside each group "
+                                         "of 4 (every group in its place), conv0's freely."),
     "preproc": lambda out: torch_fixture(out, "preproc", PreprocCNN, "ts", 10,
                                          "Sub / Div of the input by per-channel constants (1, 3, 1, 1) before "
                                          "conv1."),
@@ -653,8 +763,10 @@ def main(argv=None):
     if args.only and os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
+    chosen = args.only or list(FIXTURES)
+    _require([m for kind, mods in EXTRA_REQUIRED.items() if any(kind in n for n in chosen) for m in mods])
     torch.manual_seed(0)
-    for name in args.only or FIXTURES:
+    for name in chosen:
         entry = FIXTURES[name](out)
         for f in ("a.onnx", "b.onnx"):
             size = os.path.getsize(os.path.join(out, name, f))
