@@ -22,10 +22,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-
 from onnxzip.errors import CalibrationDataError, MismatchError, ModelError, UsageError, VerificationError
 from onnxzip.onnx_io import inference_session, without_weights
+from onnxzip.runtime import import_onnxruntime
 from onnxzip.stats import FeatureStats
 
 log = logging.getLogger(__name__)
@@ -36,11 +35,12 @@ _CONVERTIBLE_TO_FLOAT = {"f", "i", "u"}
 # than memory is never loaded at once.
 _CHUNK_BYTES = 64 << 20
 
+# onnxruntime's GraphOptimizationLevel names (onnxruntime is imported only when a session is made)
 _OPTIMIZATION_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
 }
 
 
@@ -146,6 +146,16 @@ class CalibrationData:
                 name: np.ascontiguousarray(array[lo:hi], dtype=dtypes.get(name, array.dtype))
                 for name, array in self.arrays.items()
             }
+
+    def subset(self, num_samples: int, seed: int) -> CalibrationData:
+        """`num_samples` samples drawn at random by `seed`, kept in file order (all of them when there are no more).
+        The same seed picks the same samples: `merge` calibrates on this subset and `deploy` finds the samples it
+        held back again from the card's source, count and seed."""
+        if num_samples >= self.num_samples:
+            return self
+        chosen = np.sort(np.random.default_rng(seed).choice(self.num_samples, num_samples, replace=False))
+        return CalibrationData(self.path, {k: np.asarray(v[chosen]) for k, v in self.arrays.items()}, self.specs,
+                               self._logger)
 
     def split(self, holdout: int) -> tuple[CalibrationData, CalibrationData]:
         """Split into (calibration part, held-out part): the last `holdout` samples are held back (for example for
@@ -401,8 +411,9 @@ def _session_options(optimization: str, log_severity: int) -> ort.SessionOptions
         raise UsageError(
             f"optimization level {optimization!r} is unknown; choose one of {', '.join(_OPTIMIZATION_LEVELS)}"
         )
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
     options.log_severity_level = log_severity
     return options
 
@@ -417,6 +428,7 @@ def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str
     """
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device {device!r} is unknown; choose 'auto', 'cpu' or 'cuda'")
+    ort = import_onnxruntime()
     # Keep onnxruntime to errors only: its warnings (e.g. nodes placed on CPU) are noise for onnxzip users.
     ort.set_default_logger_severity(3)
     cpu = ["CPUExecutionProvider"]
@@ -510,7 +522,9 @@ def _features(x: np.ndarray, request: FeatureRequest, model_index: int) -> np.nd
 
 def _progress_reporter(progress, total: int, desc: str):
     """(update(n), close()) for a click progress bar on stderr, a callable progress(done, total), or nothing."""
-    if progress is True:
+    if progress is True and sys.stderr.isatty():
+        # Not a terminal (a log file, CI): click would print the bare label once and nothing after it; the
+        # logged "calibrating on N samples" line says the same.
         import click
 
         bar = click.progressbar(length=total, label=desc, file=sys.stderr)
