@@ -177,8 +177,8 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def convert_opset(model: onnx.ModelProto, target_opset: int, ir_version: int | None = None) -> onnx.ModelProto:
     """`model` converted to default-domain opset `target_opset` with onnx.version_converter, its IR version set to
-    `ir_version` or, by default, to the one the ONNX release that introduced that opset wrote (the newest IR an
-    onnxruntime build of that time loads), never above the model's own."""
+    `ir_version` or, by default, to the one the ONNX release that introduced that opset wrote (an onnxruntime build
+    that runs the opset loads that IR version)."""
     current = _opsets(model).get("", None)
     if current is None:
         raise UnsupportedModelError("the model imports no default-domain (ai.onnx) opset; nothing to convert")
@@ -193,7 +193,7 @@ def convert_opset(model: onnx.ModelProto, target_opset: int, ir_version: int | N
         except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError/ValueError with C++ text
             raise UnsupportedModelError(f"onnx.version_converter cannot convert the model from opset {current} to "
                                         f"{target_opset}: {_converter_message(exc)}") from exc
-    ir = ir_version if ir_version is not None else min(model.ir_version, ir_version_for_opset(target_opset))
+    ir = ir_version if ir_version is not None else ir_version_for_opset(target_opset)
     if not isinstance(ir, int) or ir < 3:
         raise UsageError(f"--ir-version must be a whole number >= 3, got {ir!r}")
     converted.ir_version = ir

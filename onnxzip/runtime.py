@@ -88,7 +88,7 @@ class OpenVINOSession:
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         self.request = self.compiled.create_infer_request()
-        self.output_names = [o.get_any_name() for o in model.graph.output]
+        self.output_names = [o.name for o in model.graph.output]
         self._outputs = {o.name: self.compiled.output(o.name) for o in model.graph.output}
 
     def run(self, output_names, feed: dict) -> list:
