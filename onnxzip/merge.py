@@ -88,7 +88,7 @@ class MergeResult:
                      f"{c['parameters']['b']:,} in the two models")
         thin = [s["space"] for s in c.get("spaces", []) if s.get("thin_statistics")]
         if thin:  # the warning itself went to the log (stderr) as the merge found it
-            lines.append(f"thin statistics in {len(thin)} feature space(s) (see the warnings)")
+            lines.append(f"thin statistics in {len(thin)} feature space(s) (see stderr)")
         if c.get("unmerged"):
             lines.append(f"left unmerged: {len(c['unmerged'])} region(s) (see the card)")
         if c.get("repair", {}).get("layers"):
