@@ -18,13 +18,16 @@ import os
 import sys
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import onnx
 from onnxzip.errors import CalibrationDataError, MismatchError, ModelError, UsageError, VerificationError
 from onnxzip.onnx_io import inference_session, without_weights
 from onnxzip.runtime import import_onnxruntime
+
+if TYPE_CHECKING:  # annotations only: onnxruntime is imported when a session is made
+    import onnxruntime as ort
 from onnxzip.stats import FeatureStats
 
 log = logging.getLogger(__name__)
@@ -406,7 +409,7 @@ def expose_tensors(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return exposed
 
 
-def _session_options(optimization: str, log_severity: int) -> ort.SessionOptions:
+def _session_options(optimization: str, log_severity: int, spin: bool = True) -> ort.SessionOptions:
     if optimization not in _OPTIMIZATION_LEVELS:
         raise UsageError(
             f"optimization level {optimization!r} is unknown; choose one of {', '.join(_OPTIMIZATION_LEVELS)}"
@@ -414,17 +417,22 @@ def _session_options(optimization: str, log_severity: int) -> ort.SessionOptions
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
+    if not spin:  # idle worker threads sleep at once instead of spinning (see make_session)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = log_severity
     return options
 
 
-def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str = "basic") -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str = "basic",
+                 spin: bool = True) -> ort.InferenceSession:
     """An onnxruntime session for `model` on `device` ('cpu', 'cuda' or 'auto': CUDA if it comes up, else CPU).
 
     `optimization` is onnxruntime's graph optimization level: 'disable', 'basic', 'extended' or 'all'. The default
     'basic' only folds constants and removes redundant nodes; 'extended'/'all' fuse operators (e.g. Conv+Add+Relu,
     GELU, attention) into kernels with a different order of floating-point operations, which changes activations
-    slightly, and statistics should describe the model as exported.
+    slightly, and statistics should describe the model as exported. `spin=False` stops onnxruntime's worker threads
+    from spinning after a run: where two sessions take turns (timing two models one after the other), the spinning
+    threads of one would otherwise hold the cores the other needs.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device {device!r} is unknown; choose 'auto', 'cpu' or 'cuda'")
@@ -436,7 +444,7 @@ def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str
 
     def create(providers: list[str], severity: int) -> ort.InferenceSession:
         try:
-            return inference_session(model, _session_options(optimization, severity), providers)
+            return inference_session(model, _session_options(optimization, severity, spin), providers)
         except UsageError:
             raise
         except Exception as exc:

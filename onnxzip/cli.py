@@ -334,7 +334,8 @@ def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, 
                    "back to verify, found through its card.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where onnxruntime runs the checks.")
-@click.option("--force", is_flag=True, help="Replace an existing model folder; keep an fp16 model below 99 % agreement.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing model folder; keep an fp16 model below 99 % agreement.")
 @_verbosity_options
 @click.pass_context
 def deploy_(ctx, model_path, repository, name, max_batch_size, instances, fp16, version, target_opset, ir_version,

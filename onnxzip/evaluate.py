@@ -172,11 +172,12 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _make_session(model: onnx.ModelProto, device: str, optimization: str, runtime: str = "onnxruntime"):
+def _make_session(model: onnx.ModelProto, device: str, optimization: str, runtime: str = "onnxruntime",
+                  spin: bool = True):
     """A session with `run(output_names, feed)` (see `onnxzip.runtime.make_runner`)."""
     from .runtime import make_runner
 
-    return make_runner(model, runtime, device, optimization)
+    return make_runner(model, runtime, device, optimization, spin)
 
 
 def _single_input(model: onnx.ModelProto):
@@ -236,7 +237,8 @@ def measure_throughput(models, batch_sizes=THROUGHPUT_BATCH_SIZES, device: str =
     each batch, as a server holding the original models side by side would (the time of one step is the sum).
     Each batch size is timed for about `seconds` (at least `min_repeats`, at most `max_repeats` runs, after one
     untimed warm-up run), on random input, with full graph optimisation; the figure is the batch size over the median
-    step time. A model whose batch is fixed is refused (`UsageError`): only a dynamic batch axis can be timed at
+    step time. onnxruntime's worker threads do not spin between runs (`make_session(spin=False)`). A model whose
+    batch is fixed is refused (`UsageError`): only a dynamic batch axis can be timed at
     several batch sizes.
     """
     models = [models] if isinstance(models, onnx.ModelProto) else list(models)
@@ -257,7 +259,9 @@ def measure_throughput(models, batch_sizes=THROUGHPUT_BATCH_SIZES, device: str =
         else:
             sample = shape[1:]
         feeds.append((name, sample, dtype))
-        sessions.append(_make_session(model, device, "all", runtime))
+        # no thread spinning: with two sessions taking turns, one's spinning threads would slow the other (by 10x
+        # at batch 1 on 2 cores); off for a single model too, so the figures compare
+        sessions.append(_make_session(model, device, "all", runtime, False))
     rng = np.random.default_rng(0)
     result = {}
     for batch in batch_sizes:

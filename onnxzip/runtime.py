@@ -104,13 +104,14 @@ class OpenVINOSession:
 
 
 def make_runner(model: onnx.ModelProto, runtime: str = "onnxruntime", device: str = "cpu",
-                optimization: str = "basic"):
-    """A session with `run(output_names, feed)`: onnxruntime on `device` with graph `optimization`, or OpenVINO's
-    CPU plugin in float32 precision (`device` must then be 'cpu' or 'auto')."""
+                optimization: str = "basic", spin: bool = True):
+    """A session with `run(output_names, feed)`: onnxruntime on `device` with graph `optimization` (and thread
+    spinning unless `spin` is False, see `make_session`), or OpenVINO's CPU plugin in float32 precision (`device`
+    must then be 'cpu' or 'auto')."""
     if runtime == "onnxruntime":
         from .calibration import make_session
 
-        return make_session(model, device, optimization)
+        return make_session(model, device, optimization, spin)
     if runtime == "openvino":
         if device == "cuda":
             raise UsageError("--runtime openvino runs on the CPU here; use --device cpu")
