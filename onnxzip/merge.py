@@ -542,9 +542,9 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
 
         t = time.perf_counter()
         half = to_fp16(merged)
-        check_data = verify_data or calib_data
+        check_data = held_data or calib_data
         samples = {k: np.asarray(v) for k, v in check_data.arrays.items()}
-        fp16_check = check_fp16(merged, half, samples, "held-back" if verify_data is not None else "calibration",
+        fp16_check = check_fp16(merged, half, samples, "held-back" if held_data is not None else "calibration",
                                 force, batch_size, device, logger)
         merged = half
         times["fp16"] = time.perf_counter() - t

@@ -105,7 +105,7 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
     assert call == dict(model_a="a.onnx", model_b="b.onnx", data="calib.npy", output="out.onnx", method="permute",
                         alpha=-1.0, beta=0.0, stop_at=13, num_samples=10, batch_size=5, device="cpu",
                         names=("cats", "dogs.v2"), seed=3, force=True, repair=False, verify=False, strict=True,
-                        fold_batchnorm=False, fp16=True, progress=True)
+                        fold_batchnorm=False, fp16=True, refit="ls", progress=True)
 
 
 def test_merge_defaults_and_quiet(runner, fake_merge):
