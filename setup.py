@@ -42,7 +42,20 @@ setup(
         "numpy",
         "click",
         "scipy",
+        # `--fp16`: its float16 converter. It requires only numpy, onnx, packaging and protobuf (never onnxruntime,
+        # which would break onnxruntime-gpu); it is imported only when --fp16 is asked for.
+        "onnxconverter-common",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={
+        "test": [
+            "pytest",
+            "hypothesis",
+            # Triton's ModelConfig schema (tritonclient.grpc.model_config_pb2), to parse the configs `deploy` writes
+            "tritonclient[grpc]",
+            # the second runtime (`eval --runtime openvino`, the OpenVINO parity tests)
+            "openvino",
+        ],
+        "openvino": ["openvino"],
+    },
     entry_points={"console_scripts": ["onnxzip=onnxzip.cli:main"]},
 )

@@ -18,14 +18,16 @@ import os
 import sys
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-
 from onnxzip.errors import CalibrationDataError, MismatchError, ModelError, UsageError, VerificationError
 from onnxzip.onnx_io import inference_session, without_weights
+from onnxzip.runtime import import_onnxruntime
+
+if TYPE_CHECKING:  # annotations only: onnxruntime is imported when a session is made
+    import onnxruntime as ort
 from onnxzip.stats import FeatureStats
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,12 @@ _CONVERTIBLE_TO_FLOAT = {"f", "i", "u"}
 # than memory is never loaded at once.
 _CHUNK_BYTES = 64 << 20
 
+# onnxruntime's GraphOptimizationLevel names (onnxruntime is imported only when a session is made)
 _OPTIMIZATION_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
 }
 
 
@@ -146,6 +149,16 @@ class CalibrationData:
                 name: np.ascontiguousarray(array[lo:hi], dtype=dtypes.get(name, array.dtype))
                 for name, array in self.arrays.items()
             }
+
+    def subset(self, num_samples: int, seed: int) -> CalibrationData:
+        """`num_samples` samples drawn at random by `seed`, kept in file order (all of them when there are no more).
+        The same seed picks the same samples: `merge` calibrates on this subset and `deploy` finds the samples it
+        held back again from the card's source, count and seed."""
+        if num_samples >= self.num_samples:
+            return self
+        chosen = np.sort(np.random.default_rng(seed).choice(self.num_samples, num_samples, replace=False))
+        return CalibrationData(self.path, {k: np.asarray(v[chosen]) for k, v in self.arrays.items()}, self.specs,
+                               self._logger)
 
     def split(self, holdout: int) -> tuple[CalibrationData, CalibrationData]:
         """Split into (calibration part, held-out part): the last `holdout` samples are held back (for example for
@@ -396,27 +409,34 @@ def expose_tensors(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return exposed
 
 
-def _session_options(optimization: str, log_severity: int) -> ort.SessionOptions:
+def _session_options(optimization: str, log_severity: int, spin: bool = True) -> ort.SessionOptions:
     if optimization not in _OPTIMIZATION_LEVELS:
         raise UsageError(
             f"optimization level {optimization!r} is unknown; choose one of {', '.join(_OPTIMIZATION_LEVELS)}"
         )
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[optimization])
+    if not spin:  # idle worker threads sleep at once instead of spinning (see make_session)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = log_severity
     return options
 
 
-def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str = "basic") -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str = "basic",
+                 spin: bool = True) -> ort.InferenceSession:
     """An onnxruntime session for `model` on `device` ('cpu', 'cuda' or 'auto': CUDA if it comes up, else CPU).
 
     `optimization` is onnxruntime's graph optimization level: 'disable', 'basic', 'extended' or 'all'. The default
     'basic' only folds constants and removes redundant nodes; 'extended'/'all' fuse operators (e.g. Conv+Add+Relu,
     GELU, attention) into kernels with a different order of floating-point operations, which changes activations
-    slightly, and statistics should describe the model as exported.
+    slightly, and statistics should describe the model as exported. `spin=False` stops onnxruntime's worker threads
+    from spinning after a run: where two sessions take turns (timing two models one after the other), the spinning
+    threads of one would otherwise hold the cores the other needs.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device {device!r} is unknown; choose 'auto', 'cpu' or 'cuda'")
+    ort = import_onnxruntime()
     # Keep onnxruntime to errors only: its warnings (e.g. nodes placed on CPU) are noise for onnxzip users.
     ort.set_default_logger_severity(3)
     cpu = ["CPUExecutionProvider"]
@@ -424,7 +444,7 @@ def make_session(model: onnx.ModelProto, device: str = "auto", optimization: str
 
     def create(providers: list[str], severity: int) -> ort.InferenceSession:
         try:
-            return inference_session(model, _session_options(optimization, severity), providers)
+            return inference_session(model, _session_options(optimization, severity, spin), providers)
         except UsageError:
             raise
         except Exception as exc:
@@ -510,7 +530,9 @@ def _features(x: np.ndarray, request: FeatureRequest, model_index: int) -> np.nd
 
 def _progress_reporter(progress, total: int, desc: str):
     """(update(n), close()) for a click progress bar on stderr, a callable progress(done, total), or nothing."""
-    if progress is True:
+    if progress is True and sys.stderr.isatty():
+        # Not a terminal (a log file, CI): click would print the bare label once and nothing after it; the
+        # logged "calibrating on N samples" line says the same.
         import click
 
         bar = click.progressbar(length=total, label=desc, file=sys.stderr)

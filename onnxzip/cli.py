@@ -153,7 +153,8 @@ def cli():
               help="How far to zip: an integer K (the first K weighted layers), 'heads'/'all' (everything but the "
                    "task heads, the default) or 'input' (nothing zipped).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Calibration samples to use.")
+              help="Calibration samples to use. A fifth of them (at most 256) is held back to verify the merged "
+                   "model (with --verify), the rest calibrates: 1000 calibrate on 800.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Calibration batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -180,10 +181,13 @@ def cli():
 @click.option("--keep-batchnorm", is_flag=True,
               help="Merge BatchNorm parameters per channel instead of first folding each BatchNorm into the "
                    "Conv/Gemm before it (the default, which makes BN-kept and BN-folded exports merge alike).")
+@click.option("--fp16", is_flag=True,
+              help="Write the merged model in float16 (float32 inputs and outputs), checked against the float32 "
+                   "merge on the held-back samples: below 99 % top-1 agreement on a head is an error unless --force.")
 @_verbosity_options
 @click.pass_context
 def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device,
-          names, seed, force, refit, repair, repair_targets, verify, strict, keep_batchnorm, quiet, verbose):
+          names, seed, force, refit, repair, repair_targets, verify, strict, keep_batchnorm, fp16, quiet, verbose):
     """Merge models A and B into one model OUT with one head per task."""
     logger = _setup_logging(ctx, verbose, quiet)
     import onnxzip  # the API; imported here so that `--help` stays fast
@@ -192,7 +196,8 @@ def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num
         model_a, model_b, data, output,
         method=method, alpha=alpha, beta=beta, stop_at=stop_at, num_samples=num_samples, batch_size=batch_size,
         device=device, names=names, seed=seed, force=force, refit=refit, repair=repair,
-        repair_targets=repair_targets, verify=verify, strict=strict, fold_batchnorm=not keep_batchnorm, progress=not quiet, logger=logger,
+        repair_targets=repair_targets, verify=verify, strict=strict, fold_batchnorm=not keep_batchnorm, fp16=fp16,
+        progress=not quiet, logger=logger,
     )
     if not quiet:
         for line in result.summary_lines():
@@ -214,19 +219,9 @@ def _parse_heads(values) -> dict | None:
 
 
 def _read_tasks(card_path: str) -> dict:
-    try:
-        with open(card_path, encoding="utf-8") as f:
-            card = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"--card {card_path!r}: no such file")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--card {card_path!r} is not a readable JSON file: {e}")
-    tasks = card.get("tasks") if isinstance(card, dict) else None
-    if not isinstance(tasks, dict) or not tasks or not all(
-            isinstance(c, list) and all(isinstance(i, int) for i in c) for c in tasks.values()):
-        raise UsageError(f"--card {card_path!r} has no \"tasks\" entry of the form "
-                         "{\"a\": [class ids], \"b\": [class ids]}")
-    return tasks
+    from .deploy import read_task_card
+
+    return read_task_card(card_path)[0]
 
 
 @cli.command("eval")
@@ -244,11 +239,19 @@ def _read_tasks(card_path: str) -> dict:
               help="Where onnxruntime runs the model (accuracy and latency).")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Measure the latency (ms per image, batch 1).")
+@click.option("--throughput/--no-throughput", default=True, show_default=True,
+              help="Measure the throughput (images/s) at batch 1, 8 and 64.")
+@click.option("--compare", nargs=2, default=None, metavar="A.onnx B.onnx",
+              help="Also time the two original models run one after the other on each batch (throughput at "
+                   "batch 1, 8 and 64), for comparison with MODEL.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
+              help="Run the model in onnxruntime or in OpenVINO (CPU plugin, float32 precision).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_verbosity_options
 @click.pass_context
-def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, as_json, quiet, verbose):
-    """Per-task and joint accuracy, parameters, MACs and latency of MODEL."""
+def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, throughput, compare, runtime,
+          as_json, quiet, verbose):
+    """Per-task and joint accuracy, parameters, MACs, latency and throughput of MODEL."""
     _setup_logging(ctx, verbose, quiet)
     from .evaluate import evaluate, load_eval_data
     from .onnx_io import load_model
@@ -267,10 +270,18 @@ def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, 
             raise UsageError(f"--task needs a model with one output; {model_path!r} has {len(outputs)} "
                              f"({', '.join(outputs)}); use --head TASK=OUTPUT")
         heads = {task: outputs[0]}
-    report = evaluate(model, x, y, tasks, heads, batch_size=batch_size, device=device, latency=latency)
+    originals = [load_model(p, f"--compare model {p!r}") for p in compare] if compare else None
+    report = evaluate(model, x, y, tasks, heads, batch_size=batch_size, device=device, latency=latency,
+                      throughput=throughput, runtime=runtime)
+    compared = None
+    if originals is not None:
+        from .evaluate import measure_throughput
+
+        compared = measure_throughput(originals, device=device, runtime=runtime, input_shape=x.shape[1:])
 
     if as_json:
-        click.echo(json.dumps({"model": model_path, **report.to_dict()}, indent=2))
+        extra = {"compare": {"models": list(compare), "throughput": compared}} if compare else {}
+        click.echo(json.dumps({"model": model_path, **report.to_dict(), **extra}, indent=2))
         return
     rows = [("model", model_path)]
     for t in tasks:
@@ -286,11 +297,64 @@ def eval_(ctx, model_path, data, card, head, task, batch_size, device, latency, 
                                      "their own task's head)"))
     rows.append(("params", f"{report.params:,}"))
     rows.append(("MACs", f"{report.macs:,} per image"))
+    where = f"{runtime}, {device}"
     if report.latency_ms is not None:
-        rows.append(("latency", f"{report.latency_ms:.3f} ms/image ({device}, batch 1)"))
+        rows.append(("latency", f"{report.latency_ms:.3f} ms/image ({where}, batch 1)"))
+    if report.throughput:
+        rows.append(("throughput", _throughput(report.throughput) + f"  ({where})"))
+    if compared:
+        rows.append(("A then B", _throughput(compared) + f"  ({', '.join(compare)} one after the other)"))
+        rows.append(("speed-up", "  ".join(f"{report.throughput[b] / compared[b]:.2f}x @ {b}" for b in compared)
+                     if report.throughput else "n/a (--no-throughput)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
+
+
+@cli.command("deploy")
+@click.argument("model_path", metavar="MERGED")
+@click.option("--triton", "repository", required=True, metavar="REPO",
+              help="Triton model repository to write the model into (created if missing): REPO/NAME/config.pbtxt, "
+                   "REPO/NAME/V/model.onnx.")
+@click.option("--name", default=None, metavar="NAME",
+              help="Model name in the repository. Default: MERGED's file name without .onnx.")
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Triton's max_batch_size; the model's batch axis must be dynamic. 0: no batching, full shapes.")
+@click.option("--instances", default="cpu", show_default=True, metavar="cpu|gpu[:K]",
+              help="Instance group: K instances (default 1) on CPU or GPU.")
+@click.option("--fp16", is_flag=True,
+              help="Convert to float16 (float32 inputs and outputs kept) and check it against the float32 model: "
+                   "below 99 % top-1 agreement on a head is an error unless --force.")
+@click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Version folder of the model.")
+@click.option("--target-opset", type=click.IntRange(min=7), default=None,
+              help="Convert to this ai.onnx opset (onnx.version_converter) and check the outputs did not change.")
+@click.option("--ir-version", type=click.IntRange(min=3), default=None,
+              help="With --target-opset: the IR version to write (default: that of the ONNX release that "
+                   "introduced the opset, never above the model's).")
+@click.option("--card", default=None, metavar="PATH",
+              help="card.json whose \"tasks\" (and \"class_names\") give each head's classes: one label file per head.")
+@click.option("--data", default=None, metavar="PATH",
+              help="Samples (.npy/.npz) for the --fp16 / --target-opset checks. Default: the samples the merge held "
+                   "back to verify, found through its card.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where onnxruntime runs the checks.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing model folder; keep an fp16 model below 99 % agreement.")
+@_verbosity_options
+@click.pass_context
+def deploy_(ctx, model_path, repository, name, max_batch_size, instances, fp16, version, target_opset, ir_version,
+            card, data, device, force, quiet, verbose):
+    """Write MERGED as a Triton Inference Server model (onnxruntime backend) into the model repository REPO."""
+    logger = _setup_logging(ctx, verbose, quiet)
+    from .deploy import deploy
+
+    result = deploy(model_path, repository, name=name, max_batch_size=max_batch_size, instances=instances, fp16=fp16,
+                    version=version, force=force, target_opset=target_opset, ir_version=ir_version, card=card,
+                    data=data, device=device, logger=logger)
+    if not quiet:
+        for line in result.summary_lines():
+            click.echo(line)
 
 
 @cli.command("inspect")
@@ -313,6 +377,10 @@ def inspect_(ctx, model_a, model_b, as_json, keep_batchnorm, quiet, verbose):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["match"] is not None and not report["match"]["ok"]:
         ctx.exit(4)  # the MismatchError exit code: scripts can test it
+
+
+def _throughput(by_batch: dict) -> str:
+    return "  ".join(f"{ips:,.0f} img/s @ {b}" for b, ips in by_batch.items())
 
 
 def _pct(value: float) -> str:

@@ -50,3 +50,9 @@ class OutputError(OnnxzipError):
     """The output path exists (and --force was not given) or cannot be written."""
 
     exit_code = 8
+
+
+class InstallError(OnnxzipError):
+    """A package onnxzip needs for this command (onnxruntime, OpenVINO, onnxconverter-common) is missing or broken."""
+
+    exit_code = 9

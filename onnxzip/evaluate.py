@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from .errors import CalibrationDataError, ModelError, UsageError
-from .onnx_io import FLOAT_TYPES, inference_session, without_weights
+from .onnx_io import FLOAT_TYPES, without_weights
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class EvalReport:
     # is at most this: it measures how comparable the heads' logits are, apart from each head's own accuracy);
     # None with a single head
     task_routing_accuracy: float | None = None
+    runtime: str = "onnxruntime"
+    # images per second at batch sizes 1, 8, 64 (`measure_throughput`); None when not measured
+    throughput: dict | None = None
 
     @property
     def num_joint_images(self) -> int:
@@ -169,30 +172,12 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _make_session(model: onnx.ModelProto, device: str, optimization: str):
-    """A session from `onnxzip.calibration.make_session` (the one place sessions are configured) when present."""
-    try:
-        from .calibration import make_session
-    except ImportError:
-        make_session = None
-    if make_session is not None:
-        return make_session(model, device, optimization)
-    import onnxruntime as ort
+def _make_session(model: onnx.ModelProto, device: str, optimization: str, runtime: str = "onnxruntime",
+                  spin: bool = True):
+    """A session with `run(output_names, feed)` (see `onnxzip.runtime.make_runner`)."""
+    from .runtime import make_runner
 
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[optimization]
-    options.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        return inference_session(model, options, providers)
-    except Exception as e:
-        raise ModelError(f"onnxruntime cannot load the model: {e}") from e
+    return make_runner(model, runtime, device, optimization, spin)
 
 
 def _single_input(model: onnx.ModelProto):
@@ -208,7 +193,7 @@ def _single_input(model: onnx.ModelProto):
 
 
 def measure_latency(model: onnx.ModelProto, batch_size: int = 1, repeats: int = 50, warmup: int = 5,
-                    device: str = "cpu", input_shape: tuple | None = None) -> float:
+                    device: str = "cpu", input_shape: tuple | None = None, runtime: str = "onnxruntime") -> float:
     """Median milliseconds per image of `repeats` timed runs on random input (after `warmup` untimed runs).
 
     Runs in onnxruntime on `device` ('cpu' by default) with full graph optimisation (operator fusion, as a
@@ -228,7 +213,7 @@ def measure_latency(model: onnx.ModelProto, batch_size: int = 1, repeats: int = 
         batch_size = shape[0]  # the model was exported with a fixed batch
     rng = np.random.default_rng(0)
     x = rng.standard_normal([batch_size, *sample]).astype(dtype)
-    session = _make_session(model, device, "all")
+    session = _make_session(model, device, "all", runtime)
     feed = {name: x}
     for _ in range(warmup):
         session.run(None, feed)
@@ -238,6 +223,65 @@ def measure_latency(model: onnx.ModelProto, batch_size: int = 1, repeats: int = 
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     return float(np.median(times)) * 1000.0 / batch_size
+
+
+THROUGHPUT_BATCH_SIZES = (1, 8, 64)
+
+
+def measure_throughput(models, batch_sizes=THROUGHPUT_BATCH_SIZES, device: str = "cpu", runtime: str = "onnxruntime",
+                       input_shape: tuple | None = None, seconds: float = 1.0, min_repeats: int = 3,
+                       max_repeats: int = 200) -> dict:
+    """Images per second at each batch size: {batch size: images/s}.
+
+    `models` is one model or a list of models that all read the same input; a list is run one after the other on
+    each batch, as a server holding the original models side by side would (the time of one step is the sum).
+    Each batch size is timed for about `seconds` (at least `min_repeats`, at most `max_repeats` runs, after one
+    untimed warm-up run), on random input, with full graph optimisation; the figure is the batch size over the median
+    step time. onnxruntime's worker threads do not spin between runs (`make_session(spin=False)`). A model whose
+    batch is fixed is refused (`UsageError`): only a dynamic batch axis can be timed at
+    several batch sizes.
+    """
+    models = [models] if isinstance(models, onnx.ModelProto) else list(models)
+    if not models:
+        raise UsageError("measure_throughput: no model given")
+    if seconds <= 0 or min_repeats < 1 or max_repeats < min_repeats:
+        raise UsageError("measure_throughput: seconds must be > 0 and 1 <= min_repeats <= max_repeats")
+    feeds, sessions = [], []
+    for model in models:
+        name, shape, dtype = _single_input(model)
+        if shape and shape[0] is not None:
+            raise UsageError(f"input {name!r} has a fixed batch size of {shape[0]}; throughput at batch sizes "
+                             f"{', '.join(map(str, batch_sizes))} needs a dynamic batch axis (use --no-throughput)")
+        if input_shape is not None:
+            sample = list(input_shape)
+        elif shape is None or any(d is None for d in shape[1:]):
+            raise UsageError(f"input {name!r} has shape {shape} with unknown dimensions; give input_shape")
+        else:
+            sample = shape[1:]
+        feeds.append((name, sample, dtype))
+        # no thread spinning: with two sessions taking turns, one's spinning threads would slow the other (by 10x
+        # at batch 1 on 2 cores); off for a single model too, so the figures compare
+        sessions.append(_make_session(model, device, "all", runtime, False))
+    rng = np.random.default_rng(0)
+    result = {}
+    for batch in batch_sizes:
+        if int(batch) < 1:
+            raise UsageError(f"measure_throughput: batch sizes must be >= 1, got {batch}")
+        inputs = [{name: rng.standard_normal([int(batch), *sample]).astype(dtype)} for name, sample, dtype in feeds]
+
+        def step():
+            for session, feed in zip(sessions, inputs):
+                session.run(None, feed)
+
+        step()  # warm-up: first-run allocations
+        times = []
+        deadline = time.perf_counter() + seconds
+        while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() < deadline):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        result[int(batch)] = float(int(batch) / np.median(times))
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,7 +332,7 @@ def _check_tasks(tasks: dict) -> None:
             owner[c] = task
 
 
-def _run_outputs(model, x, names, batch_size, device):
+def _run_outputs(model, x, names, batch_size, device, runtime="onnxruntime"):
     """Run `model` on `x` in batches and return {output name: (N, K) array}."""
     input_name, shape, dtype = _single_input(model)
     if shape is not None:
@@ -298,7 +342,7 @@ def _run_outputs(model, x, names, batch_size, device):
                 f"{tuple('?' if d is None else d for d in shape[1:])}")
     fixed = shape[0] if shape and shape[0] is not None and shape[0] > 0 else None
     step = fixed or batch_size
-    session = _make_session(model, device, "basic")
+    session = _make_session(model, device, "basic", runtime)
     chunks = {n: [] for n in names}
     for start in range(0, len(x), step):
         batch = np.ascontiguousarray(x[start:start + step], dtype=dtype)
@@ -311,12 +355,14 @@ def _run_outputs(model, x, names, batch_size, device):
 
 
 def evaluate(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, tasks: dict, heads: dict | None = None,
-             batch_size: int = 256, *, device: str = "cpu", latency: bool = True) -> EvalReport:
+             batch_size: int = 256, *, device: str = "cpu", latency: bool = True, throughput: bool = False,
+             runtime: str = "onnxruntime") -> EvalReport:
     """Evaluate `model` on images `x` with global labels `y` (see the module docstring for the definitions).
 
     `tasks` maps task -> global class ids in head order; `heads` maps task -> graph output name (default: see
     `resolve_heads`). Images whose label belongs to no task are ignored. `latency=False` skips the latency
-    measurement (`latency_ms` is then None).
+    measurement (`latency_ms` is then None); `throughput=True` adds images per second at batch 1, 8 and 64.
+    `runtime` is 'onnxruntime' or 'openvino' (OpenVINO's CPU plugin in float32 precision).
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be ≥ 1, got {batch_size}")
@@ -342,7 +388,7 @@ def evaluate(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, tasks: dict, 
     symbolic = input_shape is None or any(d is None for d in input_shape[1:])
     input_shapes = {input_name: (1, *x.shape[1:])} if symbolic else None
     head_tasks = list(heads)
-    outs = _run_outputs(model, xs, [heads[t] for t in head_tasks], batch_size, device)
+    outs = _run_outputs(model, xs, [heads[t] for t in head_tasks], batch_size, device, runtime)
     for t in head_tasks:
         width = outs[heads[t]].shape[1]
         if width != len(tasks[t]):
@@ -376,9 +422,12 @@ def evaluate(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, tasks: dict, 
         num_images={t: int(in_task[t].sum()) for t in tasks},
         params=count_parameters(model),
         macs=count_macs(model, input_shapes),
-        latency_ms=measure_latency(model, device=device, input_shape=x.shape[1:]) if latency else None,
+        latency_ms=measure_latency(model, device=device, input_shape=x.shape[1:], runtime=runtime) if latency else None,
         heads=heads,
         task_routing_accuracy=routing,
+        runtime=runtime,
+        throughput=(measure_throughput(model, device=device, runtime=runtime, input_shape=x.shape[1:])
+                    if throughput else None),
     )
 
 

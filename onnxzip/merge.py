@@ -41,6 +41,7 @@ from .graph import Analysis, analyse, match, trunk_nodes, unsupported_report
 from .onnx_io import check_model
 from .refit import REFIT_METHODS, refit as refit_layers
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
+from .runtime import onnxruntime_errors
 from .solver import solve_blocks
 from .surgery import ZipPlan, build, merge_points, why_nothing_zipped, zipped_spaces
 
@@ -89,9 +90,8 @@ class MergeResult:
             lines.append(f"warning: NOTHING IS ZIPPED ({c['zipped_nothing_reason']}): the merged model is both models "
                          "side by side, at twice the cost of one")
         thin = [s["space"] for s in c.get("spaces", []) if s.get("thin_statistics")]
-        if thin:
-            lines.append(f"warning: thin statistics (fewer samples than twice the width) in {len(thin)} feature "
-                         "space(s); give more calibration samples")
+        if thin:  # the warning itself went to the log (stderr) as the merge found it
+            lines.append(f"thin statistics in {len(thin)} feature space(s) (see stderr)")
         if c.get("unmerged"):
             lines.append(f"left unmerged: {len(c['unmerged'])} region(s) (see the card)")
         if c.get("repair", {}).get("layers"):
@@ -116,6 +116,13 @@ class MergeResult:
             lines.append(f"  {head['output']}: top-1 agreement with {head['model']} "
                          f"{'n/a' if agree is None else f'{agree:.3f}'}, relative error "
                          f"{'n/a' if rel is None else f'{rel:.3g}'}")
+        fp16 = c.get("fp16")
+        if fp16:
+            lines.append(f"float16: checked against the float32 merge on {fp16['samples']} {fp16['sample_source']} "
+                         "sample(s):")
+            for head in fp16["heads"]:
+                lines.append(f"  {head['output']}: top-1 agreement {head['top1_agreement']:.4f}, max relative error "
+                             f"{head['max_relative_error']:.3g}")
         if self.output_path:
             lines.append(f"wrote {self.output_path} and {self.output_path}.json")
         return lines
@@ -332,17 +339,6 @@ def _rename_inputs(model: onnx.ModelProto, mapping: dict) -> onnx.ModelProto:
     return model
 
 
-# onnxruntime's own error types (not Exception subclasses of anything more specific). A model that onnxruntime
-# refuses to run on the data (e.g. images too small for a kernel) is reported as such, not as an internal error.
-def _ort_errors() -> tuple:
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as state
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
-        return ()
-    return tuple(c for c in vars(state).values() if isinstance(c, type) and issubclass(c, Exception))
-
-
-_ORT_ERRORS = _ort_errors()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -358,7 +354,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
           stop_at=None, num_samples: int | None = None, batch_size: int = 64, device: str = "auto",
           names=("a", "b"), seed: int = 0, force: bool = False, repair: bool = True, verify: bool = True,
           strict: bool = False, fold_batchnorm: bool = True, refit: str = "ls", repair_targets: str = "measured",
-          progress=False, logger: logging.Logger | None = None) -> MergeResult:
+          fp16: bool = False, progress=False, logger: logging.Logger | None = None) -> MergeResult:
     """Merge two models of the same architecture trained on different tasks into one (ZipIt!).
 
     model_a, model_b: paths to .onnx files or onnx.ModelProto. data: a .npy/.npz path, a numpy array (one input)
@@ -370,6 +366,9 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     fold_batchnorm (default): fold every inference BatchNormalization into the Conv/Gemm before it first, so a
     BN-kept export merges exactly like the BN-folded one; False merges BatchNorm's parameters per channel instead
     (what the paper does with PyTorch state dicts; it changes what `average` computes, see docs/EXPORTERS.md).
+    fp16: write the merged model in float16 (onnxconverter-common, float32 inputs and outputs kept), checked against
+    the float32 merge on the held-back samples (the card's "fp16": top-1 agreement and max relative error per head);
+    below `onnxzip.deploy.FP16_MIN_AGREEMENT` on a head it is a `VerificationError`, unless `force`.
 
     Every problem raises an `onnxzip.errors.OnnxzipError` subclass (whose `exit_code` the CLI returns) and leaves
     no file behind; problems with the options, files, models and data are found before any model runs.
@@ -387,6 +386,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     force, repair = _check_flag("force", force), _check_flag("repair", repair)
     verify, strict = _check_flag("verify", verify), _check_flag("strict", strict)
     fold_batchnorm = _check_flag("fold_batchnorm", fold_batchnorm)
+    fp16 = _check_flag("fp16", fp16)
     stop_at = _check_stop_at(stop_at)
     if not isinstance(refit, str) or refit not in REFIT_METHODS:
         raise UsageError(f"--refit must be one of {', '.join(REFIT_METHODS)}, got {refit!r}")
@@ -440,9 +440,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     if num_samples is not None and num_samples < calib.num_samples:
         # --seed picks which samples are used (and so which are held back to verify): a random subset, kept in
         # file order; the same seed picks the same samples
-        chosen = np.sort(np.random.default_rng(seed).choice(calib.num_samples, num_samples, replace=False))
-        calib = CalibrationData(calib.path, {k: np.asarray(v[chosen]) for k, v in calib.arrays.items()},
-                                calib.specs, logger)
+        calib = calib.subset(num_samples, seed)
     elif num_samples is not None and num_samples > calib.num_samples:
         logger.warning("%s: %d calibration samples asked for, but there are %d; using all of them", calib.path,
                        num_samples, calib.num_samples)
@@ -482,7 +480,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         try:
             stats = collect_stats([a.model, b_model], requests, calib_data, batch_size, device, progress=progress,
                                   desc="calibrating")
-        except _ORT_ERRORS as exc:
+        except onnxruntime_errors() as exc:
             raise CalibrationDataError(f"{calib.path}: onnxruntime cannot run the models on the calibration data: "
                                        f"{_first_line(exc)}") from exc
     times["calibrate"] = time.perf_counter() - t
@@ -524,7 +522,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         try:
             repair_summary = repair_statistics(plan, surgery, calib_data, [a.model, b_model], batch_size, device,
                                                target_kind=repair_targets)
-        except _ORT_ERRORS as exc:
+        except onnxruntime_errors() as exc:
             raise VerificationError(f"internal error: the merged model does not run in onnxruntime during "
                                     f"statistics repair: {_first_line(exc)}") from exc
         repair_summary["applied"] = True
@@ -537,7 +535,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
             # rows are subsampled with a fixed seed: --seed only picks the calibration samples
             refit_summary = refit_layers(plan, surgery, calib_data, held_data, [a.model, b_model], batch_size,
                                          device, seed=0, progress=progress, logger=logger)
-        except _ORT_ERRORS as exc:
+        except onnxruntime_errors() as exc:
             raise VerificationError(f"internal error: the merged model does not run in onnxruntime during the "
                                     f"least-squares refit: {_first_line(exc)}") from exc
         times["refit"] = time.perf_counter() - t
@@ -559,13 +557,26 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
             logger.debug("verify %s against %s: %s", head["output"], head["model"],
                          ", ".join(f"{k} {v}" for k, v in head.items() if k not in ("output", "model")))
 
+    fp16_check = None
+    if fp16:
+        from .deploy import check_fp16, to_fp16
+
+        t = time.perf_counter()
+        half = to_fp16(merged)
+        check_data = held_data or calib_data
+        samples = {k: np.asarray(v) for k, v in check_data.arrays.items()}
+        fp16_check = check_fp16(merged, half, samples, "held-back" if held_data is not None else "calibration",
+                                force, batch_size, device, logger)
+        merged = half
+        times["fp16"] = time.perf_counter() - t
+
     card = {
         "tool": "onnxzip", "version": __version__,
         "inputs": {names[0]: {"path": path_a, "sha256": sha_a}, names[1]: {"path": path_b, "sha256": sha_b}},
         "method": method, "alpha": alpha, "beta": beta, "stop_at": stop_at, "seed": seed,
         "options": {"repair": repair, "repair_targets": repair_targets, "refit": refit, "verify": verify, "strict": strict, "fold_batchnorm": fold_batchnorm,
                     "batchnorms_folded": [a.folded_batchnorms, b.folded_batchnorms], "num_samples": num_samples,
-                    "batch_size": batch_size, "device": device, "names": list(names)},
+                    "batch_size": batch_size, "device": device, "names": list(names), "fp16": fp16},
         "calibration": {"source": None if data_path is None else os.fsdecode(data_path),
                         "samples": calib_data.num_samples, "verification_samples": holdout if verify else 0,
                         "held_back_samples": holdout},
@@ -581,6 +592,7 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         "repair": _round_figures(repair_summary),
         "refit": _round_refit(refit_summary),
         "verification": verification,
+        "fp16": fp16_check,
     }
     card = _plain(card)
     # Wall times stay out of the model's metadata: the same inputs and seed must give a byte-identical model.
@@ -625,7 +637,7 @@ def _verify(merged, models, names, data: CalibrationData, batch_size, device) ->
     stands for. Raises VerificationError on non-finite outputs or a head that computes nothing like its original."""
     try:
         out = run_model(merged, data, batch_size, device)
-    except _ORT_ERRORS as exc:
+    except onnxruntime_errors() as exc:
         raise VerificationError(f"the merged model does not run in onnxruntime: {_first_line(exc)}") from exc
     heads, broken = [], []
     for m, model in enumerate(models):

@@ -45,3 +45,18 @@ def dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     return models, out, tmp
+
+
+@pytest.fixture(scope="session")
+def merged_mlp(tmp_path_factory):
+    """The bundled MLP pair zipped on 300 calibration samples (60 held back), written once per test session:
+    (path of the merged .onnx, MergeResult)."""
+    import os
+
+    import onnxzip
+
+    models = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+    out = tmp_path_factory.mktemp("merged_mlp") / "mlp.onnx"
+    result = onnxzip.merge(os.path.join(models, "mlp-s0", "a.onnx"), os.path.join(models, "mlp-s0", "b.onnx"),
+                           os.path.join(models, "data", "calib.npy"), str(out), num_samples=300, device="cpu")
+    return str(out), result

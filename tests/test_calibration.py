@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import onnx
@@ -376,10 +377,15 @@ def test_make_session_cuda_without_gpu_is_a_usage_error():
     pytest.fail("make_session('cuda') returned a CPU session")
 
 
-def test_progress_bar_goes_to_stderr(tmp_path, capsys):
+def test_progress_bar_goes_to_stderr(tmp_path, capsys, monkeypatch):
     data = _data(tmp_path, n=5)
     collect_stats([_model(0)], [FeatureRequest("g", ["gf"], 1)], data, batch_size=2, device="cpu", desc="zipping")
     assert capsys.readouterr().err == ""  # silent by default
+    # stderr not a terminal (a log file, CI): no bar, not even the bare label click would print once
+    collect_stats([_model(0)], [FeatureRequest("g", ["gf"], 1)], data, batch_size=2, device="cpu", progress=True,
+                  desc="zipping")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     collect_stats([_model(0)], [FeatureRequest("g", ["gf"], 1)], data, batch_size=2, device="cpu", progress=True,
                   desc="zipping")
     captured = capsys.readouterr()

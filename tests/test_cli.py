@@ -16,7 +16,7 @@ import onnxzip
 from conftest import build_logits_model
 from onnxzip import onnx_io
 from onnxzip.cli import cli, parse_stop_at
-from onnxzip.errors import (CalibrationDataError, MismatchError, ModelError, OnnxzipError, OutputError,
+from onnxzip.errors import (CalibrationDataError, InstallError, MismatchError, ModelError, OnnxzipError, OutputError,
                             UsageError)
 from onnxzip.onnx_io import file_sha256, load_model, save_model_atomic
 
@@ -97,7 +97,7 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
                                          "--names", "cats,dogs.v2", "--num-samples", "10", "--batch-size", "5",
                                          "--device", "cpu", "--seed", "3", "--force", "--no-repair",
                                          "--no-verify", "--strict", "--keep-batchnorm", "--refit", "none",
-                                         "--repair-targets", "batchnorm"])
+                                         "--repair-targets", "batchnorm", "--fp16"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "merged OK\nline 2\n"
     (call,) = fake_merge
@@ -106,7 +106,8 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
     assert call == dict(model_a="a.onnx", model_b="b.onnx", data="calib.npy", output="out.onnx", method="permute",
                         alpha=-1.0, beta=0.0, stop_at=13, num_samples=10, batch_size=5, device="cpu",
                         names=("cats", "dogs.v2"), seed=3, force=True, refit="none", repair=False,
-                        repair_targets="batchnorm", verify=False, strict=True, fold_batchnorm=False, progress=True)
+                        repair_targets="batchnorm", verify=False, strict=True, fold_batchnorm=False, fp16=True,
+                        progress=True)
 
 
 def test_merge_defaults_and_quiet(runner, fake_merge):
@@ -197,7 +198,7 @@ def test_eval_table(runner, eval_files):
 def test_eval_json_single_head_task(runner, eval_files):
     d = eval_files
     result = runner.invoke(cli, ["eval", str(d / "a.onnx"), "--data", str(d / "eval.npz"),
-                                 "--card", str(d / "card.json"), "--task", "a", "--json"])
+                                 "--card", str(d / "card.json"), "--task", "a", "--json", "--no-throughput"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["per_task_accuracy"] == {"a": 1.0}
@@ -344,5 +345,5 @@ def test_save_model_atomic_external_data(tmp_path, monkeypatch):
 
 def test_error_classes_have_documented_codes():
     codes = {cls.__name__: cls.exit_code for cls in (OnnxzipError, UsageError, ModelError, MismatchError,
-                                                     CalibrationDataError, OutputError)}
+                                                     CalibrationDataError, OutputError, InstallError)}
     assert len(set(codes.values())) == len(codes)

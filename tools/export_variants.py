@@ -258,7 +258,7 @@ def export_pair(pair, out=None, variants=tuple(VARIANTS), log=print, from_onnx=F
         vdir = os.path.join(out, variant)
         os.makedirs(vdir, exist_ok=True)
         vcard = {key: card[key] for key in ("arch", "seed", "tasks", "class_names", "input", "output",
-                                            "normalization", "architecture", "parameters") if key in card}
+                                            "normalization", "architecture", "parameters_torch") if key in card}
         vcard.update(variant=variant, variant_of=os.path.relpath(pair, ROOT), files={}, test_accuracy={},
                      test_count={}, default_test_accuracy={})
         diffs = {}
@@ -277,6 +277,7 @@ def export_pair(pair, out=None, variants=tuple(VARIANTS), log=print, from_onnx=F
                 os.path.join(pair, f"{k}.onnx"), model, xe[:CHECK_IMAGES], atol=CHECK_ATOL)
             desc = describe_onnx(path)
             vcard["files"][k] = desc
+            vcard["parameters"] = train_pairs.onnx_parameters(path)  # this export's own count (BN kept: more)
             vcard["test_accuracy"][k] = train_pairs.onnx_accuracy(path, xe, ye)
             vcard["default_test_accuracy"][k] = train_pairs.onnx_accuracy(os.path.join(pair, f"{k}.onnx"), xe, ye)
             vcard["test_count"][k] = int(len(xe))

@@ -104,6 +104,16 @@ def onnx_accuracy(path, x, y, batch=1000):
     return correct / len(x)
 
 
+def onnx_parameters(path: str) -> int:
+    """Parameters of an exported model as onnxzip counts them (`onnxzip.evaluate.count_parameters`)."""
+    import onnx
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from onnxzip.evaluate import count_parameters
+
+    return count_parameters(onnx.load(path))
+
+
 def onnx_summary(path):
     import onnx
 
@@ -371,7 +381,11 @@ def main(argv=None):
             card["train"]["train_count"][k] = int(len(xt))
             card["train"]["epoch_seconds"][k] = [round(s, 2) for s in epoch_times]
             card["train"]["seconds"][k] = round(seconds, 2)
-            card["parameters"] = models_torch.num_parameters(model)
+            # what the exported file holds, counted as `onnxzip eval` counts it (the float elements of the
+            # initializers): the export folds each BatchNorm into its Conv (one bias per channel where torch
+            # counts BN's weight and bias), so torch's own count is kept apart as parameters_torch
+            card["parameters"] = onnx_parameters(path)
+            card["parameters_torch"] = models_torch.num_parameters(model)
             card["architecture"] = _describe(args.arch)
         card["export"] = dict(export, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
                               check_atol=1e-4, max_abs_diff=diffs)
