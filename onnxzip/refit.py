@@ -45,7 +45,7 @@ LAMBDA_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # Without held-back samples to choose from the grid.
 DEFAULT_LAMBDA = 1e-4
 # Rows (samples x output positions) kept per layer: at most this many per regressor, at least MIN_ROWS.
-ROWS_PER_REGRESSOR = 100
+ROWS_PER_REGRESSOR = 32
 MIN_ROWS = 20000
 # Activations kept between levels (so a level runs from the last level's tensors, not from the graph inputs).
 CACHE_BYTES = 2 << 30

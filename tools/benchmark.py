@@ -553,7 +553,10 @@ def write_report(path: str, meta: dict, runs: list, agg: dict, plot_note: str) -
         L.append("| method | joint | task A | task B | avg | ÷ ens. | params | MACs | merge s |")
         L.append("|---|---|---|---|---|---|---|---|---|")
         for r in a["main"]:
-            L.append(f"| {r['label']} | {_pm(r['joint'])} | {_pm(r['acc_a'])} | {_pm(r['acc_b'])} | "
+            few = len(r["pairs"]) < len(a["pairs"])
+            label = r["label"] + (f" ({len(r['pairs'])} of {len(a['pairs'])} pairs: {', '.join(r['pairs'])})"
+                                  if few else "")
+            L.append(f"| {label} | {_pm(r['joint'])} | {_pm(r['acc_a'])} | {_pm(r['acc_b'])} | "
                      f"{_pm(r['acc_avg'])} | {_pm(r['ratio'], 1.0, 3)} | {_count(r['params'])} | "
                      f"{_count(r['macs'])} | {_pm(r['merge_seconds'], 1.0, 1)} |")
         L.append("")
@@ -764,6 +767,7 @@ def main(argv=None) -> int:
     p.add_argument("--ablation-pairs", nargs="*", help="pairs that get the repair-off runs (default: every pair)")
     p.add_argument("--no-ablation", action="store_true", help="skip the repair-off runs")
     p.add_argument("--no-partial", action="store_true", help="skip the partial zips")
+    p.add_argument("--partial-pairs", nargs="*", help="pairs that get the partial zips (default: every pair)")
     p.add_argument("--no-latency", action="store_true", help="do not measure latency (it is measured on the main "
                                                              "rows only)")
     p.add_argument("--resume", action="store_true", help="keep the pairs already in <out>/results/benchmark.json "
@@ -857,7 +861,8 @@ def main(argv=None) -> int:
         runner = PairRunner(args.models, pair, calib, x, y, args.num_samples, args.batch_size, not args.no_latency)
         t = time.perf_counter()
         ablation = not args.no_ablation and (args.ablation_pairs is None or pair in args.ablation_pairs)
-        runs += run_pair(runner, sweep=pair in sweep_pairs, ablation=ablation, partial=not args.no_partial,
+        partial = not args.no_partial and (args.partial_pairs is None or pair in args.partial_pairs)
+        runs += run_pair(runner, sweep=pair in sweep_pairs, ablation=ablation, partial=partial,
                          full_sweep=args.full_sweep, refit=refit, paper=paper)
         done.add(pair)
         if refit:
