@@ -4,7 +4,7 @@ The fixtures (tests/fixtures.py) build models by hand and permute their hidden u
 analysis, so a mistake in analysis or surgery shows up here as a wrong number:
 
 - A merged with a channel-permuted copy of itself (permute, or zip without same-model merges) computes A on both
-  heads, with and without statistics repair;
+  heads, with the least-squares refit and with and without statistics repair;
 - a model merged with itself gives back that model, whatever the method;
 - stopping at the input is the ensemble, and the ensemble is A and B side by side;
 - the merged file is valid ONNX, runs the same at every onnxruntime optimisation level, keeps the opset, and a full
@@ -145,13 +145,14 @@ def test_fixture_random_pair_differs():
 # Twins: exact
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("repair", [True, False], ids=["repair", "norepair"])
+@pytest.mark.parametrize("refit,repair", [("ls", True), ("none", True), ("none", False)],
+                         ids=["refit", "repair", "norepair"])
 @pytest.mark.parametrize("method", ["permute", "zip"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_twin_merge_is_exact(twins, arch, method, repair):
+def test_twin_merge_is_exact(twins, arch, method, refit, repair):
     a, _, b, _ = twins[arch]
     kw = {"beta": 0.0} if method == "zip" else {}
-    result = merge(a, b, F.calib(a, 256, seed=0), method=method, repair=repair, **kw)
+    result = merge(a, b, F.calib(a, 256, seed=0), method=method, refit=refit, repair=repair, **kw)
     merged = result.model
     check_interface(merged, a)
     check_trunk(merged, a, weighted_count(a) - 1, f"{arch} {method}")
