@@ -276,11 +276,11 @@ def _is_main(r):
 
 def _row_key(r):
     """Rows of the main table, in the paper's order (models, baselines, partial zips deep to shallow, ensemble)."""
-    order = {"model_a": 0, "model_b": 1, "average": 2, "permute": 3, "zip": 4, "ensemble": 8}
-    k = order.get(r["method"], 9)
-    refit = _refit(r) == "ls"
+    order = {"model_a": 0, "model_b": 1, "average": 2, "permute": 3, "zip": 4, "ensemble": 10}
+    k = order.get(r["method"], 11)
+    refit = _refit(r) == "ls"  # the refit rows after the paper's: averaging, Permute, full, partial zips
     if r["method"] == "zip" and r.get("stop_at") is not None:
-        return (5 + 2 * refit, -int(r["stop_at"]))
+        return (5 + 4 * refit, -int(r["stop_at"]))
     return (k + 4 * refit if r["method"] in ("average", "permute", "zip") else k, 0)
 
 
@@ -402,8 +402,8 @@ def findings(agg: dict) -> list:
                          f"{100 * ta[0]:+.1f} points, task B {100 * ta[1]:+.1f} points. Each single model's joint "
                          f"accuracy is {100 * ma['joint'][0]:.1f} (A) / {100 * mb['joint'][0]:.1f} (B), bounded by "
                          "its half of the classes.")
-        partial = sorted([r for r in rows if r["method"] == "zip" and r.get("stop_at") is not None],
-                         key=lambda r: r["stop_at"])
+        partial = sorted([r for r in rows if r["method"] == "zip" and r.get("stop_at") is not None
+                          and r.get("refit", "none") == "none"], key=lambda r: r["stop_at"])
         if partial:
             seq = [(0, j["ensemble"])] + [(r["stop_at"], r["joint"][0]) for r in partial] + [
                 (zp.get("weighted_layers_zipped") or "full", j["zip"])]
@@ -489,7 +489,8 @@ def _refit_findings(a: dict, names: dict) -> list:
     partial = sorted([r for r in rows if r["method"] == "zip" and r.get("stop_at") is not None
                       and r.get("refit") == "ls"], key=lambda r: r["stop_at"])
     if partial and zp is not None:
-        lines.append("  - Partial zips + refit, from the input to the heads: "
+        lines.append(f"  - Partial zips + refit ({', '.join(sorted({p for r in partial for p in r['pairs']}))} only), "
+                     "from the input to the heads: "
                      + ", ".join(f"K={r['stop_at']}: {100 * r['joint'][0]:.1f}" for r in partial)
                      + f"; full {100 * zp['joint'][0]:.1f}.")
     return lines
@@ -642,17 +643,28 @@ def plot(path: str, agg: dict) -> str:
         single = _get(rows, "model_a", repair=None)
         if not ens or not zp:
             continue
-        line = [ens] + sorted([r for r in rows if r["method"] == "zip" and r.get("stop_at") is not None],
-                              key=lambda r: r["stop_at"]) + [zp]
+        lines = []
+        for refit, style, name in (("none", "-", "ZipIt!, paper"), ("ls", "--", "ZipIt! + LS refit")):
+            full = _get(rows, "zip", refit=refit)
+            if full is None:
+                continue
+            lines.append((style, name, [ens] + sorted([r for r in rows if r["method"] == "zip"
+                                                       and r.get("stop_at") is not None
+                                                       and r.get("refit", "none") == refit],
+                                                      key=lambda r: r["stop_at"]) + [full]))
         unit = single["macs"][0] if single else ens["macs"][0] / 2
         for ax, scale in ((axes[0], 1e6), (axes[1], unit)):
-            xs = [r["macs"][0] / scale for r in line]
-            ys = [100 * r["joint"][0] for r in line]
-            es = [100 * (r["joint"][1] or 0) for r in line]
             c = colors[i % len(colors)]
-            ax.errorbar(xs, ys, yerr=es, color=c, marker="o", capsize=3, label=f"{arch}: ZipIt! (ensemble → full)")
-            ax.annotate("ens.", (xs[0], ys[0]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
-            ax.annotate("full", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, -10), fontsize=7, color=c)
+            for style, name, line in lines:
+                xs = [r["macs"][0] / scale for r in line]
+                ys = [100 * r["joint"][0] for r in line]
+                es = [100 * (r["joint"][1] or 0) for r in line]
+                ax.errorbar(xs, ys, yerr=es, color=c, marker="o", linestyle=style, capsize=3,
+                            label=f"{arch}: {name} (ensemble → full)")
+                ax.annotate("full", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=c)
+            ax.annotate("ens.", (ens["macs"][0] / scale, 100 * ens["joint"][0]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=c)
             for method, marker, name in (("permute", "^", "Permute"), ("average", "s", "averaging")):
                 r = _get(rows, method)
                 if r:
@@ -678,8 +690,9 @@ def plot(path: str, agg: dict) -> str:
     plt.close(fig)
     os.replace(tmp, path)
     return ("Each line: one architecture's mean joint accuracy (error bars: std over pairs) as the stop point moves "
-            "from the input (the ensemble, right) through the partial zips to the full zip (left); hollow triangles "
-            "and squares: Permute and weight averaging.")
+            "from the input (the ensemble, right) through the partial zips to the full zip (left): solid, the paper's "
+            "method (`--refit none`); dashed, with the least-squares refit (its partial zips only where they were "
+            "run, see the tables); hollow triangles and squares: Permute and weight averaging, the paper's method.")
 
 
 def save(out_dir, meta, runs):
