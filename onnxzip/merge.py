@@ -16,7 +16,6 @@ Never a wrong model, never a lost file. The order of the work is part of the con
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import Analysis, Correspondence, TensorSpace, descendants
+from .graph import Analysis, Correspondence, descendants
 from .solver import Matching, concat_matchings, identity_match, view_matching
 
 TRUNK_PREFIX = "zip"
