@@ -694,8 +694,9 @@ def _accumulate(layer, layout, values, target, sums, held, lo, n, fraction, seed
     blocks = _regressors(layer, layout, x, rows, a)
     per = t.shape[1] // len(blocks)
     if sums[layer.key] is None:
-        sums[layer.key] = [_Sums(np.zeros((b.shape[1], b.shape[1])), np.zeros((b.shape[1], per)),
-                                 t_sum=np.zeros(per), h_gram=np.zeros((b.shape[1], b.shape[1])),
+        # Gram matrices in Fortran order, the layout BLAS syrk updates in place (a C-ordered one is copied per call)
+        sums[layer.key] = [_Sums(np.zeros((b.shape[1], b.shape[1]), order="F"), np.zeros((b.shape[1], per)),
+                                 t_sum=np.zeros(per), h_gram=np.zeros((b.shape[1], b.shape[1]), order="F"),
                                  h_cross=np.zeros((b.shape[1], per)), h_t_sum=np.zeros(per)) for b in blocks]
     for g, (s, xb) in enumerate(zip(sums[layer.key], blocks)):
         tg = t[:, g * per:(g + 1) * per]
