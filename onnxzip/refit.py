@@ -31,10 +31,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calibration import CalibrationData, _progress_reporter, make_session
+from .calibration import CalibrationData, _progress_reporter, expose_tensors, make_session
 from .errors import VerificationError
 from .graph import Analysis, TensorSpace
 from .onnx_io import without_weights
+from .repair import _chain  # the layer, then its bias Add / BatchNorm: the same chain the repair corrects
 from .surgery import Surgery, ZipPlan, zipped_spaces
 
 log = logging.getLogger("onnxzip")
@@ -96,12 +97,6 @@ class _Sums:
 # ---------------------------------------------------------------------------------------------------------------
 # Which layers, in which order
 # ---------------------------------------------------------------------------------------------------------------
-
-def _chain(a: Analysis, i: int, same_side) -> tuple:
-    """The layer's output and the per-channel affine nodes after it (bias Add, BatchNorm) on the same side."""
-    from .repair import _chain as repair_chain
-    return repair_chain(a, i, same_side)
-
 
 def _node_by_name(model: onnx.ModelProto) -> dict:
     return {n.name: n for n in model.graph.node}
@@ -522,7 +517,6 @@ def _output_positions(layer: RefitLayer, a: Analysis) -> int:
 def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationData, batch_size: int, device: str,
                  seed: int, fractions: dict, held: bool) -> dict:
     """Per layer, per batch: the target rows (float32), from one pass of each source model over `data`."""
-    from .calibration import expose_tensors
     runs = []
     for m, model in enumerate(models):
         names = list(dict.fromkeys(layer.target[m] for layer in layers if layer.model in (None, m)))
@@ -583,7 +577,8 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
 
     levels = sorted({layer.level for layer in layers})
     summary["levels"] = len(levels)
-    parts = [("calibration", calib, targets)] + ([("held_back", held_back, held_targets)] if use_held else [])
+    parts = [("calibration", calib)] + ([("held_back", held_back)] if use_held else [])
+    part_targets = {"calibration": targets, "held_back": held_targets}
     passes = _Passes(model, parts, batch_size, device, cache_bytes)
     update, close = _progress_reporter(progress, len(levels), "refitting")
     try:
@@ -595,7 +590,7 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
             sums = {layer.key: None for layer in todo}
             for part, lo, b, n, values in passes.run(fetch):
                 for layer in todo:
-                    _accumulate(layer, layouts[layer.key], values, _part_targets(parts, part)[layer.key][b], sums,
+                    _accumulate(layer, layouts[layer.key], values, part_targets[part][layer.key][b], sums,
                                 part != "calibration", lo, n, fractions[layer.key], seed, a)
             for layer in todo:
                 summary["layers"].append(_solve_and_write(layer, layouts[layer.key], sums[layer.key], model, plan,
@@ -613,10 +608,6 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
     return summary
 
 
-def _part_targets(parts: list, name: str) -> dict:
-    return next(target for part, _, target in parts if part == name)
-
-
 class _Passes:
     """Runs the merged model for one level's tensors, from the tensors the previous level fetched where it can.
 
@@ -627,7 +618,7 @@ class _Passes:
     def __init__(self, model, parts, batch_size, device, cache_bytes):
         self.model, self.parts, self.batch_size, self.device = model, parts, batch_size, device
         self.cache_bytes = cache_bytes
-        self.cache = {name: {} for name, _, _ in parts}  # part -> tensor -> per-batch values
+        self.cache = {name: {} for name, _ in parts}  # part -> tensor -> per-batch values
         self.types = _value_types(model)
         self.graph_inputs = {i.name for i in model.graph.input}
         self.count = 0
@@ -644,7 +635,7 @@ class _Passes:
             feeds = [i.name for i in pruned.graph.input]
             self.count += 1
         fetched = {name: {} for name in self.cache}
-        for part, data, _ in self.parts:
+        for part, data in self.parts:
             cache, lo = self.cache[part], 0
             for b, feed in enumerate(data.batches(self.batch_size)):
                 n = next(iter(feed.values())).shape[0]
