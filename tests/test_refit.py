@@ -273,3 +273,25 @@ def test_card_records_each_fit(twins):
     for layer in card["layers"]:
         assert {"layer", "rows", "regressors", "lambda", "r2_calibration", "r2_held_back"} <= set(layer)
     assert onnx.checker.check_model(result.model) is None
+
+
+@pytest.mark.parametrize("value", ["BN", "reset", None])
+def test_bad_repair_targets_option_is_a_usage_error(twins, value):
+    a, b = twins["mlp"]
+    with pytest.raises(UsageError, match="--repair-targets"):
+        onnxzip.merge(a, b, F.calib(a, 16, seed=0), refit="none", repair_targets=value)
+
+
+def test_batchnorm_repair_targets_use_the_recorded_batchnorms():
+    """BN-kept exports: the paper's BN reset targets are used for every repaired layer with a BatchNorm (and none
+    where the BatchNorm was folded away by the exporter, which leaves nothing to read them from)."""
+    import os
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "vgg-s0")
+    x = np.load(os.path.join(root, "..", "data", "calib.npy"))[:120]
+    kept = onnxzip.merge(os.path.join(root, "variants", "bn_kept", "a.onnx"),
+                         os.path.join(root, "variants", "bn_kept", "b.onnx"), x, refit="none",
+                         repair_targets="batchnorm", verify=False)
+    folded = onnxzip.merge(os.path.join(root, "a.onnx"), os.path.join(root, "b.onnx"), x, refit="none",
+                           repair_targets="batchnorm", verify=False)
+    assert kept.card["repair"]["batchnorm_targets"] > 0
+    assert folded.card["repair"]["batchnorm_targets"] == 0
