@@ -82,17 +82,27 @@ def _verbosity_options(f):
 
 
 def _parse_names(ctx, param, value):
+    """--names: comma-separated names (their count is checked against the models in the command)."""
     if value is None:
         return None
     names = tuple(n.strip() for n in value.split(","))
-    if len(names) != 2:
-        raise click.BadParameter(f"give two names separated by a comma (e.g. a,b), got {value!r}")
     for n in names:
         if not n or not _NAME_RE.match(n):
             raise click.BadParameter(f"{n!r} is not a valid name: use letters, digits, '_', '.' or '-'")
-    if names[0] == names[1]:
-        raise click.BadParameter(f"the two names must differ, got {value!r} twice the same")
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"the names must differ, got {value!r}")
     return names
+
+
+def _parse_budget(ctx, param, value):
+    if value is None:
+        return None
+    from .merge import parse_budget
+
+    try:
+        return parse_budget(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc).replace("--budget must be", "must be"))
 
 
 def _parse_alpha(ctx, param, value):
@@ -133,12 +143,11 @@ def _stop_at_callback(ctx, param, value):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="onnxzip", message="%(prog)s %(version)s")
 def cli():
-    """Merge two ONNX models trained on disjoint tasks into one multi-task model, without training (ZipIt!)."""
+    """Merge ONNX models trained on disjoint tasks into one multi-task model, without training (ZipIt!)."""
 
 
 @cli.command()
-@click.argument("model_a", metavar="A")
-@click.argument("model_b", metavar="B")
+@click.argument("models", metavar="A B [C ...]", nargs=-1, required=True)
 @click.option("--data", "data", required=True, metavar="PATH",
               help="Unlabeled calibration inputs: .npy (one input) or .npz (arrays named after the inputs).")
 @click.option("-o", "--output", required=True, metavar="OUT", help="Where to write the merged .onnx model.")
@@ -159,8 +168,15 @@ def cli():
               help="Calibration batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where onnxruntime runs the calibration.")
-@click.option("--names", default="a,b", show_default=True, metavar="A,B", callback=_parse_names,
-              help="Names of the two tasks: prefixes of the branches and outputs in the merged model.")
+@click.option("--names", default=None, metavar="A,B,…", callback=_parse_names,
+              help="Names of the tasks, one per model: prefixes of the branches and outputs in the merged model. "
+                   "[default: a,b,c,…]")
+@click.option("--width", type=float, default=None, metavar="W",
+              help="With --method zip: each zipped feature space keeps round(W·F) merged features, 1 ≤ W ≤ N (the "
+                   "number of models): 1 costs about one model (default), N the ensemble.")
+@click.option("--budget", default=None, metavar="params=R|macs=R", callback=_parse_budget,
+              help="Fit the merged model in R times the N-model ensemble's parameters or MACs: onnxzip chooses the "
+                   "stop point and width that fit and keep the heads closest to the originals on held-back samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sample selection).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--refit", type=click.Choice(["ls", "none"]), default="ls", show_default=True,
@@ -186,15 +202,29 @@ def cli():
                    "merge on the held-back samples: below 99 % top-1 agreement on a head is an error unless --force.")
 @_verbosity_options
 @click.pass_context
-def merge(ctx, model_a, model_b, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device,
-          names, seed, force, refit, repair, repair_targets, verify, strict, keep_batchnorm, fp16, quiet, verbose):
-    """Merge models A and B into one model OUT with one head per task."""
+def merge(ctx, models, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device, names, width,
+          budget, seed, force, refit, repair, repair_targets, verify, strict, keep_batchnorm, fp16, quiet, verbose):
+    """Merge models A, B (, C, …) into one model OUT with one head per task."""
     logger = _setup_logging(ctx, verbose, quiet)
+    if len(models) < 2:
+        raise click.UsageError(f"give at least two models to merge, got {len(models)}")
+    if names is not None and len(names) != len(models):
+        raise click.BadParameter(f"{len(names)} name(s) for {len(models)} models: give one name per model",
+                                 param_hint="--names")
+    if width is not None and not (math.isfinite(width) and 1 <= width <= len(models)):
+        raise click.BadParameter(f"must be between 1 and the number of models ({len(models)}), got {width}",
+                                 param_hint="--width")
+    if budget is not None and (width is not None or ctx.get_parameter_source("stop_at").name != "DEFAULT"):
+        raise click.UsageError("--budget chooses the stop point and the width itself; give --budget, or "
+                               "--stop-at/--width, not both")
     import onnxzip  # the API; imported here so that `--help` stays fast
+    from .merge import default_names
 
-    result = onnxzip.merge(
-        model_a, model_b, data, output,
-        method=method, alpha=alpha, beta=beta, stop_at=stop_at, num_samples=num_samples, batch_size=batch_size,
+    names = names or default_names(len(models))
+    result = onnxzip.merge_models(
+        list(models), data, output, width=width, budget=budget,
+        method=method, alpha=alpha, beta=beta, stop_at=None if budget is not None else stop_at,
+        num_samples=num_samples, batch_size=batch_size,
         device=device, names=names, seed=seed, force=force, refit=refit, repair=repair,
         repair_targets=repair_targets, verify=verify, strict=strict, fold_batchnorm=not keep_batchnorm, fp16=fp16,
         progress=not quiet, logger=logger,
@@ -359,21 +389,22 @@ def deploy_(ctx, model_path, repository, name, max_batch_size, instances, fp16, 
 
 @cli.command("inspect")
 @click.argument("model_a", metavar="A")
-@click.argument("model_b", metavar="[B]", required=False)
+@click.argument("others", metavar="[B ...]", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--keep-batchnorm", is_flag=True, help="Analyse with BatchNorm kept, as `merge --keep-batchnorm`.")
 @_verbosity_options
 @click.pass_context
-def inspect_(ctx, model_a, model_b, as_json, keep_batchnorm, quiet, verbose):
-    """Show the feature spaces, task heads, unmerged regions and stop points found in A; with B, whether the two
-    models match and, if not, the first node where they differ. Nothing is run."""
+def inspect_(ctx, model_a, others, as_json, keep_batchnorm, quiet, verbose):
+    """Show the feature spaces, task heads, unmerged regions and stop points found in A; with B (C, …), whether each
+    matches A and, if not, the first node where they differ. Nothing is run."""
     _setup_logging(ctx, verbose, quiet)
     from .inspect import format_report, inspect_models
     from .onnx_io import load_model
 
     a = load_model(model_a, "model A")
-    b = load_model(model_b, "model B") if model_b else None
-    report = inspect_models(a, b, model_a, model_b, fold_batchnorm=not keep_batchnorm)
+    loaded = [load_model(p, f"model {chr(ord('B') + k)}" if k < 25 else f"model #{k + 2}")
+              for k, p in enumerate(others)]
+    report = inspect_models(a, loaded, model_a, list(others), fold_batchnorm=not keep_batchnorm)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["match"] is not None and not report["match"]["ok"]:
         ctx.exit(4)  # the MismatchError exit code: scripts can test it

@@ -70,17 +70,24 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
 
 
 def inspect_models(model_a, model_b=None, path_a=None, path_b=None, fold_batchnorm: bool = True) -> dict:
-    """Report on model A; with model B, also whether the two match (and where they first differ). The models are
-    seen as `merge` sees them: with `fold_batchnorm`, BatchNorms folded into the layers before them."""
+    """Report on model A; with other models (model_b: one ModelProto or a list of them, path_b likewise), also
+    whether each matches A (and where the first that does not first differs). The models are seen as `merge` sees
+    them: with `fold_batchnorm`, BatchNorms folded into the layers before them."""
     a = analyse(model_a, fold_batchnorm)
     report = {"a": None, "match": None}
-    if model_b is not None:
-        b = analyse(model_b, fold_batchnorm)
-        try:
-            match(a, b, (path_a or "A", path_b or "B"))
-            report["match"] = {"ok": True, "message": "the models match node for node (task heads aside)"}
-        except MismatchError as exc:
-            report["match"] = {"ok": False, "message": str(exc)}
+    others = [] if model_b is None else (list(model_b) if isinstance(model_b, (list, tuple)) else [model_b])
+    paths = list(path_b) if isinstance(path_b, (list, tuple)) else [path_b] * len(others)
+    if others:
+        report["match"] = {"ok": True, "message": "the models match node for node (task heads aside)"
+                           if len(others) == 1 else f"all {len(others) + 1} models match node for node "
+                                                    "(task heads aside)"}
+        for k, (model, path) in enumerate(zip(others, paths)):
+            label = path or ("B" if len(others) == 1 else f"model {k + 2}")
+            try:
+                match(a, analyse(model, fold_batchnorm), (path_a or "A", label))
+            except MismatchError as exc:
+                report["match"] = {"ok": False, "message": str(exc), "model": path or k + 1}
+                break
     report["a"] = describe(a, path_a)
     return report
 

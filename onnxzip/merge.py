@@ -35,13 +35,13 @@ from .calibration import (CalibrationData, FeatureRequest, calibration_from_arra
                           load_calibration, run_model)
 from .errors import (CalibrationDataError, ModelError, OutputError, UnsupportedModelError, UsageError,
                      VerificationError)
-from .evaluate import count_parameters
-from .graph import Analysis, analyse, match, trunk_nodes, unsupported_report
+from .evaluate import count_macs, count_parameters
+from .graph import Analysis, analyse, match, stop_points, trunk_nodes, unsupported_report
 from .onnx_io import check_model
 from .refit import REFIT_METHODS, refit as refit_layers
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
 from .runtime import onnxruntime_errors
-from .solver import solve_blocks
+from .solver import block_labels, matching_from_clusters, solve_blocks
 from .surgery import ZipPlan, build, merge_points, why_nothing_zipped, zipped_spaces
 
 log = logging.getLogger("onnxzip")
@@ -83,11 +83,21 @@ class MergeResult:
         lines = [f"merged with {c['method']}: {c['trunk']['weighted_layers_zipped']} of "
                  f"{c['trunk']['weighted_layers']} weighted layers in the shared trunk, "
                  f"{len(c['spaces'])} feature space(s) zipped"]
-        lines.append(f"parameters: {c['parameters']['merged']:,} merged vs {c['parameters']['a']:,} + "
-                     f"{c['parameters']['b']:,} in the two models")
+        sizes = [v for k, v in c["parameters"].items() if k != "merged"]
+        lines.append(f"parameters: {c['parameters']['merged']:,} merged vs {' + '.join(f'{v:,}' for v in sizes)} in "
+                     f"the {'two' if len(sizes) == 2 else len(sizes)} models")
+        budget = c.get("budget")
+        if budget:
+            chosen = budget["chosen"]
+            lines.append(f"budget {budget['kind']}={budget['fraction']:g}: chose stop at {chosen['stop_at']}, width "
+                         f"{chosen['width']:g} ({chosen['fraction']} of the ensemble's {budget['kind']}) of "
+                         f"{len(budget['candidates'])} tried")
+        elif c.get("width", 1) != 1:
+            lines.append(f"width {c['width']:g}: each zipped feature space keeps round({c['width']:g}·F) features")
         if c.get("zipped_nothing") and c["method"] != "ensemble" and c.get("stop_at") not in ("input", 0):
-            lines.append(f"warning: NOTHING IS ZIPPED ({c['zipped_nothing_reason']}): the merged model is both models "
-                         "side by side, at twice the cost of one")
+            n = c.get("num_models", 2)
+            lines.append(f"warning: NOTHING IS ZIPPED ({c['zipped_nothing_reason']}): the merged model is "
+                         f"{_side_by_side(n)}, at {'twice' if n == 2 else f'{n} times'} the cost of one")
         thin = [s["space"] for s in c.get("spaces", []) if s.get("thin_statistics")]
         if thin:  # the warning itself went to the log (stderr) as the merge found it
             lines.append(f"thin statistics in {len(thin)} feature space(s) (see stderr)")
@@ -149,34 +159,138 @@ def _check_flag(name: str, value) -> bool:
     raise UsageError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_options(method, alpha, beta, batch_size, num_samples, names, device, seed, progress) -> dict:
-    """Validated, normalised option values (plain Python numbers, names as a tuple)."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not _is_real(alpha) or not math.isfinite(alpha):
-        raise UsageError(f"--alpha must be a finite number, got {alpha!r}")
-    if not _is_real(beta) or not 0 <= beta <= 1:
-        raise UsageError(f"--beta must be between 0 and 1, got {beta!r}")
-    if not _is_int(batch_size) or batch_size < 1:
-        raise UsageError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
-    if num_samples is not None and (not _is_int(num_samples) or num_samples < 2):
-        raise UsageError(f"--num-samples must be a whole number >= 2, got {num_samples!r}")
-    if isinstance(names, (list, tuple)):
+def default_names(num_models: int) -> tuple:
+    """a, b, c, …, z, then m26, m27, …: the default names of N models."""
+    return tuple(chr(ord("a") + m) if m < 26 else f"m{m}" for m in range(num_models))
+
+
+def _check_names(names, num_models: int) -> tuple:
+    if names is None:
+        return default_names(num_models)
+    if isinstance(names, str):
+        names = tuple(n.strip() for n in names.split(","))
+    if isinstance(names, list):
         names = tuple(names)
-    if (not isinstance(names, tuple) or len(names) != 2 or not all(isinstance(n, str) and _NAME.match(n) for n in names)
-            or names[0] == names[1]):
-        raise UsageError(f"--names must be two different names of letters, digits, '_', '.', '-', got {names!r}")
+    if (not isinstance(names, tuple) or len(names) != num_models
+            or not all(isinstance(n, str) and _NAME.match(n) for n in names) or len(set(names)) != num_models):
+        raise UsageError(f"--names must be {num_models} different names (one per model) of letters, digits, '_', "
+                         f"'.', '-', got {names!r}")
     if "zip" in names:
         raise UsageError("--names: 'zip' is the prefix of the shared trunk; choose other names")
-    if not isinstance(device, str) or device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if not _is_int(seed):
-        raise UsageError(f"--seed must be a whole number, got {seed!r}")
-    if not (isinstance(progress, (bool, np.bool_)) or callable(progress)):
-        raise UsageError(f"progress must be True, False or a callable progress(done, total), got {progress!r}")
-    return {"method": method, "alpha": float(alpha), "beta": float(beta), "batch_size": int(batch_size),
-            "num_samples": None if num_samples is None else int(num_samples), "names": names, "device": device,
-            "seed": int(seed), "progress": progress if callable(progress) else bool(progress)}
+    return names
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost budget: `fraction` of the N-model ensemble's parameters ('params') or multiply-accumulates ('macs')."""
+
+    kind: str
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.fraction:g}"
+
+
+BUDGET_KINDS = ("params", "macs")
+
+
+def parse_budget(value) -> Budget | None:
+    """None, a `Budget`, 'macs=R' / 'params=R' or a (kind, R) pair, R > 0 a fraction of the ensemble's cost."""
+    if value is None or isinstance(value, Budget):
+        kind, fraction = (None, None) if value is None else (value.kind, value.fraction)
+        if value is None:
+            return None
+    elif isinstance(value, str):
+        kind, sep, text = value.strip().partition("=")
+        try:
+            fraction = float(text) if sep else None
+        except ValueError:
+            fraction = None
+        kind = kind.strip().lower()
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        kind, fraction = value
+    else:
+        kind = fraction = None
+    if (kind not in BUDGET_KINDS or not _is_real(fraction) or not math.isfinite(fraction) or fraction <= 0):
+        raise UsageError(f"--budget must be params=R or macs=R with R > 0 a fraction of the ensemble's cost "
+                         f"(e.g. macs=0.5), got {value!r}")
+    return Budget(kind, float(fraction))
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every option of a merge, validated and normalised once (`MergeOptions.checked`); see `merge_models`."""
+
+    num_models: int = 2
+    method: str = "zip"
+    alpha: float = 0.3
+    beta: float = 0.125
+    stop_at: object = None
+    width: float = 1.0
+    budget: Budget | None = None
+    num_samples: int | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    names: tuple = ("a", "b")
+    seed: int = 0
+    force: bool = False
+    repair: bool = True
+    verify: bool = True
+    strict: bool = False
+    fold_batchnorm: bool = True
+    refit: str = "ls"
+    repair_targets: str = "measured"
+    fp16: bool = False
+    progress: object = False
+
+    @classmethod
+    def checked(cls, num_models: int, *, method="zip", alpha=0.3, beta=0.125, stop_at=None, width=None, budget=None,
+                num_samples=None, batch_size=64, device="auto", names=None, seed=0, force=False, repair=True,
+                verify=True, strict=False, fold_batchnorm=True, refit="ls", repair_targets="measured", fp16=False,
+                progress=False) -> "MergeOptions":
+        if not isinstance(method, str) or method not in METHODS:
+            raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if not _is_real(alpha) or not math.isfinite(alpha):
+            raise UsageError(f"--alpha must be a finite number, got {alpha!r}")
+        if not _is_real(beta) or not 0 <= beta <= 1:
+            raise UsageError(f"--beta must be between 0 and 1, got {beta!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise UsageError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+        if num_samples is not None and (not _is_int(num_samples) or num_samples < 2):
+            raise UsageError(f"--num-samples must be a whole number >= 2, got {num_samples!r}")
+        names = _check_names(names, num_models)
+        if not isinstance(device, str) or device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+        if not _is_int(seed):
+            raise UsageError(f"--seed must be a whole number, got {seed!r}")
+        if not (isinstance(progress, (bool, np.bool_)) or callable(progress)):
+            raise UsageError(f"progress must be True, False or a callable progress(done, total), got {progress!r}")
+        if not isinstance(refit, str) or refit not in REFIT_METHODS:
+            raise UsageError(f"--refit must be one of {', '.join(REFIT_METHODS)}, got {refit!r}")
+        if not isinstance(repair_targets, str) or repair_targets not in REPAIR_TARGETS:
+            raise UsageError(f"--repair-targets must be one of {', '.join(REPAIR_TARGETS)}, got {repair_targets!r}")
+        stop_at = _check_stop_at(stop_at)
+        budget = parse_budget(budget)
+        if width is not None and (not _is_real(width) or not math.isfinite(width) or not 1 <= width <= num_models):
+            raise UsageError(f"--width must be a number between 1 and the number of models ({num_models}), "
+                             f"got {width!r}")
+        if width is not None and float(width) != 1.0 and method != "zip":
+            raise UsageError(f"--width {width:g} keeps more merged features than one model has, which only "
+                             f"--method zip can do (--method {method} keeps one model's width)")
+        if budget is not None:
+            if method == "ensemble":
+                raise UsageError("--budget chooses how far to zip; --method ensemble zips nothing")
+            if stop_at is not None or width is not None:
+                raise UsageError("--budget chooses the stop point and the width itself; give --budget, or "
+                                 "--stop-at/--width, not both")
+        return cls(num_models=num_models, method=method, alpha=float(alpha), beta=float(beta), stop_at=stop_at,
+                   width=1.0 if width is None else float(width), budget=budget, num_samples=None if num_samples is None
+                   else int(num_samples), batch_size=int(batch_size), device=device, names=names, seed=int(seed),
+                   force=_check_flag("force", force), repair=_check_flag("repair", repair),
+                   verify=_check_flag("verify", verify), strict=_check_flag("strict", strict),
+                   fold_batchnorm=_check_flag("fold_batchnorm", fold_batchnorm), refit=refit,
+                   repair_targets=repair_targets, fp16=_check_flag("fp16", fp16),
+                   progress=progress if callable(progress) else bool(progress))
 
 
 def _check_stop_at(stop_at):
@@ -349,19 +463,32 @@ def _first_line(exc: BaseException) -> str:
 # The API
 # ---------------------------------------------------------------------------------------------------------------
 
-def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: float = 0.3, beta: float = 0.125,
-          stop_at=None, num_samples: int | None = None, batch_size: int = 64, device: str = "auto",
-          names=("a", "b"), seed: int = 0, force: bool = False, repair: bool = True, verify: bool = True,
-          strict: bool = False, fold_batchnorm: bool = True, refit: str = "ls", repair_targets: str = "measured",
-          fp16: bool = False, progress=False, logger: logging.Logger | None = None) -> MergeResult:
-    """Merge two models of the same architecture trained on different tasks into one (ZipIt!).
+def merge(model_a, model_b, data, output=None, **options) -> MergeResult:
+    """Merge two models of the same architecture trained on different tasks into one (ZipIt!): the two-model form
+    of `merge_models` (``merge(a, b, data, out, **options)`` is ``merge_models([a, b], data, out, **options)``)."""
+    return merge_models([model_a, model_b], data, output, **options)
 
-    model_a, model_b: paths to .onnx files or onnx.ModelProto. data: a .npy/.npz path, a numpy array (one input)
-    or a dict input name -> array, of unlabeled calibration inputs. output: where to write the merged model (and
-    its card, `output + '.json'`); None writes nothing. method: zip | permute | average | ensemble. alpha, beta:
-    ZipIt!'s knobs (paper defaults). stop_at: None/'heads' (zip everything but the task heads), 'input' or 0
-    (nothing: the ensemble), or K (the first K weighted layers). The result's graph has the original inputs, then
-    model A's outputs named '<names[0]>/<output>', then model B's.
+
+def merge_models(models, data, output=None, *, method: str = "zip", alpha: float = 0.3, beta: float = 0.125,
+                 stop_at=None, width: float | None = None, budget=None, num_samples: int | None = None,
+                 batch_size: int = 64, device: str = "auto", names=None, seed: int = 0, force: bool = False,
+                 repair: bool = True, verify: bool = True, strict: bool = False, fold_batchnorm: bool = True,
+                 refit: str = "ls", repair_targets: str = "measured", fp16: bool = False, progress=False,
+                 logger: logging.Logger | None = None) -> MergeResult:
+    """Merge N >= 2 models of the same architecture trained on different tasks into one (ZipIt!).
+
+    models: a list of paths to .onnx files or onnx.ModelProto; the first is the reference every other is matched to
+    node for node (task heads may differ in their number of classes). data: a .npy/.npz path, a numpy array (one
+    input) or a dict input name -> array, of unlabeled calibration inputs. output: where to write the merged model
+    (and its card, `output + '.json'`); None writes nothing. method: zip | permute | average | ensemble. alpha, beta:
+    ZipIt!'s knobs (paper defaults; beta is each model's budget of same-model merges). stop_at: None/'heads' (zip
+    everything but the task heads), 'input' or 0 (nothing: the ensemble), or K (the first K weighted layers).
+    width (zip only, 1 <= W <= N, default 1): every zipped feature space keeps round(W·F) merged features instead
+    of F, between one model's cost (1) and the ensemble's (N). budget: 'params=R' or 'macs=R' (R a fraction of the
+    N-model ensemble's cost): onnxzip chooses the stop point and width that fit it and keep the merged heads closest
+    to the original models' outputs on the held-back samples (no labels); the card's "budget" says what was chosen.
+    names: one per model (default a, b, c, …). The result's graph has the original inputs, then model 0's outputs
+    named '<names[0]>/<output>', then model 1's, and so on.
     fold_batchnorm (default): fold every inference BatchNormalization into the Conv/Gemm before it first, so a
     BN-kept export merges exactly like the BN-folded one; False merges BatchNorm's parameters per channel instead
     (what the paper does with PyTorch state dicts; it changes what `average` computes, see docs/EXPORTERS.md).
@@ -374,72 +501,217 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
     `verify` (default) fails the run with `VerificationError` if the merged model's outputs are not finite or a
     head computes nothing like its original (see VERIFY_MAX_RELATIVE_ERROR and VERIFY_MAX_KAPPA).
     """
-    # 1. pre-flight, cheapest first
+    # 1. pre-flight, cheapest first: options, output path, models, structure, calibration data, budget
     logger = _check_logger(logger)
     times = {}
     t0 = time.perf_counter()
-    opts = _check_options(method, alpha, beta, batch_size, num_samples, names, device, seed, progress)
-    method, alpha, beta, batch_size = opts["method"], opts["alpha"], opts["beta"], opts["batch_size"]
-    num_samples, names, device, progress = opts["num_samples"], opts["names"], opts["device"], opts["progress"]
-    seed = opts["seed"]
-    force, repair = _check_flag("force", force), _check_flag("repair", repair)
-    verify, strict = _check_flag("verify", verify), _check_flag("strict", strict)
-    fold_batchnorm = _check_flag("fold_batchnorm", fold_batchnorm)
-    fp16 = _check_flag("fp16", fp16)
-    stop_at = _check_stop_at(stop_at)
-    if not isinstance(refit, str) or refit not in REFIT_METHODS:
-        raise UsageError(f"--refit must be one of {', '.join(REFIT_METHODS)}, got {refit!r}")
-    if not isinstance(repair_targets, str) or repair_targets not in REPAIR_TARGETS:
-        raise UsageError(f"--repair-targets must be one of {', '.join(REPAIR_TARGETS)}, got {repair_targets!r}")
-    output = _check_output(output, force)
+    if isinstance(models, (str, bytes, os.PathLike, onnx.ModelProto)) or not hasattr(models, "__len__"):
+        raise UsageError(f"models must be a list of model paths or ModelProtos, got {type(models).__name__}")
+    models = list(models)
+    if len(models) < 2:
+        raise UsageError(f"merging needs at least two models, got {len(models)}")
+    opts = MergeOptions.checked(len(models), method=method, alpha=alpha, beta=beta, stop_at=stop_at, width=width,
+                                budget=budget, num_samples=num_samples, batch_size=batch_size, device=device,
+                                names=names, seed=seed, force=force, repair=repair, verify=verify, strict=strict,
+                                fold_batchnorm=fold_batchnorm, refit=refit, repair_targets=repair_targets, fp16=fp16,
+                                progress=progress)
+    output = _check_output(output, opts.force)
+    sources = read_models(models, data, output, opts)
+    unmerged = _check_structure(sources, opts, logger)
+    samples = _read_samples(data, sources, opts, logger)
+    plans = [(opts.stop_at, opts.width)]
+    budget_report = None
+    if opts.budget is not None:
+        frontier, ensemble_cost = budget_frontier(sources, opts, samples.input_shapes)
+        plans = [(c["stop_at"], c["width"]) for c in _spread(frontier, BUDGET_CANDIDATES)]
+        budget_report = {"kind": opts.budget.kind, "fraction": opts.budget.fraction, "ensemble_cost": ensemble_cost,
+                         "frontier": frontier}
+        logger.info("--budget %s: %d configuration(s) fit (%s of the ensemble's %s); trying %d", opts.budget,
+                    len(frontier), opts.budget.fraction, f"{ensemble_cost:,} {opts.budget.kind}", len(plans))
+    trunks = {stop: _trunk(sources, opts, stop) for stop, _ in plans}
+    nothing_zipped = _nothing_zipped(sources, opts, trunks[plans[0][0]], logger)
+    times["analyse"] = time.perf_counter() - t0
 
-    model_a, path_a, sha_a = _load(model_a, "model A")
-    model_b, path_b, sha_b = _load(model_b, "model B")
-    data_path = None if isinstance(data, (np.ndarray, dict)) else data
+    # 2. statistics: one pass of every model over the calibration samples, for every trunk to try
+    t = time.perf_counter()
+    stats = _statistics(sources, samples, list(trunks.values()), opts, logger)
+    times["calibrate"] = time.perf_counter() - t
+
+    # 3. matching, surgery, repair or refit (per configuration to try, under a budget)
+    if budget_report is None:
+        stop, w = plans[0]
+        zipped = zip_models(sources, samples, trunks[stop], w, stats, opts, logger, times)
+    else:
+        zipped = _choose_under_budget(sources, samples, plans, trunks, stats, opts, logger, times, budget_report)
+        nothing_zipped = _nothing_zipped(sources, opts, zipped.plan.trunk, logger)
+    merged = zipped.surgery.model
+
+    # 4. checks on the result
+    _check_merged_weights(merged, allow_inf=sources.has_inf)
+    try:
+        check_model(merged)
+    except Exception as exc:  # noqa: BLE001 - the checker raises several types
+        raise ModelError(f"internal error: the merged model fails the ONNX checker: {_first_line(exc)}") from exc
+    verification = {}
+    if opts.verify:
+        t = time.perf_counter()
+        verification = _verify(merged, sources.run_models, opts.names, samples.verify or samples.fit,
+                               opts.batch_size, opts.device)
+        verification["held_back"] = samples.verify is not None
+        times["verify"] = time.perf_counter() - t
+        for head in verification["heads"]:
+            logger.debug("verify %s against %s: %s", head["output"], head["model"],
+                         ", ".join(f"{k} {v}" for k, v in head.items() if k not in ("output", "model")))
+
+    fp16_check = None
+    if opts.fp16:
+        from .deploy import check_fp16, to_fp16
+
+        t = time.perf_counter()
+        half = to_fp16(merged)
+        check_data = samples.held or samples.fit
+        arrays = {k: np.asarray(v) for k, v in check_data.arrays.items()}
+        fp16_check = check_fp16(merged, half, arrays, "held-back" if samples.held is not None else "calibration",
+                                opts.force, opts.batch_size, opts.device, logger)
+        merged = half
+        times["fp16"] = time.perf_counter() - t
+
+    # 5. the card, and the files
+    card = _card(sources, samples, opts, zipped, merged, unmerged, nothing_zipped, verification, fp16_check,
+                 budget_report)
+    # Wall times stay out of the model's metadata: the same inputs and seed must give a byte-identical model.
+    merged.metadata_props.add(key="onnxzip.card", value=json.dumps(card, sort_keys=True, allow_nan=False))
+    times["total"] = time.perf_counter() - t0
+    card["seconds"] = {k: round(v, 3) for k, v in times.items()}
     if output is not None:
-        sources = [(path_a, "model A"), (path_b, "model B")]
-        if isinstance(data_path, (str, bytes, os.PathLike)):
-            sources.append((_as_path(data_path, "calibration data", CalibrationDataError), "the calibration data"))
-        for source, what in sources:
+        _write(merged, json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + "\n", output, opts.force)
+    return MergeResult(merged, output, card)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages
+# ---------------------------------------------------------------------------------------------------------------
+
+def model_label(m: int) -> str:
+    """How messages name the m-th model: model A, model B, …"""
+    return f"model {chr(ord('A') + m)}" if m < 26 else f"model #{m + 1}"
+
+
+@dataclass
+class Sources:
+    """The models as read, checked and analysed. Model 0 is the reference graph every other one was matched to."""
+
+    models: list  # onnx.ModelProto as loaded
+    paths: list  # file path or None (an in-memory model)
+    shas: list
+    labels: list  # path, or the model's name, for messages
+    analyses: list  # graph.Analysis per model
+    correspondences: list  # per model, graph.Correspondence of its names onto model 0's (None for model 0)
+    run_models: list  # what runs: model 0, and every other model with its inputs renamed to model 0's
+    has_inf: bool  # some original weight is infinite (a -inf mask): the merged model may hold inf too
+
+    @property
+    def a(self) -> Analysis:
+        return self.analyses[0]
+
+    @property
+    def num_models(self) -> int:
+        return len(self.models)
+
+
+def read_models(models: list, data, output: str | None, opts: MergeOptions) -> Sources:
+    """Load every model, refuse NaN weights, check each matches model 0 node for node (naming the one at fault)."""
+    loaded = [_load(model, model_label(m)) for m, model in enumerate(models)]
+    if output is not None:
+        where = [(path, model_label(m)) for m, (_, path, _) in enumerate(loaded)]
+        if isinstance(data, (str, bytes, os.PathLike)):
+            where.append((_as_path(data, "calibration data", CalibrationDataError), "the calibration data"))
+        for source, what in where:
             if source is not None and os.path.exists(output) and _same_file(output, source):
                 raise OutputError(f"output {output!r} is {what}; write the merged model to another file")
-    label_a = path_a or names[0]
-    label_b = path_b or names[1]
-    a, b = analyse(model_a, fold_batchnorm), analyse(model_b, fold_batchnorm)
-    inf_a = _check_weights(a, f"model A {label_a!r}")
-    inf_b = _check_weights(b, f"model B {label_b!r}")
-    corr = match(a, b, (label_a, label_b))
+    labels = [path or opts.names[m] for m, (_, path, _) in enumerate(loaded)]
+    analyses = [analyse(model, opts.fold_batchnorm) for model, _, _ in loaded]
+    has_inf = False
+    for m, analysis in enumerate(analyses):
+        has_inf = _check_weights(analysis, f"{model_label(m)} {labels[m]!r}") or has_inf
+    correspondences = [None] + [match(analyses[0], analyses[m], (labels[0], labels[m]))
+                                for m in range(1, len(analyses))]
+    run_models = [analyses[0].model] + [_rename_inputs(analyses[m].model, correspondences[m].inputs)
+                                        for m in range(1, len(analyses))]
+    return Sources([x[0] for x in loaded], [x[1] for x in loaded], [x[2] for x in loaded], labels, analyses,
+                   correspondences, run_models, has_inf)
+
+
+def _check_structure(sources: Sources, opts: MergeOptions, logger) -> list:
+    """Unsupported regions (an error under --strict, a warning otherwise) and the --stop-at range; returns the
+    unsupported regions as (node index, reason)."""
+    a, label = sources.a, sources.labels[0]
     unmerged = unsupported_report(a)
-    if unmerged and strict:
+    if unmerged and opts.strict:
         i, reason = unmerged[0]
-        raise UnsupportedModelError(f"{label_a}: {a.describe_node(i)} cannot be merged: {reason} "
+        raise UnsupportedModelError(f"{label}: {a.describe_node(i)} cannot be merged: {reason} "
                                     f"({len(unmerged)} such node(s); without --strict they are left unmerged)")
-    if isinstance(stop_at, int) and stop_at > len(a.weighted):
-        raise UsageError(f"--stop-at {stop_at} is out of range: the model has {len(a.weighted)} weighted layers")
+    if isinstance(opts.stop_at, int) and opts.stop_at > len(a.weighted):
+        raise UsageError(f"--stop-at {opts.stop_at} is out of range: the model has {len(a.weighted)} weighted layers")
     for i, reason in unmerged:
         logger.warning("left unmerged from %s on: %s", a.describe_node(i), reason)
-    trunk = set() if method == "ensemble" else trunk_nodes(a, stop_at)
-    if method == "ensemble":
-        nothing_zipped = "--method ensemble asks for both models side by side"
-    elif stop_at in ("input", 0):
-        nothing_zipped = f"--stop-at {stop_at} asks for both models side by side"
-    else:
-        nothing_zipped = why_nothing_zipped(a, trunk)
-        if nothing_zipped is not None:
-            # asked to zip, got an ensemble: never silently (issue 13, "say what happened")
-            if strict:
-                raise UnsupportedModelError(f"{label_a}: nothing can be zipped: {nothing_zipped}; the merged model "
-                                            "would be both models side by side (without --strict it is written "
-                                            "anyway, as that ensemble)")
-            logger.warning("NOTHING IS ZIPPED: %s. The merged model is both models side by side (an ensemble, at "
-                           "twice the cost of one); --strict makes this an error", nothing_zipped)
+    return unmerged
 
-    specs = input_specs(a.model)
+
+def _side_by_side(n: int) -> str:
+    return "both models side by side" if n == 2 else f"the {n} models side by side"
+
+
+def _trunk(sources: Sources, opts: MergeOptions, stop_at) -> set:
+    return set() if opts.method == "ensemble" else trunk_nodes(sources.a, stop_at)
+
+
+def _nothing_zipped(sources: Sources, opts: MergeOptions, trunk: set, logger) -> str | None:
+    """Why the merge zips nothing (None when it zips something); a warning, or an error under --strict, when that
+    was not asked for (issue 13, "say what happened")."""
+    n = sources.num_models
+    if opts.method == "ensemble":
+        return f"--method ensemble asks for {_side_by_side(n)}"
+    if opts.stop_at in ("input", 0):
+        return f"--stop-at {opts.stop_at} asks for {_side_by_side(n)}"
+    reason = why_nothing_zipped(sources.a, trunk)
+    if reason is not None:
+        if opts.strict:
+            raise UnsupportedModelError(f"{sources.labels[0]}: nothing can be zipped: {reason}; the merged model "
+                                        f"would be {_side_by_side(n)} (without --strict it is written anyway, as "
+                                        "that ensemble)")
+        times = "twice" if n == 2 else f"{n} times"
+        logger.warning("NOTHING IS ZIPPED: %s. The merged model is %s (an ensemble, at %s the cost of one); "
+                       "--strict makes this an error", reason, _side_by_side(n), times)
+    return reason
+
+
+@dataclass
+class Samples:
+    """The calibration samples: those that calibrate (and fit), and those held back (to verify, choose ridge
+    strengths and, under a budget, configurations)."""
+
+    calib: CalibrationData  # every sample used (after --num-samples)
+    fit: CalibrationData
+    held: CalibrationData | None
+    verify: CalibrationData | None  # `held` when verifying
+    holdout: int
+    source: object  # the data path, or None for arrays
+
+    @property
+    def input_shapes(self) -> dict:
+        """One sample's shape per input (batch 1), for counting MACs."""
+        return {k: (1,) + tuple(np.shape(v)[1:]) for k, v in self.calib.arrays.items()}
+
+
+def _read_samples(data, sources: Sources, opts: MergeOptions, logger) -> Samples:
+    specs = input_specs(sources.a.model)
     calib = _calibration(data, specs, None, logger)
+    num_samples = opts.num_samples
     if num_samples is not None and num_samples < calib.num_samples:
         # --seed picks which samples are used (and so which are held back to verify): a random subset, kept in
         # file order; the same seed picks the same samples
-        calib = calib.subset(num_samples, seed)
+        calib = calib.subset(num_samples, opts.seed)
     elif num_samples is not None and num_samples > calib.num_samples:
         logger.warning("%s: %d calibration samples asked for, but there are %d; using all of them", calib.path,
                        num_samples, calib.num_samples)
@@ -448,159 +720,336 @@ def merge(model_a, model_b, data, output=None, *, method: str = "zip", alpha: fl
         raise CalibrationDataError(f"{calib.path}: {calib.num_samples} calibration sample(s); at least "
                                    f"{max(2, fixed)} are needed" + (f" (the model fixes its batch to {fixed})"
                                                                     if fixed > 1 else ""))
-    # held back: to verify the result, and to choose the refit's ridge strengths
-    holdout = min(VERIFY_MAX_SAMPLES, calib.num_samples // 5) if verify or refit == "ls" else 0
+    # held back: to verify the result, to choose the refit's ridge strengths and a budget's configuration
+    wanted = opts.verify or opts.refit == "ls" or opts.budget is not None
+    holdout = min(VERIFY_MAX_SAMPLES, calib.num_samples // 5) if wanted else 0
     holdout -= holdout % fixed  # whole batches only: a model with a fixed batch size skips a partial one
     if calib.num_samples - holdout < fixed:
         holdout = 0
-    if verify and not holdout:
+    if opts.verify and not holdout:
         logger.warning("%s: too few calibration samples (%d) to hold any back; verifying on the calibration "
                        "samples themselves", calib.path, calib.num_samples)
-    calib_data, held_data = calib.split(holdout) if holdout else (calib, None)
-    verify_data = held_data if verify else None
-    b_model = _rename_inputs(b.model, corr.inputs)
-    times["analyse"] = time.perf_counter() - t0
+    if opts.budget is not None and not holdout:
+        raise CalibrationDataError(f"{calib.path}: too few calibration samples ({calib.num_samples}) to hold any "
+                                   "back, and --budget chooses its configuration on held-back samples; give more")
+    fit, held = calib.split(holdout) if holdout else (calib, None)
+    source = None if isinstance(data, (np.ndarray, dict)) else os.fsdecode(data)
+    return Samples(calib, fit, held, held if opts.verify else None, holdout, source)
 
-    # 2. statistics
+
+def _space_key(sid: int, points: list) -> str:
+    return f"space:{sid}:" + "|".join(points)
+
+
+def _statistics(sources: Sources, samples: Samples, trunks: list, opts: MergeOptions, logger) -> dict:
+    """Correlation statistics of every feature space zipped in any of `trunks`, at its merge points there: one
+    onnxruntime pass of every model over the calibration samples."""
+    a = sources.a
+    requests, spaces = {}, set()
+    for trunk in trunks:
+        points = merge_points(a, trunk)
+        for sid in zipped_spaces(a, trunk):
+            spaces.add(sid)
+            key = _space_key(sid, points[sid])
+            if key in requests:
+                continue
+            for name in points[sid]:
+                ts = a.tensor_spaces[name]
+                requests.setdefault(key, []).append(FeatureRequest(key, [a_name for a_name in (
+                    [name] + [c.tensors[name] for c in sources.correspondences[1:]])], ts.axis, ts.expand))
+    if not requests:
+        return {}
+    logger.info("calibrating on %d samples (%d feature spaces)", samples.fit.num_samples, len(spaces))
+    try:
+        return collect_stats(sources.run_models, [r for rs in requests.values() for r in rs], samples.fit,
+                             opts.batch_size, opts.device, progress=opts.progress, desc="calibrating")
+    except onnxruntime_errors() as exc:
+        raise CalibrationDataError(f"{samples.calib.path}: onnxruntime cannot run the models on the calibration "
+                                   f"data: {_first_line(exc)}") from exc
+
+
+def viewed_spaces(a: Analysis) -> set:
+    """Spaces a view (Slice, Split, channel shuffle) reads: they keep one merged feature per feature."""
+    return {sp for space in a.spaces.values() if space.view is not None for sp, _ in space.view}
+
+
+def merged_width(a: Analysis, sid: int, width: float, viewed: set) -> int:
+    """round(W·F) merged features for space `sid` (per block for a grouped layer's contiguous equal blocks); F
+    where a view reads the space or its blocks are not contiguous and equal."""
+    space = a.spaces[sid]
+    f = space.width
+    if width == 1.0 or sid in viewed:
+        return f
+    labels = block_labels(f, space.partition or 1)
+    groups = len(np.unique(labels))
+    if groups > 1 and (f % groups or not np.array_equal(labels, np.arange(f) // (f // groups))):
+        return f
+    return groups * max(1, int(math.floor(width * f / groups + 0.5)))
+
+
+@dataclass
+class Zipped:
+    """One configuration merged: its plan (trunk, matchings), the surgery's model, and what was done."""
+
+    plan: ZipPlan
+    surgery: object  # surgery.Surgery
+    width: float
+    spaces: list  # card entries
+    repair: dict
+    refit: dict
+
+
+def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, stats: dict, opts: MergeOptions,
+               logger, times: dict) -> Zipped:
+    """Matching, surgery, and then the statistics repair or the least-squares refit, for one trunk and width."""
+    a, n = sources.a, sources.num_models
     t = time.perf_counter()
-    plan = ZipPlan(a, b, corr, trunk, {}, names)
+    plan = ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names)
     spaces = zipped_spaces(a, trunk)
     points = merge_points(a, trunk)
-    requests = []
-    for sid in spaces:
-        for name in points[sid]:
-            ts = a.tensor_spaces[name]
-            requests.append(FeatureRequest(f"space:{sid}", [name, corr.tensors[name]], ts.axis, ts.expand))
-    # the least-squares refit fits every layer the repair would correct (scale and shift included)
-    do_repair = repair and refit == "none" and method != "ensemble" and bool(spaces)
-    stats = {}
-    if requests:
-        logger.info("calibrating on %d samples (%d feature spaces)", calib_data.num_samples, len(spaces))
-        try:
-            stats = collect_stats([a.model, b_model], requests, calib_data, batch_size, device, progress=progress,
-                                  desc="calibrating")
-        except onnxruntime_errors() as exc:
-            raise CalibrationDataError(f"{calib.path}: onnxruntime cannot run the models on the calibration data: "
-                                       f"{_first_line(exc)}") from exc
-    times["calibrate"] = time.perf_counter() - t
-
-    # matching
-    t = time.perf_counter()
+    viewed = viewed_spaces(a)
     card_spaces = []
     for sid in spaces:
-        width = a.spaces[sid].width
-        key = f"space:{sid}"
-        correlation = _similarity(stats[key]) if method in ("zip", "permute") else None
-        matching = solve_blocks(method, correlation, width, a.spaces[sid].partition or 1, 2, alpha, beta)
+        f = a.spaces[sid].width
+        target = merged_width(a, sid, width, viewed)
+        key = _space_key(sid, points[sid])
+        correlation = _similarity(stats[key]) if opts.method in ("zip", "permute") else None
+        matching = solve_blocks(opts.method, correlation, f, a.spaces[sid].partition or 1, n, opts.alpha, opts.beta,
+                                target_width=None if target == f else target)
         plan.matchings[sid] = matching
-        samples = int(stats[key].count)
-        # The 2F x 2F correlation of a space of width F needs more than 2F samples to be of full rank.
-        thin = samples < 2 * width
+        entry = {"space": sid, "width": f, "blocks": a.spaces[sid].blocks, "merge_points": list(points[sid])}
+        if target != f:
+            entry["merged_width"] = int(matching.merged_width)
+        elif width != 1.0:
+            entry["merged_width"] = f
+            entry["width_kept_because"] = ("a slice, split or channel shuffle reads it" if sid in viewed else
+                                           "its blocks are not contiguous and equal")
+        samples_seen = int(stats[key].count)
+        # The N·F x N·F correlation of a space of width F needs more than N·F samples to be of full rank.
+        thin = samples_seen < n * f
         if thin:
             logger.warning("feature space %d (width %d, at %s) has only %d samples for %d stacked features: its "
-                           "statistics are too thin to trust; give more calibration samples", sid, width,
-                           ", ".join(points[sid]), samples, 2 * width)
-        card_spaces.append({"space": sid, "width": width, "blocks": a.spaces[sid].blocks,
-                            "merge_points": list(points[sid]), "samples": samples,
-                            "thin_statistics": thin,
-                            "cross_model_merges": int(matching.cross_merges),
-                            "within_model_merges": [int(x) for x in matching.within_merges],
-                            "forced_merges": int(getattr(matching, "forced_merges", 0)),
-                            "mean_merged_correlation": _measured(matching.mean_merge_correlation)})
-    times["solve"] = time.perf_counter() - t
+                           "statistics are too thin to trust; give more calibration samples", sid, f,
+                           ", ".join(points[sid]), samples_seen, n * f)
+        entry.update({"samples": samples_seen, "thin_statistics": thin,
+                      "cross_model_merges": int(matching.cross_merges),
+                      "within_model_merges": [int(x) for x in matching.within_merges],
+                      "forced_merges": int(getattr(matching, "forced_merges", 0)),
+                      "mean_merged_correlation": _measured(matching.mean_merge_correlation)})
+        card_spaces.append(entry)
+    times["solve"] = times.get("solve", 0.0) + time.perf_counter() - t
 
     t = time.perf_counter()
     surgery = build(plan)
-    times["surgery"] = time.perf_counter() - t
+    times["surgery"] = times.get("surgery", 0.0) + time.perf_counter() - t
     repair_summary = {"applied": False}
-    if repair and refit != "none":
+    if opts.repair and opts.refit != "none":
         repair_summary["superseded_by_refit"] = True
-    if do_repair:
+    # the least-squares refit fits every layer the repair would correct (scale and shift included)
+    if opts.repair and opts.refit == "none" and opts.method != "ensemble" and spaces:
         t = time.perf_counter()
         logger.info("repairing statistics of %d layers", len(repair_points(a, trunk)))
         try:
-            repair_summary = repair_statistics(plan, surgery, calib_data, [a.model, b_model], batch_size, device,
-                                               target_kind=repair_targets)
+            repair_summary = repair_statistics(plan, surgery, samples.fit, sources.run_models, opts.batch_size,
+                                               opts.device, target_kind=opts.repair_targets)
         except onnxruntime_errors() as exc:
             raise VerificationError(f"internal error: the merged model does not run in onnxruntime during "
                                     f"statistics repair: {_first_line(exc)}") from exc
         repair_summary["applied"] = True
-        times["repair"] = time.perf_counter() - t
-    refit_summary = {"applied": False, "method": refit}
-    if refit == "ls" and method != "ensemble" and spaces:
+        times["repair"] = times.get("repair", 0.0) + time.perf_counter() - t
+    refit_summary = {"applied": False, "method": opts.refit}
+    if opts.refit == "ls" and opts.method != "ensemble" and spaces:
         t = time.perf_counter()
         logger.info("refitting the merged layers by least squares")
         try:
             # rows are subsampled with a fixed seed: --seed only picks the calibration samples
-            refit_summary = refit_layers(plan, surgery, calib_data, held_data, [a.model, b_model], batch_size,
-                                         device, seed=0, progress=progress, logger=logger)
+            refit_summary = refit_layers(plan, surgery, samples.fit, samples.held, sources.run_models,
+                                         opts.batch_size, opts.device, seed=0, progress=opts.progress, logger=logger)
         except onnxruntime_errors() as exc:
             raise VerificationError(f"internal error: the merged model does not run in onnxruntime during the "
                                     f"least-squares refit: {_first_line(exc)}") from exc
-        times["refit"] = time.perf_counter() - t
-    merged = surgery.model
+        times["refit"] = times.get("refit", 0.0) + time.perf_counter() - t
+    return Zipped(plan, surgery, width, card_spaces, repair_summary, refit_summary)
 
-    # 3. checks on the result
-    _check_merged_weights(merged, allow_inf=inf_a or inf_b)
-    try:
-        check_model(merged)
-    except Exception as exc:  # noqa: BLE001 - the checker raises several types
-        raise ModelError(f"internal error: the merged model fails the ONNX checker: {_first_line(exc)}") from exc
-    verification = {}
-    if verify:
-        t = time.perf_counter()
-        verification = _verify(merged, [a.model, b_model], names, verify_data or calib_data, batch_size, device)
-        verification["held_back"] = verify_data is not None
-        times["verify"] = time.perf_counter() - t
-        for head in verification["heads"]:
-            logger.debug("verify %s against %s: %s", head["output"], head["model"],
-                         ", ".join(f"{k} {v}" for k, v in head.items() if k not in ("output", "model")))
 
-    fp16_check = None
-    if fp16:
-        from .deploy import check_fp16, to_fp16
+# ---------------------------------------------------------------------------------------------------------------
+# A cost budget: which stop point and width
+# ---------------------------------------------------------------------------------------------------------------
 
-        t = time.perf_counter()
-        half = to_fp16(merged)
-        check_data = held_data or calib_data
-        samples = {k: np.asarray(v) for k, v in check_data.arrays.items()}
-        fp16_check = check_fp16(merged, half, samples, "held-back" if held_data is not None else "calibration",
-                                force, batch_size, device, logger)
-        merged = half
-        times["fp16"] = time.perf_counter() - t
+# Widths tried under a budget: 1, 1 + 1/8, …, N.
+BUDGET_WIDTH_STEP = 0.125
+# At most this many configurations of the budget frontier (the widest fitting width per stop point) are merged and
+# compared on the held-back samples, spread evenly over the stop points (the deepest and shallowest included).
+BUDGET_CANDIDATES = 5
 
+
+def model_cost(model: onnx.ModelProto, kind: str, input_shapes: dict) -> int:
+    return count_parameters(model) if kind == "params" else count_macs(model, input_shapes)
+
+
+def _shape_matching(a: Analysis, sid: int, target: int, n: int):
+    """A matching of the right widths and nothing else (the cost of a merged model depends only on its widths)."""
+    f = a.spaces[sid].width
+    if target == f:
+        return solve_blocks("average", None, f, a.spaces[sid].partition or 1, n)
+    groups = merged_width_groups(a, sid)
+    per_block, size = target // groups, f // groups
+    stacked = np.arange(n * size)
+    clusters = np.concatenate([np.concatenate([b * per_block + stacked[m * size:(m + 1) * size] % per_block
+                                               for b in range(groups)]) for m in range(n)])
+    return matching_from_clusters(clusters, n, target)
+
+
+def merged_width_groups(a: Analysis, sid: int) -> int:
+    space = a.spaces[sid]
+    return len(np.unique(block_labels(space.width, space.partition or 1)))
+
+
+def configuration_cost(sources: Sources, trunk: set, width: float, kind: str, input_shapes: dict) -> int:
+    """The cost (parameters, or MACs per sample) of the merged model with this trunk and width, from the graph
+    surgery builds (no statistics are needed: the cost depends only on the widths)."""
+    a = sources.a
+    plan = ZipPlan(sources.analyses, sources.correspondences, trunk, {}, default_names(sources.num_models))
+    viewed = viewed_spaces(a)
+    for sid in zipped_spaces(a, trunk):
+        target = merged_width(a, sid, width, viewed)
+        plan.matchings[sid] = _shape_matching(a, sid, target, sources.num_models)
+    return model_cost(build(plan).model, kind, input_shapes)
+
+
+def budget_frontier(sources: Sources, opts: MergeOptions, input_shapes: dict) -> tuple:
+    """([{stop_at, width, cost, fraction}, …], ensemble cost): for each stop point, the widest width on the
+    BUDGET_WIDTH_STEP grid whose merged model fits the budget. A UsageError, before any model runs, when none fits."""
+    kind, fraction = opts.budget.kind, opts.budget.fraction
+    ensemble = sum(model_cost(model, kind, input_shapes) for model in sources.run_models)
+    allowed = fraction * ensemble
+    n = sources.num_models
+    grid = [1.0 + BUDGET_WIDTH_STEP * k for k in range(int(round((n - 1) / BUDGET_WIDTH_STEP)) + 1)]
+    stops = [int(v) if v.isdigit() else v for v, _ in stop_points(sources.a) if v != "input"]
+    frontier, cheapest, seen = [], None, set()
+    for stop in reversed(stops):  # 'heads' first: it names the full zip, whichever K has the same trunk
+        trunk = trunk_nodes(sources.a, stop)
+        if not zipped_spaces(sources.a, trunk) or frozenset(trunk) in seen:
+            continue  # nothing zipped, or the same trunk as an earlier stop point (K = the full zip's layers)
+        seen.add(frozenset(trunk))
+        cost = configuration_cost(sources, trunk, 1.0, kind, input_shapes)
+        cheapest = cost if cheapest is None else min(cheapest, cost)
+        if cost > allowed:
+            continue
+        lo, hi, best = 1, len(grid) - 1, (1.0, cost)  # binary search: the cost grows with the width
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            c = configuration_cost(sources, trunk, grid[mid], kind, input_shapes)
+            if c <= allowed:
+                best, lo = (grid[mid], c), mid + 1
+            else:
+                hi = mid - 1
+        frontier.append({"stop_at": stop, "width": best[0], "cost": int(best[1]),
+                         "fraction": _measured(best[1] / ensemble)})
+    frontier.reverse()  # shallowest stop point first, the full zip last
+    if not frontier:
+        reach = "no stop point zips anything" if cheapest is None else (
+            f"the cheapest merge (a full zip at width 1) costs {cheapest / ensemble:.3f} of it ({cheapest:,})")
+        raise UsageError(f"--budget {opts.budget}: {fraction:g} of the ensemble's {ensemble:,} {kind} is below what "
+                         f"any stop point can reach: {reach}")
+    return frontier, int(ensemble)
+
+
+def _spread(items: list, k: int) -> list:
+    """At most k of `items`, evenly spread, first and last included."""
+    if len(items) <= k:
+        return list(items)
+    picks = sorted({int(round(j * (len(items) - 1) / (k - 1))) for j in range(k)})
+    return [items[j] for j in picks]
+
+
+def head_error(merged: onnx.ModelProto, references: list, names: tuple, data: CalibrationData, batch_size: int,
+               device: str) -> float:
+    """The mean over every head of ||merged - original|| / ||original|| on `data` (no labels)."""
+    out = run_model(merged, data, batch_size, device)
+    errors = []
+    for m, ref in enumerate(references):
+        for key, want in ref.items():
+            got = out[f"{names[m]}/{key}"]
+            if got.dtype.kind not in "fc":
+                continue
+            g, w = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
+            errors.append(float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-12)))
+    return float(np.mean(errors)) if errors else 0.0
+
+
+def _choose_under_budget(sources: Sources, samples: Samples, plans: list, trunks: dict, stats: dict,
+                         opts: MergeOptions, logger, times: dict, report: dict) -> Zipped:
+    """Merge every candidate configuration; keep the one whose heads are closest to the originals' on the held-back
+    samples."""
+    references = [run_model(model, samples.held, opts.batch_size, opts.device) for model in sources.run_models]
+    best, best_error, tried = None, None, []
+    costs = {(c["stop_at"], c["width"]): c for c in report["frontier"]}
+    for stop, width in plans:
+        zipped = zip_models(sources, samples, trunks[stop], width, stats, opts, logger, times)
+        try:
+            error = head_error(zipped.surgery.model, references, opts.names, samples.held, opts.batch_size,
+                               opts.device)
+        except onnxruntime_errors() as exc:
+            raise VerificationError(f"internal error: a merged candidate does not run in onnxruntime: "
+                                    f"{_first_line(exc)}") from exc
+        entry = dict(costs[(stop, width)], held_back_error=_measured(error))
+        tried.append(entry)
+        logger.info("  stop at %s, width %g: %s of the ensemble's %s, held-back error %.4f", stop, width,
+                    entry["fraction"], opts.budget.kind, error)
+        if best_error is None or error < best_error:
+            best, best_error, report["chosen"] = zipped, error, entry
+    report["candidates"] = tried
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The card
+# ---------------------------------------------------------------------------------------------------------------
+
+def _card(sources: Sources, samples: Samples, opts: MergeOptions, zipped: Zipped, merged, unmerged: list,
+          nothing_zipped, verification: dict, fp16_check, budget_report) -> dict:
+    """How the model was made, as plain JSON data (mirrored in the model's metadata). Keys an N = 2 merge at width 1
+    without budget does not use (width, budget, num_models) appear only where they say something."""
+    a, names, n = sources.a, opts.names, sources.num_models
+    trunk = zipped.plan.trunk
+    keys = default_names(n)  # the card's per-model lists are by position: a, b, c, …
+    parameters = {"merged": count_parameters(merged)}
+    for m, model in enumerate(sources.models):
+        parameters[keys[m]] = count_parameters(model)
     card = {
         "tool": "onnxzip", "version": __version__,
-        "inputs": {names[0]: {"path": path_a, "sha256": sha_a}, names[1]: {"path": path_b, "sha256": sha_b}},
-        "method": method, "alpha": alpha, "beta": beta, "stop_at": stop_at, "seed": seed,
-        "options": {"repair": repair, "repair_targets": repair_targets, "refit": refit, "verify": verify, "strict": strict, "fold_batchnorm": fold_batchnorm,
-                    "batchnorms_folded": [a.folded_batchnorms, b.folded_batchnorms], "num_samples": num_samples,
-                    "batch_size": batch_size, "device": device, "names": list(names), "fp16": fp16},
-        "calibration": {"source": None if data_path is None else os.fsdecode(data_path),
-                        "samples": calib_data.num_samples, "verification_samples": holdout if verify else 0,
-                        "held_back_samples": holdout},
+        "inputs": {names[m]: {"path": sources.paths[m], "sha256": sources.shas[m]} for m in range(n)},
+        "method": opts.method, "alpha": opts.alpha, "beta": opts.beta,
+        "stop_at": opts.stop_at if budget_report is None else budget_report["chosen"]["stop_at"], "seed": opts.seed,
+        "options": {"repair": opts.repair, "repair_targets": opts.repair_targets, "refit": opts.refit,
+                    "verify": opts.verify, "strict": opts.strict, "fold_batchnorm": opts.fold_batchnorm,
+                    "batchnorms_folded": [x.folded_batchnorms for x in sources.analyses],
+                    "num_samples": opts.num_samples, "batch_size": opts.batch_size, "device": opts.device,
+                    "names": list(names), "fp16": opts.fp16},
+        "calibration": {"source": samples.source, "samples": samples.fit.num_samples,
+                        "verification_samples": samples.holdout if opts.verify else 0,
+                        "held_back_samples": samples.holdout},
         "trunk": {"weighted_layers": len(a.weighted),
                   "weighted_layers_zipped": sum(1 for i in a.weighted if i in trunk),
                   "nodes": len(trunk), "task_heads": [a.nodes[i].name for i in a.heads]},
         "unmerged": [{"node": a.nodes[i].name, "op": a.nodes[i].op_type, "reason": r} for i, r in unmerged],
         "zipped_nothing": nothing_zipped is not None,
         "zipped_nothing_reason": nothing_zipped,
-        "spaces": card_spaces,
-        "parameters": {"merged": count_parameters(merged), "a": count_parameters(model_a),
-                       "b": count_parameters(model_b)},
-        "repair": _round_figures(repair_summary),
-        "refit": _round_refit(refit_summary),
+        "spaces": zipped.spaces,
+        "parameters": parameters,
+        "repair": _round_figures(zipped.repair),
+        "refit": _round_refit(zipped.refit),
         "verification": verification,
         "fp16": fp16_check,
     }
-    card = _plain(card)
-    # Wall times stay out of the model's metadata: the same inputs and seed must give a byte-identical model.
-    merged.metadata_props.add(key="onnxzip.card", value=json.dumps(card, sort_keys=True, allow_nan=False))
-    times["total"] = time.perf_counter() - t0
-    card["seconds"] = {k: round(v, 3) for k, v in times.items()}
-    if output is not None:
-        _write(merged, json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + "\n", output, force)
-    return MergeResult(merged, output, card)
+    if n != 2:
+        card["num_models"] = n
+    if zipped.width != 1.0:
+        card["width"] = zipped.width
+    if budget_report is not None:
+        card["budget"] = budget_report
+    return _plain(card)
 
 
 # ---------------------------------------------------------------------------------------------------------------

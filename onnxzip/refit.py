@@ -183,7 +183,7 @@ def _per_channel_c(a: Analysis, node: onnx.NodeProto) -> bool:
 
 
 def _source_name(plan: ZipPlan, tensor_a: str, m: int) -> str:
-    return tensor_a if m == 0 else plan.correspondence.tensors[tensor_a]
+    return plan.tensor_name(tensor_a, m)
 
 
 def _attr(node, name, default=None):

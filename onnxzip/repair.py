@@ -102,10 +102,9 @@ def repair_points(a: Analysis, trunk: set, branches: bool = False, num_models: i
 
 
 def target_requests(plan: ZipPlan, points: list) -> list:
-    """Moments of the corrected tensors in both source models (collected with the calibration pass)."""
-    b_name = plan.correspondence.tensors
+    """Moments of the corrected tensors in every source model (collected with the calibration pass)."""
     unique = {p.key: p for p in points}
-    return [FeatureRequest(p.key, [p.tensor, b_name[p.tensor]], p.space.axis, p.space.expand, full=False)
+    return [FeatureRequest(p.key, plan.tensor_names(p.tensor), p.space.axis, p.space.expand, full=False)
             for p in unique.values()]
 
 
@@ -132,7 +131,7 @@ def merged_tensor(plan: ZipPlan, surgery: Surgery, point: RepairPoint) -> str:
     """The name in the merged graph of the tensor `point` corrects."""
     if point.model is None:
         return surgery.trunk_tensors[point.tensor]
-    name = point.tensor if point.model == 0 else plan.correspondence.tensors[point.tensor]
+    name = plan.tensor_name(point.tensor, point.model)
     return f"{plan.names[point.model]}/{name}"
 
 
@@ -192,11 +191,11 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
 
 
 def _batchnorm_targets(plan: ZipPlan, point: RepairPoint) -> tuple | None:
-    """The paper's BN reset, where both models' BatchNorm parameters at the point are known (BN kept, or recorded
+    """The paper's BN reset, where every model's BatchNorm parameters at the point are known (BN kept, or recorded
     before folding): after a reset, BN writes mean beta and std |gamma| of the merged BatchNorm, whose parameters
     are merged per channel with M (``gamma* = sum_m M_m gamma_m``). For a layer after the stop point, its own
     model's BatchNorm. None where they are not known."""
-    names = [point.tensor, plan.correspondence.tensors.get(point.tensor)]
+    names = [point.tensor] + [c.tensors.get(point.tensor) for c in plan.correspondences[1:]]
     params = [analysis.batchnorm_params.get(name) for analysis, name in zip(plan.analyses, names)]
     width = plan.a.spaces[point.space.space].width
     if point.space.expand != 1 or any(p is None or p[0].shape != (width,) for p in params):
@@ -243,13 +242,13 @@ def _activation_after(a: Analysis, tensor: str) -> str | None:
 
 
 def activation_requests(plan: ZipPlan, points: list) -> list:
-    """Moments after each point's activation in both source models: channels constant there (dead ReLUs) are
+    """Moments after each point's activation in every source model: channels constant there (dead ReLUs) are
     left alone by repair."""
     out = {}
     for p in points:
         post = _activation_after(plan.a, p.tensor)
         if post is not None and f"post:{p.tensor}" not in out:
-            out[f"post:{p.tensor}"] = FeatureRequest(f"post:{p.tensor}", [post, plan.correspondence.tensors[post]],
+            out[f"post:{p.tensor}"] = FeatureRequest(f"post:{p.tensor}", plan.tensor_names(post),
                                                      p.space.axis, p.space.expand, full=False)
     return list(out.values())
 
@@ -260,8 +259,9 @@ def _frozen(plan: ZipPlan, point: RepairPoint, targets: dict) -> np.ndarray:
     them; left alone, an average of dead units stays dead."""
     width = plan.a.spaces[point.space.space].width
     stats = targets.get(f"post:{point.tensor}")
-    if stats is None:
-        return np.zeros(width, dtype=bool)
+    if stats is None:  # one flag per channel of the corrected tensor: merged channels in the trunk (--width)
+        return np.zeros(width if point.model is not None else plan.matching(point.space.space).merged_width,
+                        dtype=bool)
     constant = stats.std() <= 1e-7 * np.maximum(1.0, np.abs(stats.mean))
     if point.model is not None:
         return constant[point.model * width:(point.model + 1) * width].copy()
@@ -284,11 +284,11 @@ def _correction(mu, sd, mu_t, sd_t, eps):
     return scale, mu_t - scale * mu
 
 
-def _bytes_per_sample(a: Analysis) -> int:
-    """A rough bound on the memory one sample needs in one batch: every float tensor of both branches at once."""
+def _bytes_per_sample(a: Analysis, num_models: int = 2) -> int:
+    """A rough bound on the memory one sample needs in one batch: every float tensor of every branch at once."""
     per_sample = sum(int(np.prod(shape[1:], dtype=np.int64)) for name, shape in a.shapes.items()
                      if shape and name not in a.initializers)
-    return max(1, 2 * 4 * per_sample)
+    return max(1, num_models * 4 * per_sample)
 
 
 # one-pass repair needs at least this many samples in its batch (or all of them, if fewer) to be trusted;
@@ -316,7 +316,7 @@ def repair(plan: ZipPlan, surgery: Surgery, data: CalibrationData, models: list,
     # graph order of the merged model: each point is measured with every point before it corrected
     position = {out: k for k, node in enumerate(surgery.model.graph.node) for out in node.output}
     points.sort(key=lambda p: position[merged_tensor(plan, surgery, p)])
-    fits = min(data.num_samples, max_batch_bytes // _bytes_per_sample(plan.a))
+    fits = min(data.num_samples, max_batch_bytes // _bytes_per_sample(plan.a, plan.num_models))
     fixed_batch = data._fixed_batch() is not None  # a model that fixes its batch size can't take one big batch
     # the one-pass probes reduce over every axis but the channels, so they need each point's rank; where shape
     # inference does not know one (after an operator it cannot infer), every point is measured in its own pass

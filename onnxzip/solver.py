@@ -150,6 +150,7 @@ def solve_blocks(
     num_models: int = 2,
     alpha: float = 0.3,
     beta: float = 0.125,
+    target_width: int | None = None,
 ) -> Matching:
     """Match a space whose F features are partitioned into blocks (`block_labels`: a grouped convolution's groups,
     the channels a Slice keeps): block b of every model is matched on its own, from its own rows and columns of
@@ -157,29 +158,45 @@ def solve_blocks(
     features are numbered by the positions block b holds in the space). No cluster spans two blocks, every merged
     feature sits at a position of its own block, so a grouped layer stays grouped and a slice of whole blocks holds
     exactly its own merged features; a permutation inside each block is found exactly as for a whole space. Blocks
-    are not re-matched across positions (block b of one model is never matched with block c != b of another)."""
+    are not re-matched across positions (block b of one model is never matched with block c != b of another).
+
+    target_width (zip only; default F): the number of merged features. With blocks it must split evenly over
+    contiguous equal blocks (a grouped layer's groups): block b's merged features are then numbered
+    b·T/G … (b+1)·T/G - 1; a partition into other blocks (a slice's channels) keeps T = F."""
     labels = block_labels(width, blocks)
+    target = width if target_width is None else target_width
     if len(np.unique(labels)) == 1:
-        return solve(method, corr, width, num_models, alpha, beta)
+        return solve(method, corr, width, num_models, alpha, beta, target_width=target_width)
     num_models = _check_num_models(num_models)
     c = None if corr is None else _check_corr(corr, num_models, width)
+    groups = len(np.unique(labels))
+    contiguous = np.array_equal(labels, np.arange(width) // (width // groups)) if width % groups == 0 else False
+    if target != width and (not contiguous or target % groups):
+        raise ValueError(f"a target width of {target} does not split over the {groups} blocks of this space"
+                         + ("" if contiguous else " (its blocks are not contiguous and equal)"))
+    per_block = target // groups
     clusters = np.empty(num_models * width, dtype=np.int64)
     values, cross, within, forced = [], 0, np.zeros(num_models, dtype=np.int64), 0
-    for label in np.unique(labels):
+    for b, label in enumerate(np.unique(labels)):
         positions = np.flatnonzero(labels == label)
         size = positions.size
         index = np.concatenate([m * width + positions for m in range(num_models)])
-        part = solve(method, None if c is None else c[np.ix_(index, index)], size, num_models, alpha, beta)
-        if part.merged_width != size:  # the positions are the merged features' numbering
-            raise ValueError(f"a block of {size} features was merged into {part.merged_width}")
+        part = solve(method, None if c is None else c[np.ix_(index, index)], size, num_models, alpha, beta,
+                     target_width=None if target == width else per_block)
+        if target == width:
+            if part.merged_width != size:  # the positions are the merged features' numbering
+                raise ValueError(f"a block of {size} features was merged into {part.merged_width}")
+            numbering = positions
+        else:
+            numbering = b * per_block + np.arange(per_block)
         for m in range(num_models):
-            clusters[m * width + positions] = positions[part.clusters[m * size:(m + 1) * size]]
+            clusters[m * width + positions] = numbering[part.clusters[m * size:(m + 1) * size]]
         cross += part.cross_merges
         within += np.asarray(part.within_merges, dtype=np.int64)
         forced += part.forced_merges
         if np.isfinite(part.mean_merge_correlation):
             values.append(part.mean_merge_correlation)
-    return matching_from_clusters(clusters, num_models, width, cross_merges=cross,
+    return matching_from_clusters(clusters, num_models, target, cross_merges=cross,
                                   within_merges=[int(x) for x in within], forced_merges=forced,
                                   mean_merge_correlation=float(np.mean(values)) if values else float("nan"))
 
@@ -403,26 +420,57 @@ def zip_match(
     )
 
 
+# N >= 3 models: rounds of coordinate ascent after the star start (see `permute_match`).
+PERMUTE_ROUNDS = 20
+
+
 def permute_match(corr: np.ndarray, num_models: int = 2) -> Matching:
     """Permutation baseline (ZIPIT.md "Baselines"): a one-to-one matching of model 0's features to model 1's that
     maximises the total correlation, by linear assignment (``scipy.optimize.linear_sum_assignment`` on -C_01).
 
     Cluster c holds feature c of model 0 and its match in model 1, so model 0's unmerge is the identity and each
-    merged feature averages one matched pair. For N > 2 models every model m is matched to model 0 on its own
-    (assignment on -C_0m); cluster c then averages feature c of model 0 and its match in every other model.
+    merged feature averages one matched pair.
+
+    N > 2 models: every cluster holds one feature of each model, and the total correlation of all pairs inside the
+    clusters is maximised by coordinate ascent, as Git Re-Basin's MergeMany does with weights (Ainsworth et al.,
+    ICLR 2023, Alg. 3) but on feature correlations: start with every model matched to model 0 on its own
+    (assignment on -C_0m), then, model by model, re-match model m's features to the clusters by their summed
+    correlation with the other models' members (one assignment each), until a round changes nothing (at most
+    PERMUTE_ROUNDS rounds). Each step cannot lower the total, so the result is at least as good as the star start.
+    Clusters stay numbered by model 0's features.
     """
     num_models = _check_num_models(num_models)
     c = _check_corr(corr, num_models)
     width = c.shape[0] // num_models
-    clusters = np.empty(num_models * width, dtype=np.int64)
-    clusters[:width] = np.arange(width)
-    matched = []
+    members = np.empty((num_models, width), dtype=np.int64)  # members[m, j]: model m's feature in cluster j
+    members[0] = np.arange(width)
     for m in range(1, num_models):
-        block = c[:width, m * width:(m + 1) * width]
-        rows, cols = linear_sum_assignment(block, maximize=True)
-        clusters[m * width + cols] = rows
-        matched.append(block[rows, cols])
-    values = np.concatenate(matched) if matched else np.zeros(0)
+        rows, cols = linear_sum_assignment(c[:width, m * width:(m + 1) * width], maximize=True)
+        members[m, rows] = cols
+    if num_models > 2:
+        for _ in range(PERMUTE_ROUNDS):
+            changed = False
+            for m in range(num_models):
+                gain = np.zeros((width, width))  # gain[i, j]: model m's feature i in cluster j
+                for k in range(num_models):
+                    if k != m:
+                        gain += c[m * width:(m + 1) * width, k * width + members[k]]
+                rows, cols = linear_sum_assignment(gain, maximize=True)
+                new = np.empty(width, dtype=np.int64)
+                new[cols] = rows
+                if not np.array_equal(new, members[m]):
+                    members[m], changed = new, True
+            if not changed:
+                break
+        order = np.argsort(members[0])  # renumber: cluster c holds model 0's feature c
+        members = members[:, order]
+    clusters = np.empty(num_models * width, dtype=np.int64)
+    for m in range(num_models):
+        clusters[m * width + members[m]] = np.arange(width)
+    values = [c[members[p] + p * width, members[q] + q * width]
+              for p in range(num_models) for q in range(p + 1, num_models)] if num_models > 2 else \
+        [c[np.arange(width), width + members[1]]] if num_models == 2 else []
+    values = np.concatenate(values) if values else np.zeros(0)
     return matching_from_clusters(
         clusters,
         num_models,
@@ -469,10 +517,14 @@ def solve(
     if corr is None:
         if method != "average":
             raise ValueError(f"method {method!r} needs a correlation matrix")
+        if target_width is not None and target_width != width:
+            raise ValueError("method 'average' keeps the width of the space; target_width applies to 'zip' only")
         return average_match(width, num_models)
     c = _check_corr(corr, num_models, width)
     if method == "zip":
         return zip_match(c, num_models, alpha=alpha, beta=beta, target_width=target_width)
+    if target_width is not None and target_width != width:
+        raise ValueError(f"method {method!r} keeps the width of the space; target_width applies to 'zip' only")
     if method == "permute":
         return permute_match(c, num_models)
     matching = average_match(width, num_models)

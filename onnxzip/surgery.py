@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import Analysis, Correspondence, descendants
+from .graph import Analysis, descendants
 from .solver import Matching, concat_matchings, identity_match, view_matching
 
 TRUNK_PREFIX = "zip"
@@ -23,18 +23,30 @@ TRUNK_PREFIX = "zip"
 
 @dataclass
 class ZipPlan:
-    """Everything surgery needs: both analyses, how they correspond, the trunk and one matching per space."""
+    """Everything surgery needs: the N analyses (model 0's graph is the reference), how each model's names map onto
+    model 0's, the trunk and one matching per space."""
 
-    a: Analysis
-    b: Analysis
-    correspondence: Correspondence
+    analyses: list  # Analysis per model; analyses[0] is the reference every other model was matched to
+    correspondences: list  # Correspondence per model (None for model 0): its names onto model 0's
     trunk: set
     matchings: dict  # space id -> Matching (zipped, non-identity spaces only)
     names: tuple = ("a", "b")
 
     @property
-    def analyses(self):
-        return (self.a, self.b)
+    def a(self) -> Analysis:
+        return self.analyses[0]
+
+    @property
+    def num_models(self) -> int:
+        return len(self.analyses)
+
+    def tensor_name(self, tensor_a: str, m: int) -> str:
+        """Model m's name of model 0's tensor `tensor_a`."""
+        return tensor_a if m == 0 else self.correspondences[m].tensors[tensor_a]
+
+    def tensor_names(self, tensor_a: str) -> list:
+        """Every model's name of model 0's tensor `tensor_a`, in model order."""
+        return [self.tensor_name(tensor_a, m) for m in range(self.num_models)]
 
     def matching(self, space: int) -> Matching:
         """The matching of a space: solved ones from `matchings`; the shared input matched to itself; a channel
@@ -82,7 +94,7 @@ def zipped_spaces(a: Analysis, trunk: set) -> list:
 
 def why_nothing_zipped(a: Analysis, trunk: set) -> str | None:
     """None when the trunk zips at least one feature space; otherwise why it zips none, naming the node at fault
-    (the merged model is then the ensemble of both models, at twice the cost of one)."""
+    (the merged model is then the ensemble of the models, at N times the cost of one)."""
     if zipped_spaces(a, trunk):
         return None
     if not a.weighted:
@@ -269,7 +281,7 @@ def build(plan: ZipPlan) -> Surgery:
     em.surgery = surgery
     for name in a.input_names:
         surgery.trunk_tensors[name] = name
-    b_to_a = {v: k for k, v in plan.correspondence.tensors.items() if isinstance(k, str)}
+    to_a = [None] + [{v: k for k, v in c.tensors.items() if isinstance(k, str)} for c in plan.correspondences[1:]]
 
     for i, info in enumerate(a.nodes):
         if i in plan.trunk:
@@ -319,7 +331,7 @@ def build(plan: ZipPlan) -> Surgery:
                     surgery.branch_inputs[(m, i, j)] = merged
                     inputs.append(merged)
                     continue
-                tensor_a = name if m == 0 else b_to_a.get(name, name)
+                tensor_a = name if m == 0 else to_a[m].get(name, name)
                 if is_trunk_tensor(a, plan.trunk, tensor_a):
                     if info.kind == "weighted" and tensor_a == info.data_input:
                         inputs.append(surgery.trunk_tensors[tensor_a])  # U_m is folded into the weights

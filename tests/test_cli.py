@@ -34,11 +34,11 @@ def fake_merge(monkeypatch):
     """Replace the API with a recorder; returns the list of calls' keyword arguments."""
     calls = []
 
-    def merge(model_a, model_b, data, output, **kw):
-        calls.append(dict(model_a=model_a, model_b=model_b, data=data, output=output, **kw))
+    def merge(models, data, output, **kw):
+        calls.append(dict(models=models, model_a=models[0], model_b=models[1], data=data, output=output, **kw))
         return types.SimpleNamespace(output_path=output, card={}, summary_lines=lambda: ["merged OK", "line 2"])
 
-    monkeypatch.setattr(onnxzip, "merge", merge, raising=False)
+    monkeypatch.setattr(onnxzip, "merge_models", merge, raising=False)
     return calls
 
 
@@ -75,7 +75,9 @@ def test_python_dash_m(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [
-    ["--names", "a"], ["--names", "a,b,c"], ["--names", "a,a"], ["--names", "a,"], ["--names", "a b,c"],
+    ["--names", "a"], ["--names", "a,b,c"], ["--names", "a,a"], ["--width", "2.5"], ["--width", "0.5"],
+    ["--width", "nan"], ["--budget", "macs"], ["--budget", "flops=0.5"], ["--budget", "macs=0"],
+    ["--budget", "macs=0.5", "--width", "1.5"], ["--budget", "params=0.5", "--stop-at", "3"], ["--names", "a,"], ["--names", "a b,c"],
     ["--names", "a/x,b"], ["--beta", "1.5"], ["--beta", "-0.1"], ["--alpha", "nan"], ["--batch-size", "0"],
     ["--num-samples", "0"], ["--method", "magic"], ["--device", "tpu"], ["--stop-at", "-1"], ["--stop-at", "half"],
     ["-v", "-q"],
@@ -103,7 +105,8 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
     (call,) = fake_merge
     logger = call.pop("logger")
     assert logger.name == "onnxzip"
-    assert call == dict(model_a="a.onnx", model_b="b.onnx", data="calib.npy", output="out.onnx", method="permute",
+    assert call == dict(models=["a.onnx", "b.onnx"], model_a="a.onnx", model_b="b.onnx", data="calib.npy",
+                        output="out.onnx", width=None, budget=None, method="permute",
                         alpha=-1.0, beta=0.0, stop_at=13, num_samples=10, batch_size=5, device="cpu",
                         names=("cats", "dogs.v2"), seed=3, force=True, refit="none", repair=False,
                         repair_targets="batchnorm", verify=False, strict=True, fold_batchnorm=False, fp16=True,
@@ -136,7 +139,7 @@ def test_onnxzip_errors_exit_with_their_code(runner, monkeypatch, exc):
     def merge(*a, **kw):
         raise exc("the thing at fault")
 
-    monkeypatch.setattr(onnxzip, "merge", merge, raising=False)
+    monkeypatch.setattr(onnxzip, "merge_models", merge, raising=False)
     result = runner.invoke(cli, MERGE)
     assert result.exit_code == exc.exit_code
     assert result.stderr == "error: the thing at fault\n"  # no traceback without -v
@@ -148,7 +151,7 @@ def test_interrupt_exits_130(runner, monkeypatch):
     def merge(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnxzip, "merge", merge, raising=False)
+    monkeypatch.setattr(onnxzip, "merge_models", merge, raising=False)
     result = runner.invoke(cli, MERGE)
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted"
 
@@ -157,7 +160,7 @@ def test_internal_error_exits_1(runner, monkeypatch):
     def merge(*a, **kw):
         raise ZeroDivisionError("oops")
 
-    monkeypatch.setattr(onnxzip, "merge", merge, raising=False)
+    monkeypatch.setattr(onnxzip, "merge_models", merge, raising=False)
     result = runner.invoke(cli, MERGE)
     assert result.exit_code == 1
     assert "internal error: ZeroDivisionError: oops" in result.stderr and "-v" in result.stderr

@@ -127,7 +127,7 @@ def _plan_and_surgery(a_model, b_model, method="average"):
     a, b = analyse(a_model), analyse(b_model)
     corr = match(a, b)
     trunk = trunk_nodes(a)
-    plan = ZipPlan(a, b, corr, trunk, {}, ("a", "b"))
+    plan = ZipPlan([a, b], [None, corr], trunk, {}, ("a", "b"))
     for sid in zipped_spaces(a, trunk):
         plan.matchings[sid] = solve(method, None, a.spaces[sid].width, 2, 0.3, 0.125)
     return plan, build(plan)

@@ -17,7 +17,7 @@ def plan_for(a_model, b_model, data, method, stop_at=None, fold_batchnorm=True):
     a, b = analyse(a_model, fold_batchnorm), analyse(b_model, fold_batchnorm)
     corr = match(a, b)
     trunk = trunk_nodes(a, stop_at)
-    plan = ZipPlan(a, b, corr, trunk, {})
+    plan = ZipPlan([a, b], [None, corr], trunk, {})
     requests = []
     for sid, names in merge_points(a, trunk).items():
         for name in names:
@@ -47,8 +47,8 @@ def test_repair_matches_target_statistics(arch, method, one_pass):
     points = repair_points(plan.a, plan.trunk)
     assert points, "the fixture has weighted trunk layers"
     before = [merged_moments(surgery, p, data) for p in points]
-    summary = repair(plan, surgery, data, [plan.a.model, plan.b.model], max_batch_bytes=(2 << 30) if one_pass else 0)
-    stats = collect_stats([plan.a.model, plan.b.model], target_requests(plan, points), data)
+    summary = repair(plan, surgery, data, [plan.a.model, plan.analyses[1].model], max_batch_bytes=(2 << 30) if one_pass else 0)
+    stats = collect_stats([plan.a.model, plan.analyses[1].model], target_requests(plan, points), data)
     assert summary["layers"] == len(points) and not summary["unshifted"]
     assert summary["passes"] == (1 if one_pass else len(points))
     for p, (mu0, sd0) in zip(points, before):
@@ -84,7 +84,7 @@ def test_partial_zip_repairs_each_models_layers_after_the_stop_point(arch):
     (a_model, _), (b_model, _) = F.random_pair(arch, seed=5)
     data = calibration_from_arrays(F.calib(a_model, 256, seed=3), input_specs(a_model))
     plan, _ = plan_for(a_model, b_model, data, "zip", stop_at=1)
-    a, b, trunk = plan.a, plan.b, plan.trunk
+    a, b, trunk = plan.a, plan.analyses[1], plan.trunk
     surgery = build(plan)
     summary = repair(plan, surgery, data, [a.model, b.model])
     branch = [p for p in repair_points(a, trunk, branches=True) if p.model is not None]

@@ -419,3 +419,39 @@ def test_solve_blocks_with_a_partition_numbers_each_block_by_its_positions():
         view_matching([(9, 0), (9, 1)], {9: m})
     unrestricted = solve("permute", corr, 6)
     assert any(labels[c] != labels[k] for c, k in enumerate(unrestricted.unmerge_index(1)))
+
+
+def _within_cluster_total(c, clusters, n):
+    width = len(clusters) // n
+    total = 0.0
+    for p in range(n):
+        for q in range(p + 1, n):
+            for i in range(width):
+                j = int(np.flatnonzero(clusters[q * width:(q + 1) * width] == clusters[p * width + i])[0])
+                total += c[p * width + i, q * width + j]
+    return total
+
+
+def test_permute_many_recovers_planted_permutations_and_beats_the_star_start():
+    from onnxzip import solver
+
+    rng = np.random.default_rng(3)
+    width, n = 12, 4
+    base = rng.normal(size=(600, width))
+    perms = [np.arange(width)] + [rng.permutation(width) for _ in range(n - 1)]
+    feats = np.concatenate([base[:, p] + 0.4 * rng.normal(size=(600, width)) for p in perms], axis=1)
+    m = solver.permute_match(np.corrcoef(feats.T), n)
+    for k in range(n):  # model k's feature i is the base feature perms[k][i]: cluster perms[k][i]
+        assert np.array_equal(m.unmerge_index(k), perms[k])
+    # on an unstructured correlation the coordinate ascent never ends below the star start (all matched to model 0)
+    for seed in range(5):
+        x = np.random.default_rng(seed).normal(size=(40, n * 6))
+        c = np.corrcoef(x.T)
+        got = solver.permute_match(c, n)
+        rounds, solver.PERMUTE_ROUNDS = solver.PERMUTE_ROUNDS, 0
+        try:
+            star = solver.permute_match(c, n)
+        finally:
+            solver.PERMUTE_ROUNDS = rounds
+        assert _within_cluster_total(c, got.clusters, n) >= _within_cluster_total(c, star.clusters, n) - 1e-12
+        assert np.array_equal(got.unmerge_index(0), np.arange(6))
