@@ -59,13 +59,16 @@ PAIR_DIR = re.compile(r"^(?P<arch>.+)-s(?P<seed>\d+)$")
 
 
 def find_pairs(models_dir: str) -> list:
-    """Pair folder names (`<arch>-s<seed>`) under models_dir that hold a.onnx, b.onnx and card.json."""
+    """Pair folder names (`<arch>-s<seed>`) under models_dir that hold a.onnx, b.onnx and a card.json of two tasks
+    (the model triples, `<arch>3-s<seed>` with tasks a, b, c, are left out: this benchmark merges two models)."""
     out = []
     for name in sorted(os.listdir(models_dir)):
         folder = os.path.join(models_dir, name)
         if PAIR_DIR.match(name) and all(os.path.isfile(os.path.join(folder, f)) for f in ("a.onnx", "b.onnx",
                                                                                           "card.json")):
-            out.append(name)
+            with open(os.path.join(folder, "card.json"), encoding="utf-8") as f:
+                if len(json.load(f).get("tasks", {})) == 2:
+                    out.append(name)
     return sorted(out, key=_pair_order)
 
 

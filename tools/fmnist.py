@@ -1,4 +1,4 @@
-"""Fashion-MNIST reader: gzipped IDX files into numpy, normalisation, and the 5+5 task split.
+"""Fashion-MNIST reader: gzipped IDX files into numpy, normalisation, and the task splits (5+5, 4+3+3, ...).
 
 No torchvision: the IDX format is simple enough to read by hand (big-endian header, then raw uint8).
 """
@@ -67,13 +67,20 @@ def load(split, data_dir=DATA_DIR):
     return normalize(images), labels
 
 
-def task_split(seed):
-    """(classes_a, classes_b): a RandomState(seed) permutation of the 10 classes, first 5 to a, last 5 to b.
+def task_split(seed, sizes=(5, 5)):
+    """Disjoint tasks: a RandomState(seed) permutation of the 10 classes cut in order into runs of `sizes`.
 
-    Each list is in head order: head output k of task a predicts class classes_a[k].
+    The default (5, 5) is the pairs' split (first 5 to a, last 5 to b); (4, 3, 3) gives three tasks (first 4 to
+    a, next 3 to b, last 3 to c). Returns one list of class ids per task, each in head order: head output k of a
+    task's model predicts class tasks[i][k]. The permutation does not depend on `sizes`, so splits of one seed
+    cut the same class order.
     """
-    perm = np.random.RandomState(seed).permutation(10)
-    return [int(c) for c in perm[:5]], [int(c) for c in perm[5:]]
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1 or sum(sizes) != len(CLASS_NAMES):
+        raise ValueError(f"task sizes {sizes}: need two or more positive sizes that sum to {len(CLASS_NAMES)}")
+    perm = np.random.RandomState(seed).permutation(len(CLASS_NAMES))
+    bounds = np.cumsum([0] + sizes)
+    return tuple([int(c) for c in perm[lo:hi]] for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
 def task_subset(x, y, classes):

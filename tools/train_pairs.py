@@ -1,11 +1,13 @@
-"""Train ZipIt!-style model pairs on Fashion-MNIST split 5+5, export them to ONNX and write their cards.
+"""Train ZipIt!-style model pairs (or triples, ...) on disjoint Fashion-MNIST tasks, export them to ONNX, write cards.
 
-For each seed s: task_split(s) gives two disjoint 5-class tasks; model A is trained on task a and model B on
-task b, each from its own random init (torch seeds 1000*s+0 and 1000*s+1). Both are exported to ONNX, checked
-against torch with onnxruntime, and written with a card to <out>/<arch>-s<seed>/.
+For each seed s: task_split(s, split) cuts the 10 classes into disjoint tasks (default 5+5); model m (a, b, c, ...)
+is trained on task m only, from its own random init (torch seed 1000*s+0 for a, 1000*s+1 for b, +2 for c, ...).
+Each is exported to ONNX, checked against torch with onnxruntime, and written with a card to
+<out>/<arch>-s<seed>/ (the 5+5 pairs) or <out>/<arch><N>-s<seed>/ for any other split into N tasks.
 
-Example:
+Examples:
     python3 tools/train_pairs.py --arch mlp --seeds 0 1 2 --epochs 4 --out models/
+    python3 tools/train_pairs.py --arch mlp --seeds 0 --epochs 8 --split 4,3,3 --out models/    # -> models/mlp3-s0/
 """
 import argparse
 import datetime
@@ -34,6 +36,8 @@ RECIPES = {
     "resnet20x2": dict(lr=0.1, weight_decay=5e-4, augment=True),
 }
 CROP_PAD = 2
+DEFAULT_SPLIT = (5, 5)
+MODEL_NAMES = "abcdefghij"
 CALIB_SEED, CALIB_SIZE = 20240101, 1000
 EVAL_SEED, EVAL_PER_CLASS = 20240102, 200
 
@@ -202,44 +206,79 @@ def write_data_samples(out_dir, data_dir):
 
 # ---------------------------------------------------------------- cards
 
+def folder_name(arch, seed, sizes):
+    """`<arch>-s<seed>` for the 5+5 pairs, `<arch><N>-s<seed>` for any other split into N tasks (mlp3-s0)."""
+    tag = "" if tuple(sizes) == DEFAULT_SPLIT else str(len(sizes))
+    return f"{arch}{tag}-s{seed}"
+
+
+def _join(words):
+    """'a', 'a and b', 'a, b and c'."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def card_markdown(card):
     names = card["class_names"]
     t = card["train"]
+    models = list(card["tasks"])
+    sizes = [len(card["tasks"][k]) for k in models]
+    split = "+".join(str(n) for n in sizes)
+    kind = {2: "pair", 3: "triple"}.get(len(models), f"set of {len(models)}")
+    what = ("Two" if len(models) == 2 else "Three" if len(models) == 3 else str(len(models)))
+    if len(set(sizes)) == 1:
+        task_words = f"disjoint {sizes[0]}-class tasks"
+        output_shape = f"(batch,{sizes[0]}) logits (no softmax)"
+        cuts = f"first {sizes[0]} to a, last {sizes[0]} to b" if len(models) == 2 else \
+            ", ".join(f"{n} to {k}" for k, n in zip(models, sizes))
+    else:
+        task_words = f"disjoint tasks of {_join([str(n) for n in sizes])} classes"
+        output_shape = ("(batch,K) logits (no softmax), K the model's class count: " +
+                        ", ".join(f"{k} {n}" for k, n in zip(models, sizes)))
+        cuts = ", ".join([f"first {sizes[0]} to {models[0]}"] +
+                         [f"next {n} to {k}" for k, n in zip(models[1:-1], sizes[1:-1])] +
+                         [f"last {sizes[-1]} to {models[-1]}"])
+    labels = f"0..{sizes[0] - 1}" if len(set(sizes)) == 1 else "0..K-1"
+    seconds = " + ".join(f"{t['seconds'][k]:.0f} s ({k})" for k in models)
+    diffs = ", ".join(f"{k} {card['export']['max_abs_diff'][k]:.1e}" for k in models)
+    split_call = f"task_split({card['seed']})" if tuple(sizes) == DEFAULT_SPLIT else \
+        f"task_split({card['seed']}, ({', '.join(str(n) for n in sizes)}))"
     lines = [
-        f"# {card['arch']}-s{card['seed']}: a Fashion-MNIST 5+5 model pair",
+        f"# {folder_name(card['arch'], card['seed'], sizes)}: a Fashion-MNIST {split} model {kind}",
         "",
-        f"Two `{card['arch']}` models ({card['architecture']}), same architecture, different random inits, "
-        "trained on disjoint 5-class tasks of Fashion-MNIST. Inputs to merge with onnxzip.",
+        f"{what} `{card['arch']}` models ({card['architecture']}), same architecture, different random inits, "
+        f"trained on {task_words} of Fashion-MNIST. Inputs to merge with onnxzip.",
         "",
         "| file | task | classes (head order) | test accuracy (own task, onnxruntime) | params | size |",
         "|---|---|---|---|---|---|",
     ]
-    for k in ("a", "b"):
+    for k in models:
         cls = card["tasks"][k]
         lines.append(
             f"| `{k}.onnx` | {k} | {', '.join(f'{c} {names[c]}' for c in cls)} | "
             f"{100 * card['test_accuracy'][k]:.2f} % ({card['test_count'][k]} images) | "
-            f"{card['parameters']:,} | {card['files'][k]['bytes'] / 1e6:.2f} MB |")
+            f"{model_parameters(card, k):,} | {card['files'][k]['bytes'] / 1e6:.2f} MB |")
     lines += [
         "",
-        f"Head output k of model a predicts Fashion-MNIST class `tasks.a[k]` (see `card.json`); same for b.",
+        f"Head output k of model a predicts Fashion-MNIST class `tasks.a[k]` (see `card.json`); "
+        f"same for {_join(models[1:])}.",
         "",
         "## Input / output",
         f"- input `{card['input']}`: float32 (batch,1,28,28), pixels scaled to [0,1] then "
         f"normalised `(x - {card['normalization']['mean']}) / {card['normalization']['std']}`; batch is dynamic.",
-        f"- output `{card['output']}`: float32 (batch,5) logits (no softmax).",
+        f"- output `{card['output']}`: float32 {output_shape}.",
         "- shared calibration / evaluation samples: `../data/` (already normalised).",
         "",
         "## Training",
-        f"- task split: `tools/fmnist.py:task_split({card['seed']})` — numpy RandomState({card['seed']}) "
-        "permutation of the 10 classes, first 5 to a, last 5 to b; labels remapped to 0..4 in that order.",
-        f"- data: each model sees only its task's training images ({t['train_count']['a']} / "
-        f"{t['train_count']['b']}), evaluated on its task's test images.",
-        f"- init seeds: torch.manual_seed({t['torch_seed']['a']}) for a, ({t['torch_seed']['b']}) for b.",
+        f"- task split: `tools/fmnist.py:{split_call}` — numpy RandomState({card['seed']}) "
+        f"permutation of the 10 classes, {cuts}; labels remapped to {labels} in that order.",
+        f"- data: each model sees only its task's training images "
+        f"({' / '.join(str(t['train_count'][k]) for k in models)}), evaluated on its task's test images.",
+        f"- init seeds: torch.manual_seed({t['torch_seed'][models[0]]}) for {models[0]}, "
+        + ", ".join(f"({t['torch_seed'][k]}) for {k}" for k in models[1:]) + ".",
         f"- {t['epochs']} epochs, {t['optimizer']}, lr {t['lr']} with cosine decay to 0 (per step), "
         f"weight decay {t['weight_decay']}, batch {t['batch_size']}, "
         f"augmentation: {t['augmentation']}.",
-        f"- time: {t['seconds']['a']:.0f} s (a) + {t['seconds']['b']:.0f} s (b) on a shared 2-core CPU, "
+        f"- time: {seconds} on a shared 2-core CPU, "
         f"{t['threads']} torch threads.",
         "",
         "## Export",
@@ -248,7 +287,7 @@ def card_markdown(card):
         f"{card['export']['opset']})); {_batchnorm_note(card)}",
         f"- ops in a.onnx: {', '.join(f'{k}×{v}' for k, v in card['files']['a']['ops'].items())}.",
         f"- verified: onnxruntime logits equal torch's to {card['export']['check_atol']} × max(1, max |logit|) "
-        f"(max |diff| a {card['export']['max_abs_diff']['a']:.1e}, b {card['export']['max_abs_diff']['b']:.1e}).",
+        f"(max |diff| {diffs}).",
         "",
         "## Made by",
         "```",
@@ -260,10 +299,17 @@ def card_markdown(card):
     return "\n".join(lines)
 
 
+def model_parameters(card, model):
+    """A card's parameter count of one model: `parameters` is one number where every model has the same count
+    (the 5+5 pairs), else a mapping model -> count (heads of different sizes)."""
+    count = card["parameters"]
+    return count[model] if isinstance(count, dict) else count
+
+
 def _batchnorm_note(card):
     if card["arch"] == "mlp":
         return "the architecture has no BatchNorm."
-    if any("BatchNormalization" in card["files"][k]["ops"] for k in ("a", "b")):
+    if any("BatchNormalization" in card["files"][k]["ops"] for k in card["tasks"]):
         return "the graphs keep BatchNormalization nodes."
     return ("BatchNorm was folded into the preceding Conv weights by this exporter, so the graphs have no "
             "BatchNormalization nodes (the Conv nodes carry biases instead).")
@@ -285,6 +331,9 @@ def main(argv=None):
     p.add_argument("--arch", choices=sorted(models_torch.ARCHS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--split", type=_parse_split, default=DEFAULT_SPLIT, metavar="N,N[,N...]",
+                   help="class counts of the tasks, in order a, b, c, ... (sum 10, at least 2 each); default 5,5 "
+                        "(the pairs, <out>/<arch>-s<seed>/); any other split writes <out>/<arch><N>-s<seed>/")
     p.add_argument("--out", default="models/")
     p.add_argument("--lr", type=float, default=None, help="default: per-arch (see RECIPES)")
     p.add_argument("--weight-decay", type=float, default=None)
@@ -331,9 +380,10 @@ def main(argv=None):
     x_test, y_test = fmnist.load("test", args.data_dir)
     command = "python3 tools/train_pairs.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
+    models = MODEL_NAMES[:len(args.split)]
     for seed in args.seeds:
-        classes = dict(zip("ab", fmnist.task_split(seed)))
-        pair_dir = os.path.join(args.out, f"{args.arch}-s{seed}")
+        classes = dict(zip(models, fmnist.task_split(seed, args.split)))
+        pair_dir = os.path.join(args.out, folder_name(args.arch, seed, args.split))
         os.makedirs(pair_dir, exist_ok=True)
         card = {
             "arch": args.arch, "seed": seed, "tasks": classes, "class_names": fmnist.CLASS_NAMES,
@@ -351,13 +401,15 @@ def main(argv=None):
             },
             "export": {}, "export_max_abs_diff": {},
         }
-        diffs = {}
-        for k, torch_seed in (("a", 1000 * seed + 0), ("b", 1000 * seed + 1)):
+        diffs, parameters, parameters_torch = {}, {}, {}
+        for m, k in enumerate(models):
+            torch_seed = 1000 * seed + m
             xt, yt = fmnist.task_subset(x_train, y_train, classes[k])
             if args.limit:
                 xt, yt = xt[:args.limit], yt[:args.limit]
             xe, ye = fmnist.task_subset(x_test, y_test, classes[k])
-            log(f"{args.arch}-s{seed} model {k}: classes {classes[k]}, {len(xt)} train images, seed {torch_seed}")
+            log(f"{os.path.basename(pair_dir)} model {k}: classes {classes[k]}, {len(xt)} train images, "
+                f"seed {torch_seed}")
             t0 = time.time()
             model, epoch_times = train_one(
                 args.arch, torch.from_numpy(xt), torch.from_numpy(yt), torch_seed, args.epochs, recipe["lr"],
@@ -384,9 +436,12 @@ def main(argv=None):
             # what the exported file holds, counted as `onnxzip eval` counts it (the float elements of the
             # initializers): the export folds each BatchNorm into its Conv (one bias per channel where torch
             # counts BN's weight and bias), so torch's own count is kept apart as parameters_torch
-            card["parameters"] = onnx_parameters(path)
-            card["parameters_torch"] = models_torch.num_parameters(model)
-            card["architecture"] = _describe(args.arch)
+            parameters[k] = onnx_parameters(path)
+            parameters_torch[k] = models_torch.num_parameters(model)
+        # one number where every model has the same count (the pairs: same head size), else one per model
+        card["parameters"] = _one_or_each(parameters)
+        card["parameters_torch"] = _one_or_each(parameters_torch)
+        card["architecture"] = _describe(args.arch)
         card["export"] = dict(export, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
                               check_atol=1e-4, max_abs_diff=diffs)
         del card["export_max_abs_diff"]
@@ -397,7 +452,23 @@ def main(argv=None):
             f.write("\n")
         with open(os.path.join(pair_dir, "README.md"), "w") as f:
             f.write(card_markdown(card))
-        log(f"wrote {pair_dir}/ (a {100 * card['test_accuracy']['a']:.2f} %, b {100 * card['test_accuracy']['b']:.2f} %)")
+        accuracies = ", ".join(f"{k} {100 * card['test_accuracy'][k]:.2f} %" for k in models)
+        log(f"wrote {pair_dir}/ ({accuracies})")
+
+
+def _one_or_each(counts):
+    return next(iter(counts.values())) if len(set(counts.values())) == 1 else counts
+
+
+def _parse_split(text):
+    try:
+        sizes = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected class counts separated by commas, e.g. 4,3,3")
+    if len(sizes) < 2 or min(sizes) < 2 or sum(sizes) != len(fmnist.CLASS_NAMES):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: need two or more tasks of at least 2 classes each, {len(fmnist.CLASS_NAMES)} classes in all")
+    return sizes
 
 
 def _describe(arch):
