@@ -97,7 +97,7 @@ def _parse_names(ctx, param, value):
 def _parse_budget(ctx, param, value):
     if value is None:
         return None
-    from .merge import parse_budget
+    from .pipeline import parse_budget
 
     try:
         return parse_budget(value)
@@ -218,7 +218,7 @@ def merge(ctx, models, data, output, method, alpha, beta, stop_at, num_samples, 
         raise click.UsageError("--budget chooses the stop point and the width itself; give --budget, or "
                                "--stop-at/--width, not both")
     import onnxzip  # the API; imported here so that `--help` stays fast
-    from .merge import default_names
+    from .pipeline import default_names
 
     names = names or default_names(len(models))
     result = onnxzip.merge_models(

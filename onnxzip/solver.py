@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 METHODS = ("zip", "permute", "average")
 
@@ -439,6 +438,8 @@ def permute_match(corr: np.ndarray, num_models: int = 2) -> Matching:
     PERMUTE_ROUNDS rounds). Each step cannot lower the total, so the result is at least as good as the star start.
     Clusters stay numbered by model 0's features.
     """
+    from scipy.optimize import linear_sum_assignment  # imported when used: scipy.optimize takes a second to load
+
     num_models = _check_num_models(num_models)
     c = _check_corr(corr, num_models)
     width = c.shape[0] // num_models

@@ -17,7 +17,7 @@ try:
 except ImportError:  # pytest put tests/ itself on sys.path
     import fixtures as F
 
-M = importlib.import_module("onnxzip.merge")
+M = importlib.import_module("onnxzip.pipeline")
 
 
 @pytest.fixture(scope="module")

@@ -350,3 +350,19 @@ def test_error_classes_have_documented_codes():
     codes = {cls.__name__: cls.exit_code for cls in (OnnxzipError, UsageError, ModelError, MismatchError,
                                                      CalibrationDataError, OutputError, InstallError)}
     assert len(set(codes.values())) == len(codes)
+
+
+def test_help_and_version_import_no_numpy_onnx_or_onnxruntime():
+    """Start-up: `onnxzip --help` / `--version` import only click and the CLI (numpy, onnx, onnxruntime and scipy
+    take seconds to import); the API is imported when a command needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from onnxzip.cli import cli; "
+            "r = [CliRunner().invoke(cli, a).exit_code for a in (['--help'], ['--version'], ['merge', '--help'])]; "
+            "print(r, sorted(m for m in ('numpy', 'onnx', 'onnxruntime', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[0, 0, 0] []", out
+    import onnxzip
+
+    assert callable(onnxzip.merge) and callable(onnxzip.merge_models) and onnxzip.MergeOptions is not None

@@ -31,7 +31,7 @@ try:
 except ImportError:  # pytest put tests/ itself on sys.path
     import fixtures as F
 
-M = importlib.import_module("onnxzip.merge")
+M = importlib.import_module("onnxzip.pipeline")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the module (the package's `merge` attribute is the function)
 
 

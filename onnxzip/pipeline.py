@@ -1,14 +1,16 @@
-"""The Python API: `merge` runs the stages (graph analysis, calibration, solving, surgery, repair, verification).
+"""The Python API: `merge_models` (and its two-model form `merge`) runs the stages: read and analyse the models,
+calibrate, match, rewrite (surgery), refit or repair, verify, write the model and its card.
 
 Never a wrong model, never a lost file. The order of the work is part of the contract:
 
-1. Pre-flight, cheapest first and before any model runs: the option values; the output path (an existing file is
-   kept unless `force`); both models load and pass the ONNX checker and hold no NaN weights; the two graphs match
-   node for node; the calibration data is readable, non-empty, finite and fits the model inputs (rank, shapes,
-   dtypes). Each failure is one `onnxzip.errors` error naming the thing at fault, with its exit code.
-2. Calibration, matching, surgery, statistics repair.
+1. Pre-flight, cheapest first and before any model runs: the option values (`MergeOptions.checked`); the output
+   path (an existing file is kept unless `force`); every model loads, passes the ONNX checker and holds no NaN
+   weights; every graph matches model 0's node for node (the message names the model at fault); the calibration
+   data is readable, non-empty, finite and fits the model inputs (rank, shapes, dtypes); a `budget` that no stop
+   point reaches. Each failure is one `onnxzip.errors` error naming the thing at fault, with its exit code.
+2. Calibration, matching, surgery, least-squares refit or statistics repair (under a budget: for each candidate).
 3. The result is checked before anything is written: no NaN (nor inf, unless an original holds inf) in any weight,
-   the ONNX checker, and with `verify` the merged model against both originals on held-back samples.
+   the ONNX checker, and with `verify` the merged model against every original on held-back samples.
 4. The model and its card are written to temporary files beside the output and renamed into place together; on any
    failure (KeyboardInterrupt included) both temporary files go, and files that were there before are restored.
 """
@@ -755,8 +757,8 @@ def _statistics(sources: Sources, samples: Samples, trunks: list, opts: MergeOpt
                 continue
             for name in points[sid]:
                 ts = a.tensor_spaces[name]
-                requests.setdefault(key, []).append(FeatureRequest(key, [a_name for a_name in (
-                    [name] + [c.tensors[name] for c in sources.correspondences[1:]])], ts.axis, ts.expand))
+                names = [name] + [c.tensors[name] for c in sources.correspondences[1:]]  # every model's name
+                requests.setdefault(key, []).append(FeatureRequest(key, names, ts.axis, ts.expand))
     if not requests:
         return {}
     logger.info("calibrating on %d samples (%d feature spaces)", samples.fit.num_samples, len(spaces))
