@@ -14,6 +14,7 @@ import pytest
 
 import onnxzip
 from onnxzip.graph import analyse, trunk_nodes
+from onnxzip.inspect import format_report, inspect_models
 from onnxzip.solver import solve_blocks
 from onnxzip.surgery import zipped_spaces
 
@@ -168,3 +169,13 @@ def test_a_real_merge_of_two_unrelated_transformers_runs_and_zips_everything_but
     assert not res.card["unmerged"] and not res.card["zipped_nothing"]
     assert res.card["trunk"]["weighted_layers_zipped"] == res.card["trunk"]["weighted_layers"] - 1
     assert all(np.isfinite(h["relative_error"]) for h in res.card["verification"]["heads"])
+
+
+@pytest.mark.parametrize("name", ["vit_packed_ts", "vit_separate_dynamo"])
+def test_inspect_reports_how_many_spaces_are_zipped(name):
+    report = inspect_models(load(name), load(name, "b"))
+    want = {"vit_packed_ts": 1 + 2 * DEPTH, "vit_separate_dynamo": 1 + 3 * DEPTH}[name]
+    assert report["a"]["spaces_zipped"] == {"zipped": want, "of": want}
+    text = format_report(report)
+    assert f"{want} of {want} learned space(s) outside the task heads zipped by default" in text
+    assert ("queries and keys matched alike" in text) == ("packed" in name)
