@@ -30,13 +30,23 @@ IDENTITY = "identity"  # a space both models share as it is (the graph input): m
 class TensorSpace:
     """Where a tensor keeps its channels: `axis` holds `width * expand` entries, channel-major.
 
-    `split` (inside a channel shuffle only): the channels span len(split) consecutive axes from `axis`, of these
-    sizes, row-major (Reshape (N, C, H, W) -> (N, G, C/G, H, W): split (G, C/G))."""
+    `split`: the channels span len(split) axes, of these sizes, row-major (channel = ((i_1 * s_2) + i_2) * s_3 ...).
+    Inside a channel shuffle (`axes` empty) they are consecutive from `axis` (Reshape (N, C, H, W) ->
+    (N, G, C/G, H, W): split (G, C/G)). Split into attention heads (`axes` given) part k lies on axis `axes[k]`,
+    anywhere, and `axis` is the last part's (the features inside a head): Reshape (N, T, D) -> (N, T, H, d) then
+    Transpose to (N, H, T, d) is split (H, d) on axes (1, 3); a packed QKV projection (N, T, 3D) -> (N, T, 3, H, d)
+    is split (3, H, d)."""
 
     space: int
     axis: int
     expand: int = 1
     split: tuple = ()
+    axes: tuple = ()
+
+    @property
+    def heads(self) -> bool:
+        """Split over several axes as attention heads (not inside a channel shuffle)."""
+        return bool(self.axes)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,10 @@ class FeatureSpace:
     partition: tuple | None = None
     # a view (Slice, Split, channel shuffle): channel j is channel view[j][1] of space view[j][0]
     view: list | None = None
+    # channels that must be matched alike: pairs (positions p, positions q) of this space, channel p[i] transformed
+    # as channel q[i] (the queries and keys of one head, cut from one packed QKV projection: their dot product
+    # must survive the merge). Each block of the partition maps onto a block (solver.solve_blocks)
+    alike: list = field(default_factory=list)
 
     @property
     def composite(self) -> bool:
@@ -409,6 +423,22 @@ def refine_partition(a, b) -> np.ndarray:
     return order[inverse.reshape(-1)]
 
 
+def _alike_blocks(labels: np.ndarray, pairs: list) -> np.ndarray:
+    """Refine a partition until channels matched alike (p[i] as q[i], for each pair (p, q)) fall into blocks alike:
+    p[i] and p[j] share a block exactly when q[i] and q[j] do, so that each block maps onto one block."""
+    labels = np.asarray(labels, dtype=np.int64)
+    while True:
+        count = len(np.unique(labels))
+        for p, q in pairs:
+            p, q = np.asarray(p), np.asarray(q)
+            key = np.unique(labels[p] * (int(labels.max()) + 1) + labels[q], return_inverse=True)[1].reshape(-1)
+            extra = np.zeros(len(labels), dtype=np.int64)
+            extra[p] = extra[q] = 1 + key
+            labels = refine_partition(labels, extra)
+        if len(np.unique(labels)) == count:
+            return labels
+
+
 class _Unsupported(Exception):
     """Raised by a handler: this node cannot be followed (the reason says why)."""
 
@@ -431,10 +461,14 @@ class _Walk:
         self.parts: dict = {}  # composite space id -> the space ids it concatenates
         self.partitions: dict = {}  # space id -> block label of each channel (matching stays inside blocks)
         self.views: dict = {}  # view space id -> [(space id, channel), ...] over spaces that are not derived
+        self.alike: list = []  # ([(space, channel), ...], [(space, channel), ...]): matched alike, pair by pair
         self.readers: dict = {}  # tensor name -> nodes reading it
-        for node in self.graph.node:
+        self.producers: dict = {}  # tensor name -> (node index, node) writing it
+        for i, node in enumerate(self.graph.node):
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
+            for name in node.output:
+                self.producers[name] = (i, node)
         self.node_index = -1
 
     # union-find ------------------------------------------------------------------------------------------------
@@ -650,8 +684,15 @@ def _gemm(w: _Walk, node):
 
 def _matmul(w: _Walk, node):
     x = w.space_of(node.input[0])
-    if x is None or w.space_of(node.input[1]) is not None:
+    y = w.space_of(node.input[1])
+    if x is not None and y is not None and w.find(y.space) not in w.identity:
+        if w.find(x.space) in w.identity:
+            return _attention_values(w, node, x, y)
+        return _attention_scores(w, node, x, y)
+    if x is None or y is not None:
         raise _Unsupported("only MatMul of features by a constant matrix is supported")
+    if x.heads:
+        raise _Unsupported("multiplies features split into attention heads by a constant")
     weight = _require_const(w, node, 1, "weight")
     rank = w.rank(node.input[0])
     if weight.ndim != 2 or x.axis != rank - 1:
@@ -662,6 +703,77 @@ def _matmul(w: _Walk, node):
     ts = TensorSpace(out, rank - 1)
     w.set_space(node.output[0], ts)
     return "weighted", node.input[0], x, ts
+
+
+def _feature_part(ts: TensorSpace) -> tuple:
+    """(axis of the features inside a head, heads as [(axis, size), ...]) of a tensor, split into heads or not."""
+    if ts.heads:
+        parts = _parts(ts)
+        return parts[-1][0], parts[:-1]
+    return ts.axis, []
+
+
+def _head_blocks(w: _Walk, ts: TensorSpace) -> None:
+    """Features of different heads of `ts` are never matched together: each head is a block of the spaces its
+    channels come from (channel j of the tensor is in head j // d)."""
+    if not ts.heads:
+        return
+    d = ts.split[-1]
+    source = w.channels(ts.space)
+    labels: dict = {}
+    for j, (space, c) in enumerate(source):
+        labels.setdefault(space, np.zeros(w.widths[space], dtype=np.int64))[c] = 1 + j // d
+    for space, lab in labels.items():
+        w.refine(space, lab)
+
+
+def _attention_scores(w: _Walk, node, q: TensorSpace, k: TensorSpace):
+    """Q Kᵀ of two feature tensors (queries (…, T, d), keys (…, d, T)): the dot product over the features of each
+    head must survive the merge, so feature j of the queries and feature j of the keys share one transform (their
+    spaces are tied, or matched alike where both are cut from one packed projection), and every head is a block.
+    The scores carry no channels: like the shared input, the merged model computes them once for both models (for
+    a permutation exactly, for zipped features approximately)."""
+    rank = w.rank(node.input[0])
+    if w.rank(node.input[1]) != rank or rank < 2 or q.expand != 1 or k.expand != 1:
+        raise _Unsupported("multiplies two feature tensors that are not queries (…, T, d) and keys (…, d, T)")
+    (qa, q_heads), (ka, k_heads) = _feature_part(q), _feature_part(k)
+    if qa != rank - 1 or ka != rank - 2:
+        raise _Unsupported("multiplies two feature tensors over an axis that does not hold the features of both")
+    if q_heads != k_heads or any(ax >= rank - 2 for ax, _ in q_heads):
+        raise _Unsupported("multiplies queries and keys whose heads do not line up")
+    if w.width(q) != w.width(k):
+        raise _Unsupported(f"multiplies {w.width(q)} query features by {w.width(k)} key features")
+    qs, ks = w.find(q.space), w.find(k.space)
+    derived = [sid for sid in (qs, ks) if sid in w.views or sid in w.parts]
+    if not derived:
+        _head_blocks(w, q)
+        _head_blocks(w, k)
+        w.tie(qs, ks)
+    elif qs != ks:
+        cq, ck = w.channels(qs), w.channels(ks)
+        if len({w.find(sp) for sp, _ in cq + ck}) != 1 or set(cq) & set(ck):
+            raise _Unsupported("multiplies queries and keys cut from different projections")
+        _head_blocks(w, q)
+        _head_blocks(w, k)
+        w.alike.append((cq, ck))
+    else:
+        _head_blocks(w, q)
+    _set_shared(w, node.output[0])
+    return "carrier", None, q, w.space_of(node.output[0])
+
+
+def _attention_values(w: _Walk, node, p: TensorSpace, v: TensorSpace):
+    """P V: attention weights (computed once, like the scores) times values (…, T, d): each head's features are
+    mixed over tokens by their own head's weights, so the values' space carries through, every head a block."""
+    rank = w.rank(node.input[1])
+    if w.rank(node.input[0]) != rank or rank < 2 or v.expand != 1:
+        raise _Unsupported("multiplies features by a computed matrix that is not attention weights (…, T, T)")
+    va, heads = _feature_part(v)
+    if va != rank - 1 or any(ax >= rank - 2 for ax, _ in heads):
+        raise _Unsupported("multiplies features by a computed matrix over their feature axis")
+    _head_blocks(w, v)
+    w.set_space(node.output[0], v)
+    return "carrier", None, v, v
 
 
 def _batchnorm(w: _Walk, node):
@@ -712,9 +824,12 @@ def _unary(w: _Walk, node):
 
 def _elementwise(w: _Walk, node):
     """Broadcasting element-wise ops: space inputs are tied (a residual Add), constants are per-channel params."""
+    _absorb_broadcast_constants(w, node)
     out_rank = max(w.rank(n) for n in node.input if n)
     spaced = [(i, w.space_of(n)) for i, n in enumerate(node.input) if n and w.space_of(n) is not None]
     first_i, first = spaced[0]
+    if any(ts.heads for _, ts in spaced):
+        return _elementwise_heads(w, node, spaced, out_rank)
     axis = first.axis + out_rank - w.rank(node.input[first_i])
     for i, ts in spaced[1:]:
         if ts.axis + out_rank - w.rank(node.input[i]) != axis or ts.expand != first.expand:
@@ -729,6 +844,26 @@ def _elementwise(w: _Walk, node):
         w.tie(first.space, ts.space)
     w.set_space(node.output[0], out)
     return "carrier", None, first, out
+
+
+def _elementwise_heads(w: _Walk, node, spaced: list, out_rank: int):
+    """An element-wise op on a tensor split into heads by one value for every entry (the 1/sqrt(d) scaling of
+    queries and keys, as a constant or computed from shapes): it carries the split."""
+    (i, x), = spaced if len(spaced) == 1 else [(None, None)]
+    if x is None:
+        raise _Unsupported("combines two tensors split into attention heads")
+    for j, name in enumerate(node.input):
+        if j == i or not name:
+            continue
+        value = w.value(name)
+        shape = np.shape(value) if value is not None else w.shape(name)
+        if shape is None or int(np.prod(shape, dtype=np.int64)) != 1:
+            raise _Unsupported(f"input '{name}' is not one value for every entry of a tensor split into attention "
+                               "heads")
+    shift = out_rank - w.rank(node.input[i])
+    out = _split_space(x.space, [(ax + shift, n) for ax, n in _parts(x)])
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
 
 
 def _pool(w: _Walk, node):
@@ -823,6 +958,8 @@ def _reshape(w: _Walk, node):
     if in_shape is None or out_shape is None:
         raise _Unsupported("the shapes around it are unknown to ONNX shape inference")
     a = x.axis
+    if x.heads:
+        return _reshape_heads(w, node, x, in_shape, out_shape)
     if x.split:
         if tuple(out_shape) != tuple(in_shape[:a]) + (int(np.prod(x.split)),) + tuple(in_shape[a + len(x.split):]):
             raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} inside a channel shuffle")
@@ -835,7 +972,94 @@ def _reshape(w: _Walk, node):
         out = TensorSpace(x.space, a, 1, (int(out_shape[a]), int(out_shape[a + 1])))
         w.set_space(node.output[0], out)
         return "carrier", None, x, out
+    parts = _channel_split(x, in_shape, out_shape) if x.expand == 1 else None
+    if parts is not None:
+        # the channel axis split into heads (N, T, D) -> (N, T, H, d), or a packed projection into its parts and
+        # heads (N, T, 3D) -> (N, T, 3, H, d): nothing moves yet; the heads become blocks where an attention MatMul
+        # treats them apart
+        out = _split_space(x.space, parts)
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
     return _flatten_like(w, node, in_shape, out_shape)
+
+
+def _channel_split(x: TensorSpace, in_shape, out_shape) -> list | None:
+    """The (axis, size) parts a reshape splits the channel axis into, where it splits it into two or more axes and
+    otherwise only adds or removes axes of size 1; None if it does not. Seen at batch 1: nn.MultiheadAttention's
+    (T, N, D) -> (T, N*H, d) puts the heads into the batch axis from the inside (index n*H + h)."""
+    big_in = [i for i, d in enumerate(in_shape) if d != 1]
+    big_out = [i for i, d in enumerate(out_shape) if d != 1]
+    if x.axis not in big_in:
+        return None
+    i = big_in.index(x.axis)
+    before = [in_shape[j] for j in big_in[:i]]
+    if [out_shape[j] for j in big_out[:i]] != before:
+        return None
+    after = [in_shape[j] for j in big_in[i + 1:]]
+    for k in range(2, len(big_out) - i + 1):
+        run = big_out[i:i + k]
+        if int(np.prod([out_shape[j] for j in run], dtype=np.int64)) == in_shape[x.axis] \
+                and [out_shape[j] for j in big_out[i + k:]] == after:
+            return [(j, int(out_shape[j])) for j in run]
+    return None
+
+
+def _split_space(space: int, parts: list) -> TensorSpace:
+    """A tensor of `space` whose channels span the (axis, size) `parts`, row-major, the last one the features inside
+    a head. Parts of size 1 hold nothing and are dropped; with one part left it is a plain channel axis."""
+    parts = [(ax, n) for ax, n in parts[:-1] if n != 1] + [parts[-1]]
+    if len(parts) == 1:
+        return TensorSpace(space, parts[0][0])
+    return TensorSpace(space, parts[-1][0], 1, tuple(n for _, n in parts), tuple(ax for ax, _ in parts))
+
+
+def _parts(ts: TensorSpace) -> list:
+    """(axis, size) of each part of a tensor split into heads, outermost first."""
+    return list(zip(ts.axes, ts.split))
+
+
+def _reshape_heads(w: _Walk, node, x: TensorSpace, in_shape, out_shape):
+    """Reshape of a tensor split into heads: a reshape that only adds or removes axes of size 1 moves the parts
+    with their axes (as analysis sees it, at batch 1: dynamo's SDPA decomposition reshapes the keys (N, H, T, d) ->
+    (N*H, T, d) and back, the batch merging with the head axis from the outside); a reshape that merges the parts,
+    consecutive and in order, back into one axis ends the split: (N, T, H, d) -> (N, T, D)."""
+    parts = _parts(x)
+    axes = [ax for ax, _ in parts]
+    big_in = [i for i, d in enumerate(in_shape) if d != 1]
+    big_out = [i for i, d in enumerate(out_shape) if d != 1]
+    if [in_shape[i] for i in big_in] == [out_shape[i] for i in big_out] and all(ax in big_in for ax in axes):
+        where = dict(zip(big_in, big_out))
+        out = _split_space(x.space, [(where[ax], n) for ax, n in parts])
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
+    if all(ax in big_in for ax in axes):
+        i, k = big_in.index(axes[0]), len(axes)
+        dims = [in_shape[j] for j in big_in]
+        if big_in[i:i + k] == axes and len(big_out) == len(big_in) - k + 1 \
+                and [out_shape[j] for j in big_out] == dims[:i] + [int(np.prod(x.split))] + dims[i + k:]:
+            out = TensorSpace(x.space, big_out[i])
+            w.set_space(node.output[0], out)
+            return "carrier", None, x, out
+    raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} across attention heads")
+
+
+def _select_part(w: _Walk, x: TensorSpace, axis: int, indices: list, keep_axis: bool) -> TensorSpace:
+    """Entries `indices` of `axis`, one of the parts of a tensor split into heads (q, k or v of a packed projection,
+    some heads): a view of those channels, in order; `keep_axis` False: the axis is gone (a scalar index)."""
+    parts = _parts(x)
+    p = [ax for ax, _ in parts].index(axis)
+    if p == len(parts) - 1:
+        raise _Unsupported("selects features inside attention heads")
+    order = np.take(np.arange(int(np.prod(x.split))).reshape(x.split), indices, axis=p).reshape(-1)
+    space = x.space
+    if len(order) != w.width(x) or np.any(order != np.arange(len(order))):
+        source = w.channels(x.space)
+        space = w.new_view([source[c] for c in order])
+    if keep_axis:
+        new = [(ax, len(indices) if i == p else n) for i, (ax, n) in enumerate(parts)]
+    else:
+        new = [(ax - (ax > axis), n) for i, (ax, n) in enumerate(parts) if i != p]
+    return _split_space(space, new)
 
 
 def _shuffle_follows(w: _Walk, node, a: int) -> bool:
@@ -900,6 +1124,14 @@ def _slice(w: _Walk, node):
     axes = list(range(len(starts))) if axes is None else [a % rank for a in axes]
     steps = [1] * len(starts) if steps is None else steps
     out = x
+    if x.heads:
+        shape = w.shape(node.input[0])
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            if axis in out.axes:
+                size = shape[axis]
+                out = _select_part(w, out, axis, list(range(size))[slice(start, end, step)], keep_axis=True)
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if axis != x.axis:
             continue
@@ -921,6 +1153,25 @@ def _split(w: _Walk, node):
     rank = w.rank(node.input[0])
     axis = w.attr(node, "axis", 0) % rank
     outputs = [o for o in node.output]
+    if x.heads and axis in x.axes:
+        size = w.shape(node.input[0])[axis]
+        sizes = w.attr(node, "split")
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            value = w.value(node.input[1])
+            if value is None:
+                raise _Unsupported(f"its split sizes '{node.input[1]}' are computed from the data")
+            sizes = [int(v) for v in np.asarray(value).reshape(-1)]
+        if sizes is None:
+            chunk = -(-size // len(outputs))
+            sizes = [min(chunk, size - k * chunk) for k in range(len(outputs))]
+        if sum(sizes) != size or len(sizes) != len(outputs):
+            raise _Unsupported(f"splits {size} heads into {list(sizes)}")
+        start = 0
+        for o, n in zip(outputs, sizes):
+            if o:
+                w.set_space(o, _select_part(w, x, axis, list(range(start, start + n)), keep_axis=True))
+            start += n
+        return "carrier", None, x, None
     if axis != x.axis:
         for o in outputs:
             if o:
@@ -956,16 +1207,23 @@ def _squeeze(w: _Walk, node):
         if axes is None:
             shape = w.shape(node.input[0])
             axes = [i for i, d in enumerate(shape) if d == 1]
-        if x.axis in axes:
+        if x.axis in axes or any(ax in axes for ax in x.axes):
             raise _Unsupported("squeezes the channel axis")
         out = TensorSpace(x.space, x.axis - sum(a < x.axis for a in axes), x.expand)
+        if x.heads:
+            out = _split_space(x.space, [(ax - sum(a < ax for a in axes), n) for ax, n in _parts(x)])
     else:
         axes = _axes(w, node, out_rank)
-        axis = x.axis
-        for a in axes:  # sorted: each inserted axis at or before the channel shifts it right
-            if a <= axis:
-                axis += 1
-        out = TensorSpace(x.space, axis, x.expand)
+
+        def moved(axis):
+            for a in axes:  # sorted: each inserted axis at or before the channel shifts it right
+                if a <= axis:
+                    axis += 1
+            return axis
+
+        out = TensorSpace(x.space, moved(x.axis), x.expand)
+        if x.heads:
+            out = _split_space(x.space, [(moved(ax), n) for ax, n in _parts(x)])
     w.set_space(node.output[0], out)
     return "carrier", None, x, out
 
@@ -974,6 +1232,10 @@ def _transpose(w: _Walk, node):
     x = w.space_of(node.input[0])
     rank = w.rank(node.input[0])
     perm = w.attr(node, "perm") or list(reversed(range(rank)))
+    if x.heads:  # the parts move with their axes
+        out = _split_space(x.space, [(list(perm).index(ax), n) for ax, n in _parts(x)])
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
     if x.split:  # inside a channel shuffle (_shuffle_follows checked the permutation)
         out = _shuffled(w, x, x.axis)
         w.set_space(node.output[0], out)
@@ -983,9 +1245,75 @@ def _transpose(w: _Walk, node):
     return "carrier", None, x, out
 
 
+def _absorb_broadcast_constants(w: _Walk, node) -> None:
+    """Inputs that broadcast a constant to the batch (`Expand(constant, shape of the input)`: a ViT's class token,
+    before it is concatenated to the patch tokens) next to a learned feature tensor: per-channel constants of that
+    tensor's space, merged like biases (on the Expand's constant input), not constants that differ between the
+    models. The broadcast's output then holds the learned space."""
+    learned = [(i, w.space_of(n)) for i, n in enumerate(node.input) if n and w.space_of(n) is not None
+               and w.find(w.space_of(n).space) not in w.identity]
+    if len(learned) == 0 or learned[0][1].heads or learned[0][1].expand != 1:
+        return
+    ref_i, ref = learned[0]
+    out_rank = max(w.rank(n) for n in node.input if n)
+    axis = ref.axis + out_rank - w.rank(node.input[ref_i])
+    for name in node.input:
+        # computed from the input (a batch size from the input's shape) or from shapes of features (TorchScript)
+        if not name or not (_is_shared(w, name) or name in w.static) or name not in w.producers:
+            continue
+        index, producer = w.producers[name]
+        if producer.op_type != "Expand" or len(w.readers.get(name, [])) != 1 or producer.input[0] not in w.initializers:
+            continue
+        value = w.initializers[producer.input[0]]
+        rank = w.rank(name)
+        k = axis - (out_rank - rank)  # the channel axis in the broadcast output
+        kc = k - (rank - value.ndim)  # and in the constant
+        if k < 0 or kc < 0 or value.shape[kc] != w.width(ref):
+            raise _Unsupported(f"broadcasts constant '{producer.input[0]}' of shape {list(value.shape)} that does "
+                               "not hold one value per channel")
+        w.weights.append(WeightAxis(index, 0, kc, ref.space, "out"))
+        w.static.discard(name)
+        w.set_space(name, TensorSpace(ref.space, k))
+
+
+def _gather(w: _Walk, node):
+    """Gather by constant indices: along another axis it carries the space (a ViT's class token, x[:, 0]); along
+    the channel axis it keeps some channels (a view); along the heads of a tensor split into heads, some heads or
+    one of q, k, v (nn.MultiheadAttention's packed projection)."""
+    x = w.space_of(node.input[0])
+    if x is None or (w.space_of(node.input[1]) is not None and w.value(node.input[1]) is None):
+        raise _Unsupported("gathers with indices computed from the data")
+    indices = w.value(node.input[1])
+    if indices is None:
+        raise _Unsupported("its indices are not constant")
+    rank = w.rank(node.input[0])
+    axis = w.attr(node, "axis", 0) % rank
+    size = w.shape(node.input[0])[axis]
+    indices = np.asarray(indices, dtype=np.int64)
+    indices = np.where(indices < 0, indices + size, indices)
+    shift = indices.ndim - 1  # the axes after `axis` move by this much
+    if x.heads:
+        if axis in x.axes:
+            if indices.ndim > 1:
+                raise _Unsupported("gathers attention heads with indices of more than one axis")
+            out = _select_part(w, x, axis, indices.reshape(-1).tolist(), keep_axis=indices.ndim == 1)
+        else:
+            out = _split_space(x.space, [(ax + shift if ax > axis else ax, n) for ax, n in _parts(x)])
+    elif axis == x.axis:
+        if indices.ndim != 1 or x.expand != 1:
+            raise _Unsupported("gathers channels with indices that are not one list")
+        source = w.channels(x.space)
+        out = TensorSpace(w.new_view([source[c] for c in indices.tolist()]), axis)
+    else:
+        out = TensorSpace(x.space, x.axis + shift if x.axis > axis else x.axis, x.expand)
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
 def _concat(w: _Walk, node):
     """Along another axis: the inputs share one space (tied). Along the channel axis: a composite space whose
     merge is block-diagonal over its parts (DenseNet / Inception)."""
+    _absorb_broadcast_constants(w, node)
     rank = w.rank(node.output[0])
     axis = w.attr(node, "axis") % rank
     spaced = [w.space_of(n) for n in node.input]
@@ -1167,6 +1495,7 @@ HANDLERS = {
     "Concat": _concat,
     "Slice": _slice,
     "Split": _split,
+    "Gather": _gather,
     "LayerNormalization": _layernorm,
     "GroupNormalization": _groupnorm,
     "Pad": _pad,
@@ -1181,6 +1510,9 @@ for _op in ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu
 del HANDLERS["Where"]
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+# what may read a tensor split into attention heads (each handler follows the parts)
+HEAD_OPS = ("Transpose", "Reshape", "MatMul", "Mul", "Div", "Add", "Sub", "Squeeze", "Unsqueeze", "Slice", "Split",
+            "Gather", "Shape", "Size")
 
 
 def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
@@ -1237,10 +1569,13 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                 if handler is None:
                     raise _Unsupported(f"operator {node.domain + '.' if node.domain else ''}{node.op_type} "
                                        "is not one onnxzip knows how channels move through")
-                if node.op_type not in ("Transpose", "Reshape") and any(
-                        w.space_of(n) is not None and w.space_of(n).split for n in inputs):
-                    raise _Unsupported("its input holds the channels split over several axes (inside a channel "
-                                       "shuffle)")
+                for n in inputs:
+                    ts = w.space_of(n)
+                    if ts is not None and ts.split and not ts.heads and node.op_type not in ("Transpose", "Reshape"):
+                        raise _Unsupported("its input holds the channels split over several axes (inside a channel "
+                                           "shuffle)")
+                    if ts is not None and ts.heads and node.op_type not in HEAD_OPS:
+                        raise _Unsupported("its input holds the channels split into attention heads")
                 kind, data_input, in_space, out_space = handler(w, node)
                 info.kind, info.data_input, info.in_space, info.out_space = kind, data_input, in_space, out_space
             except _Unsupported as exc:
@@ -1256,7 +1591,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
 
     # canonical space ids after all ties
     def canon(ts):
-        return None if ts is None else TensorSpace(w.find(ts.space), ts.axis, ts.expand, ts.split)
+        return None if ts is None else TensorSpace(w.find(ts.space), ts.axis, ts.expand, ts.split, ts.axes)
 
     tensor_spaces = {k: canon(v) for k, v in w.tensor_spaces.items()}
     weights = [WeightAxis(x.node, x.input, x.axis, w.find(x.space), x.role, x.expand, x.groups) for x in w.weights]
@@ -1266,6 +1601,12 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
     for sid, labels in w.partitions.items():
         root = w.find(sid)
         partitions[root] = refine_partition(partitions.get(root), labels)
+    alike = {}  # root space -> [(positions, positions)]: queries and keys cut from one packed projection
+    for cq, ck in w.alike:
+        root = w.find(cq[0][0])
+        alike.setdefault(root, []).append((tuple(c for _, c in cq), tuple(c for _, c in ck)))
+    for root, pairs in alike.items():
+        partitions[root] = _alike_blocks(partitions.get(root, np.zeros(w.widths[root], dtype=np.int64)), pairs)
     spaces = {}
     for sid in w.parent:
         root = w.find(sid)
@@ -1276,7 +1617,8 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                                         parts=[w.find(p) for p in w.parts.get(root, [])],
                                         partition=None if labels is None or len(set(labels.tolist())) == 1
                                         else tuple(int(x) for x in labels),
-                                        view=None if view is None else [(w.find(sp), c) for sp, c in view])
+                                        view=None if view is None else [(w.find(sp), c) for sp, c in view],
+                                        alike=alike.get(root, []))
     for name, ts in tensor_spaces.items():
         spaces[ts.space].tensors.append(name)
     referenced = {p for v in spaces.values() for p in v.parts} | {sp for v in spaces.values() for sp, _ in v.view or []}

@@ -45,7 +45,11 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
             entry["zipped_by_default"] = all(p in zipped or a.spaces[p].identity or a.spaces[p].composite
                                              for p in space.parts) and any(
                 t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
+        if space.alike:
+            entry["matched_alike"] = len(space.alike)
         spaces.append(entry)
+    # learned spaces of their own (not views or concatenations of others) outside the task heads' outputs
+    own = [e for e in spaces if "view_of" not in e and "concat_of" not in e and not e["head_output"]]
     heads = []
     for i in a.heads:
         out = a.nodes[i].out_space
@@ -61,6 +65,7 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
         "inputs": a.input_names,
         "outputs": a.output_names,
         "feature_spaces": spaces,
+        "spaces_zipped": {"zipped": sum(e["zipped_by_default"] for e in own), "of": len(own)},
         "task_heads": heads,
         "unmerged": [{"node": names[i], "op": a.nodes[i].op_type, "reason": r} for i, r in unsupported_report(a)],
         "zipped_nothing": not zipped,
@@ -102,7 +107,9 @@ def format_report(report: dict) -> str:
     if r["batchnorms_folded"]:
         lines.append(f"  {r['batchnorms_folded']} BatchNormalization node(s) folded into the Conv/Gemm before them "
                      f"(as merge does; --keep-batchnorm to keep them)")
-    lines.append(f"feature spaces ({len(r['feature_spaces'])}):")
+    z = r["spaces_zipped"]
+    lines.append(f"feature spaces ({len(r['feature_spaces'])}): {z['zipped']} of {z['of']} learned space(s) outside "
+                 "the task heads zipped by default")
     for s in r["feature_spaces"]:
         flag = "zipped" if s["zipped_by_default"] else ("head" if s["head_output"] else "unmerged")
         extra = f" concat of spaces {s['concat_of']}" if "concat_of" in s else ""
@@ -110,7 +117,9 @@ def format_report(report: dict) -> str:
             extra = f" slice/shuffle of space(s) {s['view_of']}"
         tied = f" tied by {', '.join(s['tied_by'])}" if s["tied_by"] else ""
         if s.get("blocks", 1) > 1:
-            extra += f" in {s['blocks']} blocks (grouped, sliced: matched block by block)"
+            extra += f" in {s['blocks']} blocks (grouped, sliced, attention heads: matched block by block)"
+        if s.get("matched_alike"):
+            extra += " queries and keys matched alike"
         lines.append(f"  space {s['id']:>3}: width {s['width']:>5}  [{flag}]{extra}{tied}")
         if s["producers"]:
             lines.append(f"      written by {', '.join(s['producers'])}")

@@ -817,7 +817,7 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, sta
         key = _space_key(sid, points[sid])
         correlation = _similarity(stats[key]) if opts.method in ("zip", "permute") else None
         matching = solve_blocks(opts.method, correlation, f, a.spaces[sid].partition or 1, n, opts.alpha, opts.beta,
-                                target_width=None if target == f else target)
+                                target_width=None if target == f else target, alike=a.spaces[sid].alike)
         plan.matchings[sid] = matching
         entry = {"space": sid, "width": f, "blocks": a.spaces[sid].blocks, "merge_points": list(points[sid])}
         if target != f:

@@ -677,7 +677,11 @@ def _regressors(layer: RefitLayer, layout: _Layout, x: np.ndarray, rows: np.ndar
 
 def _accumulate(layer, layout, values, target, sums, held, lo, n, fraction, seed, a) -> None:
     x = values[layout.node.input[0]]
-    rows = _select(layer.key, held, lo, n * _output_positions(layer, a), fraction, seed)
+    # a Gemm/MatMul has a row per leading index of its input, however the batch sits among them (nn.MultiheadAttention
+    # computes on (T*N, D): the batch merged with the tokens)
+    count = n * _output_positions(layer, a) if layer.op == "Conv" else x.size // x.shape[x.ndim - 1 if layer.op ==
+                                                                                         "MatMul" else 1]
+    rows = _select(layer.key, held, lo, count, fraction, seed)
     t = target.astype(np.float64)
     if layer.partner:
         p = _as_rows(values[layer.partner], layer.channel_axis)[rows].astype(np.float64)

@@ -150,6 +150,7 @@ def solve_blocks(
     alpha: float = 0.3,
     beta: float = 0.125,
     target_width: int | None = None,
+    alike=(),
 ) -> Matching:
     """Match a space whose F features are partitioned into blocks (`block_labels`: a grouped convolution's groups,
     the channels a Slice keeps): block b of every model is matched on its own, from its own rows and columns of
@@ -161,10 +162,15 @@ def solve_blocks(
 
     target_width (zip only; default F): the number of merged features. With blocks it must split evenly over
     contiguous equal blocks (a grouped layer's groups): block b's merged features are then numbered
-    b·T/G … (b+1)·T/G - 1; a partition into other blocks (a slice's channels) keeps T = F."""
+    b·T/G … (b+1)·T/G - 1; a partition into other blocks (a slice's channels) keeps T = F.
+
+    `alike`: pairs (p, q) of position lists whose features must be matched alike, feature p[i] as feature q[i] (the
+    queries and keys of one attention head cut from one packed projection: their dot product must survive). Each
+    block they touch must map onto a whole block; blocks so linked are solved once, from the mean of their
+    correlations, and share that matching position for position (at the space's full width)."""
     labels = block_labels(width, blocks)
     target = width if target_width is None else target_width
-    if len(np.unique(labels)) == 1:
+    if len(np.unique(labels)) == 1 and not alike:
         return solve(method, corr, width, num_models, alpha, beta, target_width=target_width)
     num_models = _check_num_models(num_models)
     c = None if corr is None else _check_corr(corr, num_models, width)
@@ -176,28 +182,62 @@ def solve_blocks(
     per_block = target // groups
     clusters = np.empty(num_models * width, dtype=np.int64)
     values, cross, within, forced = [], 0, np.zeros(num_models, dtype=np.int64), 0
-    for b, label in enumerate(np.unique(labels)):
-        positions = np.flatnonzero(labels == label)
-        size = positions.size
-        index = np.concatenate([m * width + positions for m in range(num_models)])
-        part = solve(method, None if c is None else c[np.ix_(index, index)], size, num_models, alpha, beta,
-                     target_width=None if target == width else per_block)
-        if target == width:
-            if part.merged_width != size:  # the positions are the merged features' numbering
-                raise ValueError(f"a block of {size} features was merged into {part.merged_width}")
-            numbering = positions
-        else:
-            numbering = b * per_block + np.arange(per_block)
-        for m in range(num_models):
-            clusters[m * width + positions] = numbering[part.clusters[m * size:(m + 1) * size]]
-        cross += part.cross_merges
-        within += np.asarray(part.within_merges, dtype=np.int64)
-        forced += part.forced_merges
-        if np.isfinite(part.mean_merge_correlation):
-            values.append(part.mean_merge_correlation)
+    if target != width and alike:
+        raise ValueError("features matched alike (queries and keys cut from one projection) keep their space's width")
+    for b, members in enumerate(_alike_groups(labels, alike)):
+        size = members[0].size
+        sub = None
+        if c is not None:
+            indices = [np.concatenate([m * width + positions for m in range(num_models)]) for positions in members]
+            sub = sum(c[np.ix_(index, index)] for index in indices) / len(indices)
+        part = solve(method, sub, size, num_models, alpha, beta, target_width=None if target == width else per_block)
+        if target == width and part.merged_width != size:  # the positions are the merged features' numbering
+            raise ValueError(f"a block of {size} features was merged into {part.merged_width}")
+        for positions in members:
+            numbering = positions if target == width else b * per_block + np.arange(per_block)
+            for m in range(num_models):
+                clusters[m * width + positions] = numbering[part.clusters[m * size:(m + 1) * size]]
+            cross += part.cross_merges
+            within += np.asarray(part.within_merges, dtype=np.int64)
+            forced += part.forced_merges
+            if np.isfinite(part.mean_merge_correlation):
+                values.append(part.mean_merge_correlation)
     return matching_from_clusters(clusters, num_models, target, cross_merges=cross,
                                   within_merges=[int(x) for x in within], forced_merges=forced,
                                   mean_merge_correlation=float(np.mean(values)) if values else float("nan"))
+
+
+def _alike_groups(labels: np.ndarray, alike) -> list:
+    """The blocks of `labels`, grouped by the `alike` links between them: per group, one position array per block,
+    ordered so that position k of every member is matched as position k of the first (its sorted positions)."""
+    blocks = {int(label): np.flatnonzero(labels == label) for label in np.unique(labels)}
+    links: dict = {label: [] for label in blocks}
+    for p, q in alike:
+        p, q = np.asarray(p, dtype=np.int64), np.asarray(q, dtype=np.int64)
+        if p.shape != q.shape or p.ndim != 1:
+            raise ValueError("alike positions must come in pairs of equal-length lists")
+        for label in np.unique(labels[p]):
+            src, dst = p[labels[p] == label], q[labels[p] == label]
+            other = np.unique(labels[dst])
+            if len(other) != 1 or src.size != blocks[int(label)].size or dst.size != blocks[int(other[0])].size:
+                raise ValueError(f"features matched alike do not map block {int(label)} onto one whole block")
+            links[int(label)].append((int(other[0]), dict(zip(src.tolist(), dst.tolist()))))
+            links[int(other[0])].append((int(label), dict(zip(dst.tolist(), src.tolist()))))
+    order, groups = {}, []
+    for label in sorted(blocks):
+        if label in order:
+            continue
+        order[label] = blocks[label]
+        group, stack = [label], [label]
+        while stack:
+            current = stack.pop()
+            for other, mapping in links[current]:
+                if other not in order:
+                    order[other] = np.array([mapping[int(x)] for x in order[current]], dtype=np.int64)
+                    group.append(other)
+                    stack.append(other)
+        groups.append([order[g] for g in group])
+    return groups
 
 
 def view_matching(channels: list, matchings: dict) -> Matching:

@@ -459,6 +459,126 @@ class PreprocCNN(nn.Module):
                 "conv2": (8, 1, conv_out("conv2") + conv_in("fc"))}
 
 
+class TinyViT(nn.Module):
+    """Vision transformer: patch Conv (4x4, stride 4) on 8x8 images (4 tokens), class token concatenated on the
+    token axis, position embedding added, `depth` pre-norm blocks (LayerNorm, attention of 2 heads of 8, residual
+    Add; LayerNorm, MLP 16-32-16 with GELU, residual Add), final LayerNorm, linear head on the class token.
+    `attention`: "packed" (timm: one qkv Linear, reshape (N, T, 3, H, d), permute, unbind, scaled_dot_product_attention),
+    "separate" (q, k, v Linears, view (N, T, H, d), transpose, softmax(q kᵀ / sqrt(d)) v written out), or "mha"
+    (nn.MultiheadAttention, batch_first)."""
+
+    input_shape = (1, 8, 8)
+    dim, heads, depth = 16, 2, 2
+
+    def __init__(self, classes=5, attention="packed"):
+        super().__init__()
+        d, self.attention = self.dim, attention
+        self.patch = nn.Conv2d(1, d, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, d))
+        self.blocks = nn.ModuleList()
+        for _ in range(self.depth):
+            block = nn.Module()
+            block.norm1, block.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            if attention == "packed":
+                block.qkv = nn.Linear(d, 3 * d)
+            elif attention == "separate":
+                block.q, block.k, block.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+            else:
+                block.mha = nn.MultiheadAttention(d, self.heads, batch_first=True)
+            if attention != "mha":
+                block.proj = nn.Linear(d, d)
+            block.fc1, block.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+            self.blocks.append(block)
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, classes)
+
+    @property
+    def expected(self):
+        per_block = {"packed": 2, "separate": 3, "mha": 2}[self.attention]
+        return (2 + self.depth * per_block,
+                "the residual stream (patch conv, class token, position embedding, every attention output projection "
+                "and fc2, tied by the residual Adds; LayerNorm carries it), per block: "
+                + {"packed": "qkv (queries, keys, values are views of it)",
+                   "separate": "q+k (tied by q kᵀ), v",
+                   "mha": "the packed in-projection (queries, keys, values are views of it)"}[self.attention]
+                + " and fc1; the fc head")
+
+    def post_init(self, x):
+        """Attention weights at the scale of the Linears' He init (init_weights gives loose parameters such as
+        nn.MultiheadAttention's in_proj_weight and the tokens small positive values)."""
+        g = torch.Generator().manual_seed(17)
+        with torch.no_grad():
+            self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g))
+            self.pos_embed.copy_(0.5 * torch.randn(self.pos_embed.shape, generator=g))
+            for block in self.blocks:
+                if self.attention == "mha":
+                    w = block.mha.in_proj_weight
+                    w.copy_(torch.randn(w.shape, generator=g) * (2.0 / w.shape[1]) ** 0.5)
+                    block.mha.in_proj_bias.copy_(torch.rand(w.shape[0], generator=g) * 0.2)
+
+    def _attend(self, block, x):
+        n, t, d = x.shape
+        h = self.heads
+        if self.attention == "mha":
+            return block.mha(x, x, x, need_weights=False)[0]
+        if self.attention == "packed":
+            q, k, v = block.qkv(x).reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+            o = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            q, k, v = (lin(x).view(n, t, h, d // h).transpose(1, 2) for lin in (block.q, block.k, block.v))
+            o = torch.softmax(q @ k.transpose(-2, -1) / (d // h) ** 0.5, dim=-1) @ v
+        return block.proj(o.transpose(1, 2).reshape(n, t, d))
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = x + self._attend(block, block.norm1(x))
+            x = x + block.fc2(nn.functional.gelu(block.fc1(block.norm2(x))))
+        return self.fc(self.norm(x)[:, 0])
+
+    def spaces(self):
+        d, h = self.dim, self.heads
+        stream = [("patch.weight", 0), ("patch.bias", 0), ("cls_token", 2), ("pos_embed", 2), ("norm.weight", 0),
+                  ("norm.bias", 0), ("fc.weight", 1)]
+        out = {}
+        for i in range(self.depth):
+            b = f"blocks.{i}"
+            stream += [(f"{b}.{n}.{p}", 0) for n in ("norm1", "norm2") for p in ("weight", "bias")]
+            stream += [(f"{b}.fc1.weight", 1), (f"{b}.fc2.weight", 0), (f"{b}.fc2.bias", 0)]
+            if self.attention == "mha":
+                stream += [(f"{b}.mha.in_proj_weight", 1), (f"{b}.mha.out_proj.weight", 0),
+                           (f"{b}.mha.out_proj.bias", 0)]
+            else:
+                stream += [(f"{b}.proj.weight", 0), (f"{b}.proj.bias", 0)]
+                stream += [(f"{b}.{n}.weight", 1) for n in (("qkv",) if self.attention == "packed" else "qkv")]
+            out[f"{b}.fc1"] = (2 * d, 1, conv_out(f"{b}.fc1") + conv_in(f"{b}.fc2"))
+        out["stream"] = (d, 1, stream)
+        return out
+
+    def permute_heads(self, state, rng):
+        """Queries and keys of each head permuted by one permutation, values (and the output projection's input)
+        by another, every head in its place: B computes A's attention exactly."""
+        d, h = self.dim, self.heads
+        for i in range(self.depth):
+            b = f"blocks.{i}"
+            pqk = torch.as_tensor(_perm(d, h, rng, swap_groups=False))
+            pv = torch.as_tensor(_perm(d, h, rng, swap_groups=False))
+            if self.attention == "separate":
+                for n, p in (("q", pqk), ("k", pqk), ("v", pv)):
+                    for param in ("weight", "bias"):
+                        state[f"{b}.{n}.{param}"] = state[f"{b}.{n}.{param}"].index_select(0, p)
+                state[f"{b}.proj.weight"] = state[f"{b}.proj.weight"].index_select(1, pv)
+                continue
+            rows = torch.cat([pqk, d + pqk, 2 * d + pv])
+            pre, proj = (f"{b}.mha.in_proj_", f"{b}.mha.out_proj") if self.attention == "mha" else \
+                (f"{b}.qkv.", f"{b}.proj")
+            for param in ("weight", "bias"):
+                state[pre + param] = state[pre + param].index_select(0, rows)
+            state[f"{proj}.weight"] = state[f"{proj}.weight"].index_select(1, pv)
+
+
 def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
     twin, perms = permuted_twin(model, model.spaces(), rng)
     if isinstance(model, ConcatCNN):
@@ -477,6 +597,10 @@ def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
         r = np.concatenate([p0[:8], 8 + p2])
         q = np.argsort(order)[r[order]]
         sd["fc.weight"] = sd["fc.weight"].index_select(1, torch.as_tensor(q))
+        twin.load_state_dict(sd)
+    if isinstance(model, TinyViT):
+        sd = twin.state_dict()
+        model.permute_heads(sd, rng)
         twin.load_state_dict(sd)
     if isinstance(model, GroupedCNN):
         # gconv's output group g reads conv1's block g only: permute each group's inputs by its block's
@@ -605,7 +729,7 @@ def torch_fixture(out, name, cls, how, seed, note="", **kw):
     export_torch(b, pb, how)
     info = describe(pa)
     check = check_twin(pa, pb, info["inputs"][0]["name"], cls.input_shape)
-    n, how_counted = cls.expected
+    n, how_counted = a.expected
     return {"exporter": {"ts": "torch.onnx TorchScript (dynamo=False, eval: BN folded)",
                          "ts_bn_kept": "torch.onnx TorchScript (dynamo=False, training=PRESERVE: BN kept)",
                          "dynamo": "torch.onnx dynamo=True (torch.export + onnxscript, optimize=True)"}[how],
@@ -744,6 +868,21 @@ FIXTURES = {
                                          "ResNeXt bottleneck: Conv with group=4 on 16 channels (4 per group, BN "
                                          "folded). The twin permutes conv1's and gconv's channels inside each group "
                                          "of 4 (every group in its place), conv0's freely."),
+    **{f"vit_{attention}_{how}": (lambda out, attention=attention, how=how: torch_fixture(
+        out, f"vit_{attention}_{how}", TinyViT, how, 20 + i,
+        "Transformer: " + {"packed": "packed qkv Linear, reshape (N, T, 3, H, d), permute (2, 0, 3, 1, 4), unbind, "
+                                     "F.scaled_dot_product_attention",
+                           "separate": "q, k, v Linears, view (N, T, H, d), transpose(1, 2), softmax(q @ k.transpose("
+                                       "-2, -1) / sqrt(d)) @ v written out",
+                           "mha": "nn.MultiheadAttention(batch_first=True): packed in-projection, heads merged "
+                                  "with the batch axis (T, N*H, d)"}[attention]
+        + {"ts": ". TorchScript computes the class token's Expand shape and the scale from shapes.",
+           "dynamo": ". dynamo decomposes attention into MatMul / Softmax / MatMul, the keys reshaped (N*H, T, d), "
+                     "transposed and reshaped back."}[how]
+        + " The twin permutes the residual stream, each fc1, and inside every head queries with keys (one "
+          "permutation) and values with the output projection's input (another), heads in place.",
+        attention=attention))
+      for i, (attention, how) in enumerate((a, h) for a in ("packed", "separate", "mha") for h in ("ts", "dynamo"))},
     "preproc": lambda out: torch_fixture(out, "preproc", PreprocCNN, "ts", 10,
                                          "Sub / Div of the input by per-channel constants (1, 3, 1, 1) before "
                                          "conv1."),

@@ -1,7 +1,9 @@
-"""PyTorch architectures for the Fashion-MNIST model pairs (as in the ZipIt! paper: ResNet-20 of width ×w, a VGG, an MLP).
+"""PyTorch architectures for the Fashion-MNIST model pairs (as in the ZipIt! paper: ResNet-20 of width ×w, a VGG, an MLP;
+and a small ViT).
 
 All take normalised (N,1,28,28) float32 input and return (N,num_classes) logits.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -96,11 +98,72 @@ def mlp(num_classes=10, hidden=(256, 256, 256), in_features=784):
     return nn.Sequential(*layers)
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention as timm writes it: one packed qkv Linear (D -> 3D), reshape (N, T, 3, heads, d),
+    permute to (3, N, heads, T, d), unbind into q, k, v, F.scaled_dot_product_attention, heads back to (N, T, D),
+    output projection."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Small vision transformer: patch embedding (Conv, kernel = stride = patch), learned class token concatenated
+    on the token axis, learned position embedding added, pre-norm blocks, final LayerNorm, linear head on the class
+    token."""
+
+    def __init__(self, num_classes=10, patch=7, dim=64, depth=3, heads=4, mlp_ratio=2, image=28, in_channels=1):
+        super().__init__()
+        tokens = (image // patch) ** 2
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def vit(num_classes=10):
+    """ViT for 28x28: patch 7 (16 tokens + class token), dim 64, 3 blocks of 4 heads (d = 16), MLP 128."""
+    return ViT(num_classes)
+
+
 ARCHS = {
     "resnet20": lambda num_classes: resnet20(1, num_classes),
     "resnet20x2": lambda num_classes: resnet20(2, num_classes),
     "vgg": vgg,
     "mlp": mlp,
+    "vit": vit,
 }
 
 

@@ -34,6 +34,8 @@ RECIPES = {
     "vgg": dict(lr=0.05, weight_decay=5e-4, augment=True),
     "resnet20": dict(lr=0.1, weight_decay=5e-4, augment=True),
     "resnet20x2": dict(lr=0.1, weight_decay=5e-4, augment=True),
+    # transformers train poorly with plain SGD at this budget: AdamW, as ViTs are usually trained
+    "vit": dict(lr=1e-3, weight_decay=0.05, augment=True, optimizer="adamw"),
 }
 CROP_PAD = 2
 DEFAULT_SPLIT = (5, 5)
@@ -153,13 +155,17 @@ def evaluate(model, x, y, batch=1000):
     return correct / len(x)
 
 
-def train_one(arch, x, y, torch_seed, epochs, lr, weight_decay, momentum, batch_size, augment, log=print):
-    """Train one model from init seed `torch_seed`; SGD + momentum with a per-step cosine LR to 0."""
+def train_one(arch, x, y, torch_seed, epochs, lr, weight_decay, momentum, batch_size, augment, log=print,
+              optimizer="sgd"):
+    """Train one model from init seed `torch_seed`; SGD + momentum (or AdamW) with a per-step cosine LR to 0."""
     torch.manual_seed(torch_seed)
     gen = torch.Generator().manual_seed(torch_seed)
     num_classes = int(y.max()) + 1
     model = models_torch.build(arch, num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     steps_per_epoch = math.ceil(len(x) / batch_size)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
@@ -307,7 +313,7 @@ def model_parameters(card, model):
 
 
 def _batchnorm_note(card):
-    if card["arch"] == "mlp":
+    if card["arch"] in ("mlp", "vit"):
         return "the architecture has no BatchNorm."
     if any("BatchNormalization" in card["files"][k]["ops"] for k in card["tasks"]):
         return "the graphs keep BatchNormalization nodes."
@@ -391,7 +397,8 @@ def main(argv=None):
             "input": "input", "output": "logits",
             "normalization": {"mean": fmnist.MEAN, "std": fmnist.STD},
             "files": {}, "train": {
-                "epochs": args.epochs, "optimizer": f"SGD momentum {args.momentum} nesterov",
+                "epochs": args.epochs, "optimizer": "AdamW" if recipe.get("optimizer") == "adamw"
+                else f"SGD momentum {args.momentum} nesterov",
                 "lr": recipe["lr"], "lr_schedule": "cosine to 0, stepped per batch",
                 "weight_decay": recipe["weight_decay"], "batch_size": args.batch_size,
                 "augmentation": f"random crop 28 with padding {CROP_PAD} (background value)" if recipe["augment"]
@@ -413,7 +420,8 @@ def main(argv=None):
             t0 = time.time()
             model, epoch_times = train_one(
                 args.arch, torch.from_numpy(xt), torch.from_numpy(yt), torch_seed, args.epochs, recipe["lr"],
-                recipe["weight_decay"], args.momentum, args.batch_size, recipe["augment"], log)
+                recipe["weight_decay"], args.momentum, args.batch_size, recipe["augment"], log,
+                recipe.get("optimizer", "sgd"))
             seconds = time.time() - t0
             acc_torch = evaluate(model, torch.from_numpy(xe), torch.from_numpy(ye))
             path = os.path.join(pair_dir, f"{k}.onnx")
@@ -480,6 +488,9 @@ def _describe(arch):
         "vgg": "VGG-style CNN: conv 32,32,pool,64,64,pool,128,128,pool (3×3, BN, ReLU), flatten 128×3×3 → "
                "linear 256 → ReLU → linear",
         "mlp": "MLP: flatten 784 → 256 → 256 → 256 → classes, ReLU",
+        "vit": "ViT: 7×7 patches (16 tokens) + class token, position embedding, 3 pre-norm blocks of dim 64 with 4 "
+               "attention heads of 16 (packed qkv, scaled_dot_product_attention) and a GELU MLP 64 → 128 → 64, final "
+               "LayerNorm, linear head on the class token",
     }[arch]
 
 
