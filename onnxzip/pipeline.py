@@ -770,17 +770,44 @@ def _statistics(sources: Sources, samples: Samples, trunks: list, opts: MergeOpt
                                    f"data: {_first_line(exc)}") from exc
 
 
-def viewed_spaces(a: Analysis) -> set:
-    """Spaces a view (Slice, Split, channel shuffle) reads: they keep one merged feature per feature."""
-    return {sp for space in a.spaces.values() if space.view is not None for sp, _ in space.view}
+# Operators that compute across the channels of their input: more merged features than one model has (some features
+# kept once per model) would change what they compute.
+_ACROSS_CHANNELS = ("LayerNormalization", "GroupNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+                    "LRN", "LpNormalization", "MeanVarianceNormalization", "Softmax", "LogSoftmax", "Hardmax",
+                    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
+                    "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin", "TopK")
 
 
-def merged_width(a: Analysis, sid: int, width: float, viewed: set) -> int:
+def fixed_width_spaces(a: Analysis) -> dict:
+    """Spaces whose merged width must stay F under --width, with why: a view (Slice, Split, channel shuffle) reads
+    them (its merged channels sit at fixed positions), a Reshape/Expand reads or writes one of their tensors (its
+    target shape may spell out the width: heads of attention, a patch embedding, dynamo's global pooling), a grouped
+    Conv does (widening its groups is not done yet), or an operator that computes across channels reads them
+    (LayerNorm, a softmax, a reduction: conservatively, whatever its axis)."""
+    fixed = {}
+    for space in a.spaces.values():
+        for sp, _ in space.view or ():
+            fixed.setdefault(sp, "a slice, split or channel shuffle reads it")
+    for node in a.model.graph.node:
+        grouped = node.op_type == "Conv" and any(at.name == "group" and at.i > 1 for at in node.attribute)
+        if node.op_type in ("Reshape", "Expand") or grouped or node.op_type in _ACROSS_CHANNELS:
+            why = (f"grouped Conv '{node.name}' (its groups keep their size)" if grouped else
+                   f"{node.op_type} '{node.name}' may spell out its width" if node.op_type in ("Reshape", "Expand")
+                   else f"{node.op_type} '{node.name}' mixes its channels (a merged feature kept twice would count "
+                        "twice)")
+            for name in list(node.input[:1]) + list(node.output[:1]):
+                ts = a.tensor_spaces.get(name)
+                if ts is not None:
+                    fixed.setdefault(ts.space, why)
+    return fixed
+
+
+def merged_width(a: Analysis, sid: int, width: float, fixed: dict) -> int:
     """round(W·F) merged features for space `sid` (per block for a grouped layer's contiguous equal blocks); F
-    where a view reads the space or its blocks are not contiguous and equal."""
+    where the width is fixed (`fixed_width_spaces`) or the blocks are not contiguous and equal."""
     space = a.spaces[sid]
     f = space.width
-    if width == 1.0 or sid in viewed:
+    if width == 1.0 or sid in fixed:
         return f
     labels = block_labels(f, space.partition or 1)
     groups = len(np.unique(labels))
@@ -809,11 +836,11 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, sta
     plan = ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names)
     spaces = zipped_spaces(a, trunk)
     points = merge_points(a, trunk)
-    viewed = viewed_spaces(a)
+    fixed = fixed_width_spaces(a) if width != 1.0 else {}
     card_spaces = []
     for sid in spaces:
         f = a.spaces[sid].width
-        target = merged_width(a, sid, width, viewed)
+        target = merged_width(a, sid, width, fixed)
         key = _space_key(sid, points[sid])
         correlation = _similarity(stats[key]) if opts.method in ("zip", "permute") else None
         matching = solve_blocks(opts.method, correlation, f, a.spaces[sid].partition or 1, n, opts.alpha, opts.beta,
@@ -824,8 +851,7 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, sta
             entry["merged_width"] = int(matching.merged_width)
         elif width != 1.0:
             entry["merged_width"] = f
-            entry["width_kept_because"] = ("a slice, split or channel shuffle reads it" if sid in viewed else
-                                           "its blocks are not contiguous and equal")
+            entry["width_kept_because"] = fixed.get(sid, "its blocks are not contiguous and equal")
         samples_seen = int(stats[key].count)
         # The N·F x N·F correlation of a space of width F needs more than N·F samples to be of full rank.
         thin = samples_seen < n * f
@@ -912,9 +938,9 @@ def configuration_cost(sources: Sources, trunk: set, width: float, kind: str, in
     surgery builds (no statistics are needed: the cost depends only on the widths)."""
     a = sources.a
     plan = ZipPlan(sources.analyses, sources.correspondences, trunk, {}, default_names(sources.num_models))
-    viewed = viewed_spaces(a)
+    fixed = fixed_width_spaces(a)
     for sid in zipped_spaces(a, trunk):
-        target = merged_width(a, sid, width, viewed)
+        target = merged_width(a, sid, width, fixed)
         plan.matchings[sid] = _shape_matching(a, sid, target, sources.num_models)
     return model_cost(build(plan).model, kind, input_shapes)
 

@@ -27,6 +27,12 @@ CALIB = os.path.join(MODELS, "data", "calib.npy")
 PAIRS = sorted(d for d in os.listdir(MODELS) if os.path.isfile(os.path.join(MODELS, d, "card.json")))
 
 
+def _members(folder):
+    """The model files of a bundled pair or group: a.onnx, b.onnx (, c.onnx, …)."""
+    files = [os.path.join(folder, f"{m}.onnx") for m in "abcdefgh"]
+    return [f for f in files if os.path.isfile(f)]
+
+
 @pytest.fixture
 def merged(merged_mlp):
     """The bundled MLP pair zipped on 300 calibration samples (60 held back): (path, MergeResult)."""
@@ -56,12 +62,13 @@ def _run(model, x):
 
 @pytest.mark.parametrize("pair", PAIRS)
 def test_config_of_every_bundled_pair_parses_as_triton_model_config(pair, tmp_path):
-    """Every bundled pair, merged (as an ensemble: the same inputs and heads as a zip, built without calibration),
-    deploys to a config that Triton's schema parses, that survives a round trip, and that says what the model is."""
+    """Every bundled pair (and group of N models), merged (as an ensemble: the same inputs and heads as a zip, built
+    without calibration), deploys to a config that Triton's schema parses, that survives a round trip, and that says
+    what the model is."""
     folder = os.path.join(MODELS, pair)
     out = tmp_path / "merged.onnx"
-    onnxzip.merge(os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx"), CALIB, str(out),
-                  method="ensemble", num_samples=10, verify=False, device="cpu")
+    members = _members(folder)
+    onnxzip.merge_models(members, CALIB, str(out), method="ensemble", num_samples=10, verify=False, device="cpu")
     result = deploy(str(out), tmp_path / "repo", name="zipped", card=os.path.join(folder, "card.json"),
                     max_batch_size=32, instances="gpu:2")
     config = parse_config(tmp_path / "repo" / "zipped" / "config.pbtxt")
@@ -71,8 +78,11 @@ def test_config_of_every_bundled_pair_parses_as_triton_model_config(pair, tmp_pa
     assert config.name == "zipped" and config.backend == "onnxruntime" and config.max_batch_size == 32
     assert [i.name for i in config.input] == ["input"] and list(config.input[0].dims) == _dims(model.graph.input[0])[1:]
     assert config.input[0].data_type == model_config_pb2.TYPE_FP32
-    assert [o.name for o in config.output] == ["a/logits", "b/logits"]
-    assert all(list(o.dims) == [5] and o.data_type == model_config_pb2.TYPE_FP32 for o in config.output)
+    with open(os.path.join(folder, "card.json"), encoding="utf-8") as f:
+        tasks = json.load(f)["tasks"]
+    assert [o.name for o in config.output] == [f"{t}/logits" for t in "abcdefgh"[:len(members)]]
+    assert all(list(o.dims) == [len(tasks[o.name.split("/")[0]])] and o.data_type == model_config_pb2.TYPE_FP32
+               for o in config.output)
     assert config.HasField("dynamic_batching")
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert config.instance_group[0].count == 2

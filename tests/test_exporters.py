@@ -261,3 +261,19 @@ def test_a_batchnorm_kept_export_merges_with_a_folded_one():
     res = onnxzip.merge(a, b, random_inputs("ts_folded", CALIB_SAMPLES, seed=0), method="permute")
     for head in ("a", "b"):
         assert_same(run(res.model, x)[f"{head}/logits"], want, f"mixed exports, {head}")
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_twin_merge_at_width_one_and_a_half_is_exact(name):
+    """--width 1.5 on every exporter's twins (zip without same-model merges keeps pairs of equal features): exact, and
+    every space whose width a Reshape, Expand or view fixes keeps it (the card says which and why)."""
+    a, b = load(name)
+    res = onnxzip.merge(a, b, random_inputs(name, CALIB_SAMPLES, seed=0), beta=0.0, width=1.5, refit="none")
+    x = random_inputs(name, 64, seed=987)
+    want, got = run(a, x), run(res.model, x)
+    for o in want:
+        for head in ("a", "b"):
+            assert_same(got[f"{head}/{o}"], want[o], f"{name} width 1.5 {head}/{o}")
+    for space in res.card["spaces"]:
+        assert space["merged_width"] >= space["width"]
+        assert (space["merged_width"] > space["width"]) != ("width_kept_because" in space), space
