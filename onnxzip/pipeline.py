@@ -947,7 +947,8 @@ def configuration_cost(sources: Sources, trunk: set, width: float, kind: str, in
 
 def budget_frontier(sources: Sources, opts: MergeOptions, input_shapes: dict) -> tuple:
     """([{stop_at, width, cost, fraction}, …], ensemble cost): for each stop point, the widest width on the
-    BUDGET_WIDTH_STEP grid whose merged model fits the budget. A UsageError, before any model runs, when none fits."""
+    BUDGET_WIDTH_STEP grid whose merged model fits the budget. The ensemble's cost is that of the models as merged
+    (BatchNorms folded, as `--method ensemble` writes them). A UsageError, before any model runs, when none fits."""
     kind, fraction = opts.budget.kind, opts.budget.fraction
     ensemble = sum(model_cost(model, kind, input_shapes) for model in sources.run_models)
     allowed = fraction * ensemble

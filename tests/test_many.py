@@ -229,3 +229,15 @@ def test_inspect_takes_n_models(strangers, tmp_path):
     assert ok.exit_code == 0 and "all 3 models match" in ok.output
     bad = CliRunner().invoke(cli, ["inspect", *paths])
     assert bad.exit_code == 4 and paths[3] in bad.output
+
+
+def test_params_budget_counts_parameters(strangers):
+    models = strangers
+    result = onnxzip.merge_models(models, F.calib(models[0], 320), budget=("params", 0.5), refit="none",
+                                  verify=False)
+    budget = result.card["budget"]
+    # the ensemble as onnxzip writes it (BatchNorms folded into the layers before them, as in every merge)
+    ensemble = onnxzip.merge_models(models, F.calib(models[0], 64), method="ensemble", verify=False).model
+    assert budget["kind"] == "params" and budget["ensemble_cost"] == count_parameters(ensemble)
+    assert count_parameters(result.model) == budget["chosen"]["cost"] <= 0.5 * budget["ensemble_cost"]
+    assert budget["candidates"] and all(c["cost"] <= 0.5 * budget["ensemble_cost"] for c in budget["candidates"])
