@@ -157,6 +157,10 @@ def write_report(out_dir, meta, runs):
              "refit on (the default). Ratios are to the ensemble of the same group (the N models side by side) in "
              "the same run; *tasks* is the mean over tasks of the task accuracy ÷ the ensemble's.", "",
              f"Command: `{meta['command']}`", ""]
+    for source in meta.get("runs") or []:
+        lines += [f"- runs from `{source['command']}` on {source['date']} ({source['revision']})"]
+    if meta.get("runs"):
+        lines.append("")
     groups = list(dict.fromkeys(r["group"] for r in runs))
     archs = list(dict.fromkeys((r["arch"], r["num_models"]) for r in runs))
     lines += ["## Mean over seeds", "", "| arch | N | row | joint % | ÷ ens. joint | ÷ ens. tasks | MACs ÷ ens. | "
@@ -202,8 +206,12 @@ def plot(path, runs) -> str:
     except ImportError:
         return "(no plot: matplotlib is not installed)"
     groups = list(dict.fromkeys(r["group"] for r in runs))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, g in zip(axes[0], groups):
+    cols = min(4, len(groups))
+    rows_n = (len(groups) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.6 * rows_n), squeeze=False)
+    for ax in axes.ravel()[len(groups):]:
+        ax.axis("off")
+    for ax, g in zip(axes.ravel(), groups):
         rows = [r for r in runs if r["group"] == g and not r["method"].startswith("model_")]
         for kind, marker, sel in (
                 ("stop point", "o", [r for r in rows if r["label"].startswith("zip stop")]),
@@ -235,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-budget", action="store_true", help="skip the budget rows")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"))
     p.add_argument("--resume", action="store_true", help="keep the groups already in <out>/results/many.json")
+    p.add_argument("--add", nargs="*", default=[], help="many.json files of other runs whose runs join this report")
     args = p.parse_args(argv)
     calib = np.load(os.path.join(args.models, "data", "calib.npy"))
     x, y, test_set = load_test_set(args.eval)
@@ -245,9 +254,17 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     runs = []
     path = os.path.join(args.out, "results", "many.json")
+    meta["runs"] = []  # the runs whose figures this report keeps (--resume, --add)
     if args.resume and os.path.exists(path):
         with open(path) as f:
-            runs = json.load(f)["runs"]
+            kept = json.load(f)
+        runs = kept["runs"]
+        meta["runs"] = kept["meta"].get("runs") or [kept["meta"]]
+    for extra in args.add:
+        with open(extra) as f:
+            other = json.load(f)
+        runs += [r for r in other["runs"] if r["group"] not in {x["group"] for x in runs}]
+        meta["runs"] += other["meta"].get("runs") or [other["meta"]]
     done = {r["group"] for r in runs}
     for g in groups:
         if g in done:
