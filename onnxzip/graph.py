@@ -1146,6 +1146,21 @@ def _slice(w: _Walk, node):
     return "carrier", None, x, out
 
 
+def _split_sizes(w: _Walk, node, size: int, n: int) -> list:
+    """A Split's output sizes along an axis of `size`: the `split` attribute or input (a constant), else n equal
+    chunks, the last one smaller (opset 18's num_outputs)."""
+    sizes = w.attr(node, "split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        value = w.value(node.input[1])
+        if value is None:
+            raise _Unsupported(f"its split sizes '{node.input[1]}' are computed from the data")
+        sizes = [int(v) for v in np.asarray(value).reshape(-1)]
+    if sizes is None:
+        chunk = -(-size // n)
+        sizes = [min(chunk, size - k * chunk) for k in range(n)]
+    return sizes
+
+
 def _split(w: _Walk, node):
     """Split: along other axes every output carries the space; along the channel axis each output is a view of its
     range of channels."""
@@ -1155,15 +1170,7 @@ def _split(w: _Walk, node):
     outputs = [o for o in node.output]
     if x.heads and axis in x.axes:
         size = w.shape(node.input[0])[axis]
-        sizes = w.attr(node, "split")
-        if sizes is None and len(node.input) > 1 and node.input[1]:
-            value = w.value(node.input[1])
-            if value is None:
-                raise _Unsupported(f"its split sizes '{node.input[1]}' are computed from the data")
-            sizes = [int(v) for v in np.asarray(value).reshape(-1)]
-        if sizes is None:
-            chunk = -(-size // len(outputs))
-            sizes = [min(chunk, size - k * chunk) for k in range(len(outputs))]
+        sizes = _split_sizes(w, node, size, len(outputs))
         if sum(sizes) != size or len(sizes) != len(outputs):
             raise _Unsupported(f"splits {size} heads into {list(sizes)}")
         start = 0
@@ -1178,16 +1185,7 @@ def _split(w: _Walk, node):
                 w.set_space(o, x)
         return "carrier", None, x, x
     size = w.width(x) * x.expand
-    sizes = w.attr(node, "split")
-    if sizes is None and len(node.input) > 1 and node.input[1]:
-        value = w.value(node.input[1])
-        if value is None:
-            raise _Unsupported(f"its split sizes '{node.input[1]}' are computed from the data")
-        sizes = [int(v) for v in np.asarray(value).reshape(-1)]
-    if sizes is None:
-        n = len(outputs)
-        chunk = -(-size // n)  # opset 18's num_outputs: equal chunks, the last one smaller
-        sizes = [min(chunk, size - k * chunk) for k in range(n)]
+    sizes = _split_sizes(w, node, size, len(outputs))
     if sum(sizes) != size or len(sizes) != len(outputs):
         raise _Unsupported(f"splits {size} channels into {list(sizes)}")
     start = 0

@@ -198,21 +198,20 @@ BUDGET_KINDS = ("params", "macs")
 
 def parse_budget(value) -> Budget | None:
     """None, a `Budget`, 'macs=R' / 'params=R' or a (kind, R) pair, R > 0 a fraction of the ensemble's cost."""
-    if value is None or isinstance(value, Budget):
-        kind, fraction = (None, None) if value is None else (value.kind, value.fraction)
-        if value is None:
-            return None
+    if value is None:
+        return None
+    kind = fraction = None
+    if isinstance(value, Budget):
+        kind, fraction = value.kind, value.fraction
     elif isinstance(value, str):
-        kind, sep, text = value.strip().partition("=")
+        text, sep, number = value.strip().partition("=")
+        kind = text.strip().lower()
         try:
-            fraction = float(text) if sep else None
+            fraction = float(number) if sep else None
         except ValueError:
-            fraction = None
-        kind = kind.strip().lower()
+            pass
     elif isinstance(value, (tuple, list)) and len(value) == 2:
         kind, fraction = value
-    else:
-        kind = fraction = None
     if (kind not in BUDGET_KINDS or not _is_real(fraction) or not math.isfinite(fraction) or fraction <= 0):
         raise UsageError(f"--budget must be params=R or macs=R with R > 0 a fraction of the ensemble's cost "
                          f"(e.g. macs=0.5), got {value!r}")
@@ -809,11 +808,22 @@ def merged_width(a: Analysis, sid: int, width: float, fixed: dict) -> int:
     f = space.width
     if width == 1.0 or sid in fixed:
         return f
+    groups = _contiguous_blocks(a, sid)
+    if groups is None:
+        return f
+    return groups * max(1, int(math.floor(width * f / groups + 0.5)))
+
+
+def _contiguous_blocks(a: Analysis, sid: int) -> int | None:
+    """The number of blocks of space `sid` when they are contiguous and equal (1 for an unpartitioned space), else
+    None."""
+    space = a.spaces[sid]
+    f = space.width
     labels = block_labels(f, space.partition or 1)
     groups = len(np.unique(labels))
     if groups > 1 and (f % groups or not np.array_equal(labels, np.arange(f) // (f // groups))):
-        return f
-    return groups * max(1, int(math.floor(width * f / groups + 0.5)))
+        return None
+    return groups
 
 
 @dataclass
@@ -920,17 +930,12 @@ def _shape_matching(a: Analysis, sid: int, target: int, n: int):
     f = a.spaces[sid].width
     if target == f:
         return solve_blocks("average", None, f, a.spaces[sid].partition or 1, n)
-    groups = merged_width_groups(a, sid)
+    groups = _contiguous_blocks(a, sid)  # not None: merged_width widened the space
     per_block, size = target // groups, f // groups
     stacked = np.arange(n * size)
     clusters = np.concatenate([np.concatenate([b * per_block + stacked[m * size:(m + 1) * size] % per_block
                                                for b in range(groups)]) for m in range(n)])
     return matching_from_clusters(clusters, n, target)
-
-
-def merged_width_groups(a: Analysis, sid: int) -> int:
-    space = a.spaces[sid]
-    return len(np.unique(block_labels(space.width, space.partition or 1)))
 
 
 def configuration_cost(sources: Sources, trunk: set, width: float, kind: str, input_shapes: dict) -> int:
