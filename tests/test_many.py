@@ -241,3 +241,13 @@ def test_params_budget_counts_parameters(strangers):
     assert budget["kind"] == "params" and budget["ensemble_cost"] == count_parameters(ensemble)
     assert count_parameters(result.model) == budget["chosen"]["cost"] <= 0.5 * budget["ensemble_cost"]
     assert budget["candidates"] and all(c["cost"] <= 0.5 * budget["ensemble_cost"] for c in budget["candidates"])
+
+
+def test_budget_without_samples_to_hold_back_and_models_not_a_list_are_clear_errors(strangers, monkeypatch):
+    from onnxzip.errors import CalibrationDataError
+
+    _no_model_runs(monkeypatch)
+    with pytest.raises(CalibrationDataError, match="too few calibration samples .* --budget"):
+        onnxzip.merge_models(strangers, F.calib(strangers[0], 4), budget="macs=0.9")
+    with pytest.raises(UsageError, match="list of model paths"):
+        onnxzip.merge_models(strangers[0], F.calib(strangers[0], 64))
