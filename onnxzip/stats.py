@@ -1,24 +1,25 @@
-"""Running float64 statistics of feature vectors: the input of the solver.
+"""Running statistics of feature vectors: the input of the solver.
 
 ZIPIT.md, "Statistics": for each feature space, stack the models' features into one vector and collect, over every
 calibration sample, the mean and the covariance, from which the correlation matrix the matcher works on follows.
-`FeatureStats` keeps only running sums (count, sum, sum of squares, sum of outer products), so memory is O(D²)
-whatever the number of samples, and batches from several runs (or several tensors of one space) can be combined.
+`FeatureStats` keeps only the count, the mean and the co-moment (the sum of outer products of the deviations from
+the mean), so memory is O(D²) whatever the number of samples, and batches from several runs (or several tensors of
+one space, or several workers) combine exactly (Chan, Golub & LeVeque's pairwise update).
 
-Precision: the moments are taken from raw sums, `cov = E[x xᵀ] - E[x] E[x]ᵀ`. This cancels badly when a feature's
-mean is large compared to its spread (huge activations): the relative error of a variance is roughly
-float64 epsilon × (mean² / variance) × a factor growing with the sample count. Post-activation features of trained
-networks are far from that regime; features whose variance is lost in that noise are treated as constant by
-`correlation` (see there).
+Precision: the mean is summed in float64, and each batch is shifted by its own mean before its outer products
+are taken, in float64, so they never cancel (a feature with a large mean and a small spread keeps its variance).
+Float64 products are not only about accuracy here: merging permuted twins relies on exact ties (a feature and its
+copy correlate exactly 1, in every pair), and float32 products would break those ties at the 1e-7 level and send
+the greedy N-model zip down another path. The cost is bounded instead by using fewer rows (`calibration`'s
+StatsSampling): a seeded subsample where a space has far more rows than features.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# A feature whose variance is below this fraction of its second moment E[x²] is indistinguishable from a constant
-# in float64 raw-sum arithmetic (cancellation noise is ~1e-16 × E[x²] per operation, amplified by summation over
-# many samples), so `correlation` treats it as constant instead of dividing noise by noise.
+# A feature whose variance is below this fraction of its second moment E[x²] carries no more than rounding noise,
+# so `correlation` treats it as constant instead of dividing noise by noise.
 _RELATIVE_VARIANCE_FLOOR = 1e-10
 
 
@@ -30,15 +31,15 @@ class FeatureStats:
     width:
         D, the number of features per sample.
     full:
-        Also keep the D×D sum of outer products, needed for `covariance` and `correlation`. With ``full=False``
-        only the per-feature mean and variance are available (memory O(D)).
+        Also keep the D×D co-moment, needed for `covariance` and `correlation`. With ``full=False`` only the
+        per-feature mean and variance are available (memory O(D)).
 
     Attributes
     ----------
     count: number of samples seen.
-    sum: (D,) sum of samples.
-    sum_sq: (D,) sum of squared samples.
-    sum_outer: (D, D) sum of outer products ``x xᵀ``, or None when not ``full``.
+    mean: (D,) the mean (see the property).
+    m2_diag: (D,) sum of squared deviations from the mean.
+    m2: (D, D) sum of outer products of the deviations from the mean, or None when not ``full``.
     """
 
     def __init__(self, width: int, full: bool = True):
@@ -47,9 +48,9 @@ class FeatureStats:
         self.width = int(width)
         self.full = bool(full)
         self.count = 0
-        self.sum = np.zeros(self.width, dtype=np.float64)
-        self.sum_sq = np.zeros(self.width, dtype=np.float64)
-        self.sum_outer = np.zeros((self.width, self.width), dtype=np.float64) if self.full else None
+        self._mean = np.zeros(self.width, dtype=np.float64)
+        self.m2_diag = np.zeros(self.width, dtype=np.float64)
+        self.m2 = np.zeros((self.width, self.width), dtype=np.float64) if self.full else None
 
     def __repr__(self) -> str:
         return f"FeatureStats(width={self.width}, full={self.full}, count={self.count})"
@@ -76,29 +77,43 @@ class FeatureStats:
                 f"FeatureStats.update got {bad} non-finite value(s) (NaN or inf) among {x.size}; "
                 "check the calibration inputs and the model's numerics"
             )
-        if x.shape[0] == 0:
+        n = x.shape[0]
+        if n == 0:
             return self
-        self.count += x.shape[0]
-        self.sum += x.sum(axis=0)
-        self.sum_sq += np.einsum("sd,sd->d", x, x)
+        batch_mean = x.sum(axis=0) / n
+        # deviations from the batch mean; their own mean `s` (what rounding leaves) is taken out of the co-moment
+        xc = x - batch_mean
+        s = xc.sum(axis=0) / n
+        batch_m2_diag = np.einsum("sd,sd->d", xc, xc) - n * s * s
         if self.full:
-            self.sum_outer += x.T @ x
+            batch_m2 = xc.T @ xc - n * np.outer(s, s)
+            self._combine(n, batch_mean, batch_m2_diag, batch_m2)
+        else:
+            self._combine(n, batch_mean, batch_m2_diag, None)
         return self
+
+    def _combine(self, n: int, mean: np.ndarray, m2_diag: np.ndarray, m2: np.ndarray | None) -> None:
+        """Add n samples summarised by their mean and co-moments (Chan et al.'s pairwise formula)."""
+        total = self.count + n
+        delta = mean - self._mean
+        weight = self.count * n / total
+        self._mean = self._mean + delta * (n / total)
+        self.m2_diag = self.m2_diag + m2_diag + weight * delta * delta
+        if self.full:
+            self.m2 = self.m2 + m2 + weight * np.outer(delta, delta)
+        self.count = total
 
     def merge_from(self, other: "FeatureStats") -> "FeatureStats":
         """Add the samples summarised by another FeatureStats of the same width (e.g. another tensor of the same
-        feature space). Returns self."""
+        feature space, or another worker's share of the samples). Returns self."""
         if not isinstance(other, FeatureStats):
             raise ValueError(f"FeatureStats.merge_from expects a FeatureStats, got {type(other).__name__}")
         if other.width != self.width:
             raise ValueError(f"cannot merge FeatureStats of width {other.width} into one of width {self.width}")
         if self.full and not other.full:
             raise ValueError("cannot merge a FeatureStats without outer products (full=False) into a full one")
-        self.count += other.count
-        self.sum += other.sum
-        self.sum_sq += other.sum_sq
-        if self.full:
-            self.sum_outer += other.sum_outer
+        if other.count:
+            self._combine(other.count, other._mean, other.m2_diag, other.m2 if self.full else None)
         return self
 
     def _require_samples(self) -> None:
@@ -113,27 +128,26 @@ class FeatureStats:
     def mean(self) -> np.ndarray:
         """(D,) mean of each feature."""
         self._require_samples()
-        return self.sum / self.count
+        return self._mean.copy()
 
     def second_moment(self) -> np.ndarray:
         """(D,) E[x²] of each feature."""
-        self._require_samples()
-        return self.sum_sq / self.count
+        return self.variance() + self.mean ** 2
 
     def variance(self) -> np.ndarray:
-        """(D,) population variance E[x²] - E[x]², clipped at 0 (cancellation can make it slightly negative)."""
-        mean = self.mean
-        return np.maximum(self.sum_sq / self.count - mean * mean, 0.0)
+        """(D,) population variance, clipped at 0 (rounding can leave a constant's slightly negative)."""
+        self._require_samples()
+        return np.maximum(self.m2_diag / self.count, 0.0)
 
     def std(self) -> np.ndarray:
         """(D,) population standard deviation."""
         return np.sqrt(self.variance())
 
     def covariance(self) -> np.ndarray:
-        """(D, D) population covariance E[x xᵀ] - E[x] E[x]ᵀ, symmetric, diagonal clipped at 0."""
+        """(D, D) population covariance, symmetric, diagonal clipped at 0."""
         self._require_full("covariance")
-        mean = self.mean
-        cov = self.sum_outer / self.count - np.outer(mean, mean)
+        self._require_samples()
+        cov = self.m2 / self.count
         cov = 0.5 * (cov + cov.T)  # exact symmetry, whatever order the BLAS summed in
         np.fill_diagonal(cov, np.maximum(np.diag(cov), 0.0))
         return cov

@@ -22,16 +22,32 @@ def _fed_in_batches(x, sizes=(1, 7, 300, 0, 150)):
     return stats
 
 
-def test_batched_moments_match_numpy():
-    x = _random_features()
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batched_moments_match_numpy(dtype):
+    x = _random_features().astype(dtype)
     stats = _fed_in_batches(x)
     x64 = x.astype(np.float64)
+    tol = 1e-9
     assert stats.count == len(x)
     np.testing.assert_allclose(stats.mean, x64.mean(axis=0), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(stats.variance(), x64.var(axis=0), rtol=1e-9)
-    np.testing.assert_allclose(stats.std(), x64.std(axis=0), rtol=1e-9)
-    np.testing.assert_allclose(stats.covariance(), np.cov(x64, rowvar=False, bias=True), rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(stats.correlation(), np.corrcoef(x64, rowvar=False), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats.variance(), x64.var(axis=0), rtol=tol)
+    np.testing.assert_allclose(stats.std(), x64.std(axis=0), rtol=tol)
+    cov = np.cov(x64, rowvar=False, bias=True)
+    np.testing.assert_allclose(stats.covariance(), cov, rtol=tol, atol=tol * np.abs(cov).max())
+    np.testing.assert_allclose(stats.correlation(), np.corrcoef(x64, rowvar=False), rtol=tol, atol=tol)
+
+
+def test_large_mean_small_spread_keeps_its_variance():
+    """Raw sums (E[x²] - E[x]²) lose a variance 1e-8 of the squared mean; shifting by the batch mean does not."""
+    rng = np.random.default_rng(7)
+    x = 1e4 + rng.normal(size=(20000, 3)) * [1.0, 0.5, 2.0]
+    x[:, 1] += 0.8 * x[:, 0]
+    for dtype in (np.float64, np.float32):
+        xs = x.astype(dtype)
+        stats = _fed_in_batches(xs, sizes=(5000, 5000, 5000))
+        x64 = xs.astype(np.float64)
+        np.testing.assert_allclose(stats.variance(), x64.var(axis=0), rtol=1e-9)
+        np.testing.assert_allclose(stats.correlation(), np.corrcoef(x64, rowvar=False), atol=1e-9)
 
 
 def test_merge_from_equals_one_shot():
@@ -42,17 +58,25 @@ def test_merge_from_equals_one_shot():
     merged = first.merge_from(second)
     assert merged is first
     assert merged.count == one_shot.count
-    np.testing.assert_allclose(merged.sum, one_shot.sum, rtol=1e-12)
-    np.testing.assert_allclose(merged.sum_sq, one_shot.sum_sq, rtol=1e-12)
-    np.testing.assert_allclose(merged.sum_outer, one_shot.sum_outer, rtol=1e-12)
+    np.testing.assert_allclose(merged.mean, one_shot.mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.variance(), one_shot.variance(), rtol=1e-12)
+    np.testing.assert_allclose(merged.covariance(), one_shot.covariance(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(merged.correlation(), one_shot.correlation(), rtol=1e-10, atol=1e-12)
+    # in float64, splitting the samples changes nothing but rounding
+    x64 = x.astype(np.float64)
+    halves = FeatureStats(x.shape[1]).update(x64[:400]).merge_from(FeatureStats(x.shape[1]).update(x64[400:]))
+    np.testing.assert_allclose(halves.covariance(), FeatureStats(x.shape[1]).update(x64).covariance(), rtol=1e-12,
+                               atol=1e-12)
 
 
 def test_diagonal_only_stats():
     x = _random_features(seed=2)
     stats = FeatureStats(x.shape[1], full=False).update(x)
-    assert stats.sum_outer is None
+    assert stats.m2 is None
     np.testing.assert_allclose(stats.variance(), x.astype(np.float64).var(axis=0), rtol=1e-9)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(FeatureStats(x.shape[1], full=False).update(x64).variance(), x64.var(axis=0),
+                               rtol=1e-12)
     with pytest.raises(ValueError, match="full=True"):
         stats.covariance()
     with pytest.raises(ValueError, match="full=True"):
@@ -114,5 +138,5 @@ def test_accepts_any_float_dtype():
     x = _random_features(seed=5, samples=64, width=3)
     for dtype in (np.float16, np.float32, np.float64):
         stats = FeatureStats(3).update(x.astype(dtype))
-        assert stats.sum.dtype == np.float64
+        assert stats.mean.dtype == np.float64 and stats.m2.dtype == np.float64
         np.testing.assert_allclose(stats.mean, x.astype(dtype).astype(np.float64).mean(axis=0), rtol=1e-12)
