@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -507,8 +508,48 @@ class FeatureRequest:
     full: bool = True
 
 
-def _features(x: np.ndarray, request: FeatureRequest, model_index: int) -> np.ndarray:
-    """(samples, C) float64 features of one tensor: every index of every axis but the channel axis is a sample."""
+@dataclass
+class RowRequest:
+    """Rows of one tensor of every model to keep whole (the least-squares refit's targets): ``tensors[m]`` in model
+    m, channels on `axis`; each row (a sample, or a sample at one position) is kept as `select_rows(key, ...)`
+    draws it with probability `fraction`."""
+
+    key: int
+    tensors: list[str]
+    axis: int
+    fraction: float
+
+
+def select_rows(key: int, held: bool, lo: int, count: int, fraction: float, seed: int) -> np.ndarray:
+    """The rows of one batch (`count` rows, the first sample's index `lo`) kept at `fraction`, seeded by (`seed`,
+    `key`, `held`, `lo`) alone: every pass over the same samples draws the same rows, and the rows drawn at a smaller
+    fraction are a subset of those drawn at a larger one (a row is kept when its uniform draw is below the
+    fraction), so rows kept once at the largest fraction any later use needs serve every use."""
+    if fraction >= 1.0:
+        return np.arange(count)
+    rng = np.random.default_rng([seed, key, int(held), lo])
+    return np.flatnonzero(rng.random(count) < fraction)
+
+
+def subset_of_rows(key: int, held: bool, lo: int, count: int, kept: float, wanted: float, seed: int) -> np.ndarray:
+    """Where the rows `select_rows` draws at fraction `wanted` sit among those it draws at `kept` >= `wanted`."""
+    if wanted >= 1.0 or kept <= wanted:
+        return np.arange(len(select_rows(key, held, lo, count, kept, seed)))
+    u = np.random.default_rng([seed, key, int(held), lo]).random(count)
+    return np.flatnonzero(u[u < kept] < wanted) if kept < 1.0 else np.flatnonzero(u < wanted)
+
+
+def as_rows(value: np.ndarray, axis: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """(rows, channels) of a tensor: every index of every axis but `axis` is a row, in C order; `rows` picks some
+    (gathered directly, without a copy of the whole tensor)."""
+    moved = np.moveaxis(value, axis, -1)
+    if rows is None:
+        return moved.reshape(-1, value.shape[axis])
+    return moved[np.unravel_index(rows, moved.shape[:-1])] if moved.ndim > 1 else moved[rows]
+
+
+def _channel_view(x: np.ndarray, request: FeatureRequest, model_index: int) -> tuple:
+    """(x with a flattened channel axis unfolded to (C, expand), the channel axis) for one request."""
     tensor = request.tensors[model_index]
     if x.ndim == 0 or not -x.ndim <= request.axis < x.ndim:
         raise MismatchError(
@@ -524,8 +565,21 @@ def _features(x: np.ndarray, request: FeatureRequest, model_index: int) -> np.nd
             )
         # channel-major flatten: index = c * expand + position
         x = x.reshape(x.shape[:axis] + (size // request.expand, request.expand) + x.shape[axis + 1 :])
-    channels = x.shape[axis]
-    return np.moveaxis(x, axis, -1).reshape(-1, channels).astype(np.float64, copy=False)
+    return x, axis
+
+
+@dataclass(frozen=True)
+class StatsSampling:
+    """Statistics from a seeded subsample of rows where a feature space has far more rows (samples x positions)
+    than it needs: each space keeps about max(`min_rows`, `rows_per_feature` x its stacked width) rows over the
+    calibration samples, drawn afresh in every batch (`select_rows`, seeded by `seed`)."""
+
+    min_rows: int = 100_000
+    rows_per_feature: int = 1000
+    seed: int = 0
+
+    def fraction(self, width: int, total_rows: int) -> float:
+        return min(1.0, max(self.min_rows, self.rows_per_feature * width) / max(total_rows, 1))
 
 
 def _progress_reporter(progress, total: int, desc: str):
@@ -567,66 +621,158 @@ def collect_stats(
     device: str = "auto",
     progress: bool | Callable[[int, int], None] = False,
     desc: str = "calibrating",
+    sampling: StatsSampling | None = None,
 ) -> dict[str, FeatureStats]:
     """Run `data` through every model and accumulate, for each request key, the features of models 0..N-1 side by
     side (a (samples, N*C) block per batch) into a `FeatureStats`. Requests sharing a key accumulate into the same
-    statistics. Memory does not depend on the number of samples.
+    statistics. Memory does not depend on the number of samples. `sampling`: every row, or a seeded subsample.
 
     `progress`: True for a progress bar on stderr, a callable ``progress(samples_done, total)``, or False.
     """
+    return run_sources(models, requests, data, batch_size, device, progress, desc, sampling=sampling).stats
+
+
+@dataclass
+class SourceRun:
+    """What one pass of the source models over the calibration samples gives: the feature statistics (calibration
+    part), the rows kept for the refit's targets (calibration and held-back parts) and the models' outputs on the
+    held-back part (the references verification compares the merged heads with)."""
+
+    stats: dict  # FeatureRequest key -> FeatureStats
+    # RowRequest key -> {False: calibration, True: held back} -> per batch (first sample, rows drawn from,
+    # [per model: the rows kept])
+    rows: dict
+    fractions: dict  # RowRequest key -> the fraction of rows kept
+    outputs: list | None  # per model, {graph output name: array over the held-back samples}
+    seed: int = 0
+
+
+def run_sources(
+    models: list[onnx.ModelProto],
+    requests: list[FeatureRequest],
+    data: CalibrationData,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool | Callable[[int, int], None] = False,
+    desc: str = "calibrating",
+    *,
+    rows: list | tuple = (),
+    held: CalibrationData | None = None,
+    outputs: bool = False,
+    seed: int = 0,
+    sampling: StatsSampling | None = None,
+    first: tuple = (0, 0),
+    fit_total: int | None = None,
+) -> SourceRun:
+    """One onnxruntime pass of every model over `data` and then `held`: statistics for `requests` (on `data`),
+    the rows `rows` ask for (`RowRequest`, on both, as float32) and, with `outputs`, every model's graph outputs on
+    `held`. Each model runs once per sample, whatever is asked of it.
+
+    A shard of a larger pass (distributed.py): `first` numbers the first sample of `data` and of `held` as in the
+    whole pass, and `fit_total` is the whole pass's number of calibration samples (rows are drawn by those)."""
     _check_requests(models, requests)
+    for request in rows:
+        if len(request.tensors) != len(models):
+            raise UsageError(f"row request {request.key!r} names {len(request.tensors)} tensor(s) for "
+                             f"{len(models)} model(s)")
     full_by_key: dict[str, bool] = {}
     for request in requests:
         full_by_key[request.key] = full_by_key.get(request.key, False) or request.full
+    parts = [(False, data)] + ([(True, held)] if held is not None and held.num_samples else [])
     sessions, fetches = [], []
     for m, model in enumerate(models):
-        names = list(dict.fromkeys(request.tensors[m] for request in requests))
-        sessions.append(make_session(expose_tensors(model, names), device))
-        fetches.append(names)
+        row_names = [request.tensors[m] for request in rows]
+        fit = list(dict.fromkeys([request.tensors[m] for request in requests] + row_names))
+        late = list(dict.fromkeys(row_names + ([o.name for o in model.graph.output] if outputs else [])))
+        names = list(dict.fromkeys(fit + late))
+        # spin=False: numpy works on each batch between runs, on the cores spinning threads would hold
+        sessions.append(make_session(expose_tensors(model, names), device, spin=False) if names else None)
+        fetches.append({False: fit, True: late})
     stats: dict[str, FeatureStats] = {}
     width_of: dict[str, tuple[int, str]] = {}  # key -> (width, the tensor that set it)
-    update, close = _progress_reporter(progress, data.num_samples, desc)
+    fractions: dict[tuple, float] = {}  # (request index) -> fraction of its rows used for statistics
+    kept_rows = {request.key: {False: [], True: []} for request in rows}
+    held_outputs = [{} for _ in models] if outputs else None
+    fitted = 0
+    update, close = _progress_reporter(progress, sum(part.num_samples for _, part in parts), desc)
     try:
-        for lo, feed in _numbered(data.batches(batch_size)):
-            samples = next(iter(feed.values())).shape[0]
-            outputs = []
-            for m, (session, names) in enumerate(zip(sessions, fetches)):
-                values = dict(zip(names, session.run(names, feed))) if names else {}
-                for name, value in values.items():
-                    if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                        raise VerificationError(
-                            f"model {m}: tensor {name!r} is not finite (NaN or inf) on calibration samples "
-                            f"{lo}..{lo + samples - 1} of {data.path}; the model or its inputs are broken"
-                        )
-                outputs.append(values)
-            for request in requests:
-                blocks = [_features(outputs[m][t], request, m) for m, t in enumerate(request.tensors)]
-                widths = {b.shape[1] for b in blocks}
-                if len(widths) > 1 or len({b.shape[0] for b in blocks}) > 1:
-                    shapes = ", ".join(f"model {m} {t!r} {outputs[m][t].shape}" for m, t in enumerate(request.tensors))
-                    raise MismatchError(f"feature space {request.key!r}: the models' tensors do not match ({shapes})")
-                block = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-                width = block.shape[1]
-                if request.key not in stats:
-                    stats[request.key] = FeatureStats(width, full=full_by_key[request.key])
-                    width_of[request.key] = (width, request.tensors[0])
-                elif width_of[request.key][0] != width:
-                    raise MismatchError(
-                        f"feature space {request.key!r}: tensor {request.tensors[0]!r} gives {width} features but "
-                        f"{width_of[request.key][1]!r} in the same space gave {width_of[request.key][0]}"
-                    )
-                stats[request.key].update(block)
-            update(samples)
+        for is_held, part in parts:
+            for lo, feed in _numbered(part.batches(batch_size), first[int(is_held)]):
+                samples = next(iter(feed.values())).shape[0]
+                values = []
+                for m, session in enumerate(sessions):
+                    names = fetches[m][is_held]
+                    got = dict(zip(names, session.run(names, feed))) if names else {}
+                    for name, value in got.items():
+                        # (a non-tensor output, ZipMap's list of dicts, is only kept as a reference)
+                        if isinstance(value, np.ndarray) and value.dtype.kind in "fc" and not np.isfinite(value).all():
+                            raise VerificationError(
+                                f"model {m}: tensor {name!r} is not finite (NaN or inf) on calibration samples "
+                                f"{lo}..{lo + samples - 1} of {part.path}; the model or its inputs are broken"
+                            )
+                    values.append(got)
+                if not is_held:
+                    fitted += samples
+                    for j, request in enumerate(requests):
+                        _add_features(stats, width_of, full_by_key, fractions, j, request, values, lo, samples,
+                                      fit_total or part.num_samples, sampling)
+                for request in rows:
+                    tensors = [values[m][t] for m, t in enumerate(request.tensors)]
+                    count = tensors[0].size // max(tensors[0].shape[request.axis], 1)
+                    chosen = select_rows(request.key, is_held, lo, count, request.fraction, seed)
+                    kept_rows[request.key][is_held].append(
+                        (lo, count, [as_rows(t, request.axis, chosen).astype(np.float32, copy=False) for t in tensors]))
+                if is_held and outputs:
+                    for m, model in enumerate(models):
+                        for o in model.graph.output:
+                            held_outputs[m].setdefault(o.name, []).append(values[m][o.name])
+                update(samples)
     finally:
         close()
-    if requests and not stats:
+    if (requests or rows) and not fitted:
         raise CalibrationDataError(f"{data.path}: no calibration samples to run (0 samples, or none fill a batch)")
-    return stats
+    if held_outputs is not None:
+        held_outputs = [{k: np.concatenate(v, axis=0) for k, v in out.items()} for out in held_outputs]
+    return SourceRun(stats, kept_rows, {request.key: request.fraction for request in rows}, held_outputs, seed)
 
 
-def _numbered(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(index of the first sample, batch) pairs."""
-    lo = 0
+def _add_features(stats, width_of, full_by_key, fractions, j, request, values, lo, samples, num_samples,
+                  sampling) -> None:
+    """Feed one request's features of every model, side by side, into its statistics (a seeded subsample of the
+    rows under `sampling`)."""
+    views = [_channel_view(values[m][t], request, m) for m, t in enumerate(request.tensors)]
+    if len({v.shape for v, _ in views}) > 1:
+        shapes = ", ".join(f"model {m} {t!r} {values[m][t].shape}" for m, t in enumerate(request.tensors))
+        raise MismatchError(f"feature space {request.key!r}: the models' tensors do not match ({shapes})")
+    x, axis = views[0]
+    channels = x.shape[axis]
+    count = x.size // max(channels, 1)
+    chosen = None
+    if sampling is not None:
+        if j not in fractions:
+            positions = count / max(samples, 1)
+            fractions[j] = sampling.fraction(channels * len(views), int(positions * num_samples))
+        if fractions[j] < 1.0:
+            key = zlib.crc32(f"{request.key}#{j}".encode())
+            chosen = select_rows(key, False, lo, count, fractions[j], sampling.seed)
+    # float32 and float64 features are taken as they are (FeatureStats multiplies float32 in float32)
+    blocks = [as_rows(v, ax, chosen) for v, ax in views]
+    blocks = [b if b.dtype in (np.float32, np.float64) else b.astype(np.float64) for b in blocks]
+    block = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+    width = block.shape[1]
+    if request.key not in stats:
+        stats[request.key] = FeatureStats(width, full=full_by_key[request.key])
+        width_of[request.key] = (width, request.tensors[0])
+    elif width_of[request.key][0] != width:
+        raise MismatchError(
+            f"feature space {request.key!r}: tensor {request.tensors[0]!r} gives {width} features but "
+            f"{width_of[request.key][1]!r} in the same space gave {width_of[request.key][0]}"
+        )
+    stats[request.key].update(block)
+
+
+def _numbered(batches: Iterator[dict[str, np.ndarray]], lo: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(index of the first sample, batch) pairs, the first batch's first sample numbered `lo`."""
     for batch in batches:
         yield lo, batch
         lo += next(iter(batch.values())).shape[0]

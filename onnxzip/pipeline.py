@@ -33,14 +33,14 @@ import onnx
 from onnx import numpy_helper
 
 from . import __version__
-from .calibration import (CalibrationData, FeatureRequest, calibration_from_arrays, collect_stats, input_specs,
-                          load_calibration, run_model)
+from .calibration import (CalibrationData, FeatureRequest, SourceRun, StatsSampling, calibration_from_arrays,
+                          input_specs, load_calibration, run_model, run_sources)
 from .errors import (CalibrationDataError, ModelError, OutputError, UnsupportedModelError, UsageError,
                      VerificationError)
 from .evaluate import count_macs, count_parameters
 from .graph import Analysis, analyse, match, stop_points, trunk_nodes, unsupported_report
 from .onnx_io import check_model
-from .refit import REFIT_METHODS, refit as refit_layers
+from .refit import REFIT_METHODS, refit as refit_layers, target_row_requests
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
 from .runtime import onnxruntime_errors
 from .solver import block_labels, matching_from_clusters, solve_blocks
@@ -72,6 +72,11 @@ CORRELATION_DECIMALS = 9
 # Measured figures in the card are rounded to this many significant digits, so the card mirrored in the model's
 # metadata (and so the model file) does not change with the last bits of onnxruntime's arithmetic either.
 CARD_DIGITS = 6
+# Correlation statistics from a seeded subsample of rows where a space has far more rows (samples x positions) than
+# it needs (calibration.StatsSampling: about max(100,000, 1,000 x stacked width) rows per space).
+STATS_SAMPLING = StatsSampling()
+# Seeds the rows the refit draws (--seed only picks the calibration samples).
+REFIT_SEED = 0
 
 
 @dataclass
@@ -243,12 +248,14 @@ class MergeOptions:
     repair_targets: str = "measured"
     fp16: bool = False
     progress: object = False
+    ray: str | None = None
+    ray_workers: int | None = None
 
     @classmethod
     def checked(cls, num_models: int, *, method="zip", alpha=0.3, beta=0.125, stop_at=None, width=None, budget=None,
                 num_samples=None, batch_size=64, device="auto", names=None, seed=0, force=False, repair=True,
                 verify=True, strict=False, fold_batchnorm=True, refit="ls", repair_targets="measured", fp16=False,
-                progress=False) -> "MergeOptions":
+                progress=False, ray=None, ray_workers=None) -> "MergeOptions":
         if not isinstance(method, str) or method not in METHODS:
             raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if not _is_real(alpha) or not math.isfinite(alpha):
@@ -270,6 +277,12 @@ class MergeOptions:
             raise UsageError(f"--refit must be one of {', '.join(REFIT_METHODS)}, got {refit!r}")
         if not isinstance(repair_targets, str) or repair_targets not in REPAIR_TARGETS:
             raise UsageError(f"--repair-targets must be one of {', '.join(REPAIR_TARGETS)}, got {repair_targets!r}")
+        if ray is not None and (not isinstance(ray, str) or not ray.strip()):
+            raise UsageError(f"--ray must be 'local', 'auto' or a Ray cluster address, got {ray!r}")
+        if ray_workers is not None and (not _is_int(ray_workers) or ray_workers < 1):
+            raise UsageError(f"--ray-workers must be a whole number >= 1, got {ray_workers!r}")
+        if ray_workers is not None and ray is None:
+            raise UsageError("--ray-workers needs --ray (local, auto or a cluster address)")
         stop_at = _check_stop_at(stop_at)
         budget = parse_budget(budget)
         if width is not None and (not _is_real(width) or not math.isfinite(width) or not 1 <= width <= num_models):
@@ -291,7 +304,9 @@ class MergeOptions:
                    verify=_check_flag("verify", verify), strict=_check_flag("strict", strict),
                    fold_batchnorm=_check_flag("fold_batchnorm", fold_batchnorm), refit=refit,
                    repair_targets=repair_targets, fp16=_check_flag("fp16", fp16),
-                   progress=progress if callable(progress) else bool(progress))
+                   progress=progress if callable(progress) else bool(progress),
+                   ray=None if ray is None else ray.strip(), ray_workers=None if ray_workers is None
+                   else int(ray_workers))
 
 
 def _check_stop_at(stop_at):
@@ -475,6 +490,7 @@ def merge_models(models, data, output=None, *, method: str = "zip", alpha: float
                  batch_size: int = 64, device: str = "auto", names=None, seed: int = 0, force: bool = False,
                  repair: bool = True, verify: bool = True, strict: bool = False, fold_batchnorm: bool = True,
                  refit: str = "ls", repair_targets: str = "measured", fp16: bool = False, progress=False,
+                 ray: str | None = None, ray_workers: int | None = None,
                  logger: logging.Logger | None = None) -> MergeResult:
     """Merge N >= 2 models of the same architecture trained on different tasks into one (ZipIt!).
 
@@ -497,6 +513,12 @@ def merge_models(models, data, output=None, *, method: str = "zip", alpha: float
     the float32 merge on the held-back samples (the card's "fp16": top-1 agreement and max relative error per head);
     below `onnxzip.deploy.FP16_MIN_AGREEMENT` on a head it is a `VerificationError`, unless `force`.
 
+    ray: shard the pass of the source models over the calibration samples (statistics, the refit's targets,
+    verification's references) over the workers of a Ray cluster: 'local' (a private local cluster with
+    `ray_workers` CPUs), 'auto' (the cluster Ray finds, else a local one) or a cluster address; `ray_workers`
+    shards (default: one per CPU of the cluster). The merge equals the single-process one to float64 rounding
+    (`pip install 'onnxzip[distributed]'`).
+
     Every problem raises an `onnxzip.errors.OnnxzipError` subclass (whose `exit_code` the CLI returns) and leaves
     no file behind; problems with the options, files, models and data are found before any model runs.
     `verify` (default) fails the run with `VerificationError` if the merged model's outputs are not finite or a
@@ -515,7 +537,7 @@ def merge_models(models, data, output=None, *, method: str = "zip", alpha: float
                                 budget=budget, num_samples=num_samples, batch_size=batch_size, device=device,
                                 names=names, seed=seed, force=force, repair=repair, verify=verify, strict=strict,
                                 fold_batchnorm=fold_batchnorm, refit=refit, repair_targets=repair_targets, fp16=fp16,
-                                progress=progress)
+                                progress=progress, ray=ray, ray_workers=ray_workers)
     output = _check_output(output, opts.force)
     sources = read_models(models, data, output, opts)
     unmerged = _check_structure(sources, opts, logger)
@@ -533,17 +555,18 @@ def merge_models(models, data, output=None, *, method: str = "zip", alpha: float
     nothing_zipped = _nothing_zipped(sources, opts, trunks[plans[0][0]], logger)
     times["analyse"] = time.perf_counter() - t0
 
-    # 2. statistics: one pass of every model over the calibration samples, for every trunk to try
+    # 2. one pass of every model over the samples: statistics (for every trunk to try), the refit's targets and
+    # verification's references
     t = time.perf_counter()
-    stats = _statistics(sources, samples, list(trunks.values()), opts, logger)
+    run = _source_pass(sources, samples, list(trunks.values()), [w for _, w in plans], opts, logger)
     times["calibrate"] = time.perf_counter() - t
 
     # 3. matching, surgery, repair or refit (per configuration to try, under a budget)
     if budget_report is None:
         stop, w = plans[0]
-        zipped = zip_models(sources, samples, trunks[stop], w, stats, opts, logger, times)
+        zipped = zip_models(sources, samples, trunks[stop], w, run, opts, logger, times)
     else:
-        zipped = _choose_under_budget(sources, samples, plans, trunks, stats, opts, logger, times, budget_report)
+        zipped = _choose_under_budget(sources, samples, plans, trunks, run, opts, logger, times, budget_report)
         nothing_zipped = _nothing_zipped(sources, opts, zipped.plan.trunk, logger)
     merged = zipped.surgery.model
 
@@ -556,8 +579,10 @@ def merge_models(models, data, output=None, *, method: str = "zip", alpha: float
     verification = {}
     if opts.verify:
         t = time.perf_counter()
+        # the sources' outputs on the held-back samples come from the calibration pass where it ran over them
+        references = run.outputs if samples.verify is not None else None
         verification = _verify(merged, sources.run_models, opts.names, samples.verify or samples.fit,
-                               opts.batch_size, opts.device)
+                               opts.batch_size, opts.device, references)
         verification["held_back"] = samples.verify is not None
         times["verify"] = time.perf_counter() - t
         for head in verification["heads"]:
@@ -742,9 +767,11 @@ def _space_key(sid: int, points: list) -> str:
     return f"space:{sid}:" + "|".join(points)
 
 
-def _statistics(sources: Sources, samples: Samples, trunks: list, opts: MergeOptions, logger) -> dict:
-    """Correlation statistics of every feature space zipped in any of `trunks`, at its merge points there: one
-    onnxruntime pass of every model over the calibration samples."""
+def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list, opts: MergeOptions,
+                 logger) -> SourceRun:
+    """One onnxruntime pass of every model over the calibration samples and then the held-back ones: the
+    correlation statistics of every feature space zipped in any of `trunks` (at its merge points there), the rows
+    of the refit's targets, and every model's outputs on the held-back samples (verification's references)."""
     a = sources.a
     requests, spaces = {}, set()
     for trunk in trunks:
@@ -759,11 +786,29 @@ def _statistics(sources: Sources, samples: Samples, trunks: list, opts: MergeOpt
                 names = [name] + [c.tensors[name] for c in sources.correspondences[1:]]  # every model's name
                 requests.setdefault(key, []).append(FeatureRequest(key, names, ts.axis, ts.expand))
     if not requests:
-        return {}
-    logger.info("calibrating on %d samples (%d feature spaces)", samples.fit.num_samples, len(spaces))
+        return SourceRun({}, {}, {}, None)
+    held = samples.held
+    rows = []
+    if opts.refit == "ls" and opts.method != "ensemble":
+        plans = [ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names) for trunk in trunks]
+        rows = target_row_requests(plans, samples.fit.num_samples, held.num_samples if held is not None else 0,
+                                   max(widths))
+    outputs = held is not None and (opts.verify or opts.budget is not None)
+    logger.info("calibrating on %d samples (%d feature spaces)%s", samples.fit.num_samples, len(spaces),
+                f", then {held.num_samples} held back" if held is not None and (rows or outputs) else "")
+    flat = [r for rs in requests.values() for r in rs]
     try:
-        return collect_stats(sources.run_models, [r for rs in requests.values() for r in rs], samples.fit,
-                             opts.batch_size, opts.device, progress=opts.progress, desc="calibrating")
+        if opts.ray is not None:
+            from .distributed import run_sources_sharded
+
+            return run_sources_sharded(opts.ray, opts.ray_workers, sources.run_models, flat, samples.fit,
+                                       opts.batch_size, opts.device, rows=rows, held=held if rows or outputs
+                                       else None, outputs=outputs, seed=REFIT_SEED, sampling=STATS_SAMPLING,
+                                       logger=logger)
+        return run_sources(sources.run_models, flat, samples.fit, opts.batch_size, opts.device,
+                           progress=opts.progress, desc="calibrating", rows=rows,
+                           held=held if rows or outputs else None, outputs=outputs, seed=REFIT_SEED,
+                           sampling=STATS_SAMPLING)
     except onnxruntime_errors() as exc:
         raise CalibrationDataError(f"{samples.calib.path}: onnxruntime cannot run the models on the calibration "
                                    f"data: {_first_line(exc)}") from exc
@@ -838,7 +883,7 @@ class Zipped:
     refit: dict
 
 
-def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, stats: dict, opts: MergeOptions,
+def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run: SourceRun, opts: MergeOptions,
                logger, times: dict) -> Zipped:
     """Matching, surgery, and then the statistics repair or the least-squares refit, for one trunk and width."""
     a, n = sources.a, sources.num_models
@@ -852,7 +897,7 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, sta
         f = a.spaces[sid].width
         target = merged_width(a, sid, width, fixed)
         key = _space_key(sid, points[sid])
-        correlation = _similarity(stats[key]) if opts.method in ("zip", "permute") else None
+        correlation = _similarity(run.stats[key]) if opts.method in ("zip", "permute") else None
         matching = solve_blocks(opts.method, correlation, f, a.spaces[sid].partition or 1, n, opts.alpha, opts.beta,
                                 target_width=None if target == f else target, alike=a.spaces[sid].alike)
         plan.matchings[sid] = matching
@@ -862,7 +907,7 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, sta
         elif width != 1.0:
             entry["merged_width"] = f
             entry["width_kept_because"] = fixed.get(sid, "its blocks are not contiguous and equal")
-        samples_seen = int(stats[key].count)
+        samples_seen = int(run.stats[key].count)
         # The N·F x N·F correlation of a space of width F needs more than N·F samples to be of full rank.
         thin = samples_seen < n * f
         if thin:
@@ -902,7 +947,8 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, sta
         try:
             # rows are subsampled with a fixed seed: --seed only picks the calibration samples
             refit_summary = refit_layers(plan, surgery, samples.fit, samples.held, sources.run_models,
-                                         opts.batch_size, opts.device, seed=0, progress=opts.progress, logger=logger)
+                                         opts.batch_size, opts.device, seed=REFIT_SEED, progress=opts.progress,
+                                         logger=logger, source_rows=run)
         except onnxruntime_errors() as exc:
             raise VerificationError(f"internal error: the merged model does not run in onnxruntime during the "
                                     f"least-squares refit: {_first_line(exc)}") from exc
@@ -1012,15 +1058,16 @@ def head_error(merged: onnx.ModelProto, references: list, names: tuple, data: Ca
     return float(np.mean(errors)) if errors else 0.0
 
 
-def _choose_under_budget(sources: Sources, samples: Samples, plans: list, trunks: dict, stats: dict,
+def _choose_under_budget(sources: Sources, samples: Samples, plans: list, trunks: dict, run: SourceRun,
                          opts: MergeOptions, logger, times: dict, report: dict) -> Zipped:
     """Merge every candidate configuration; keep the one whose heads are closest to the originals' on the held-back
     samples."""
-    references = [run_model(model, samples.held, opts.batch_size, opts.device) for model in sources.run_models]
+    references = run.outputs or [run_model(model, samples.held, opts.batch_size, opts.device)
+                                 for model in sources.run_models]
     best, best_error, tried = None, None, []
     costs = {(c["stop_at"], c["width"]): c for c in report["frontier"]}
     for stop, width in plans:
-        zipped = zip_models(sources, samples, trunks[stop], width, stats, opts, logger, times)
+        zipped = zip_models(sources, samples, trunks[stop], width, run, opts, logger, times)
         try:
             error = head_error(zipped.surgery.model, references, opts.names, samples.held, opts.batch_size,
                                opts.device)
@@ -1114,16 +1161,17 @@ def _kappa(got: np.ndarray, want: np.ndarray) -> tuple:
     return agreement, (agreement - chance) / (1.0 - chance)
 
 
-def _verify(merged, models, names, data: CalibrationData, batch_size, device) -> dict:
+def _verify(merged, models, names, data: CalibrationData, batch_size, device, references: list | None = None) -> dict:
     """Per head: top-1 agreement, Cohen's kappa and relative error of the merged model against the original it
-    stands for. Raises VerificationError on non-finite outputs or a head that computes nothing like its original."""
+    stands for (`references`: the originals' outputs on `data`, else they are run). Raises VerificationError on
+    non-finite outputs or a head that computes nothing like its original."""
     try:
         out = run_model(merged, data, batch_size, device)
     except onnxruntime_errors() as exc:
         raise VerificationError(f"the merged model does not run in onnxruntime: {_first_line(exc)}") from exc
     heads, broken = [], []
     for m, model in enumerate(models):
-        ref = run_model(model, data, batch_size, device)
+        ref = references[m] if references is not None else run_model(model, data, batch_size, device)
         for o in model.graph.output:
             name = f"{names[m]}/{o.name}"
             got, want = out[name], ref[o.name]

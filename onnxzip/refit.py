@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calibration import CalibrationData, _progress_reporter, expose_tensors, make_session
+from .calibration import (CalibrationData, RowRequest, SourceRun, _progress_reporter, as_rows, expose_tensors,
+                          make_session, select_rows, subset_of_rows)
 from .errors import VerificationError
 from .graph import Analysis, TensorSpace
 from .onnx_io import without_weights
@@ -48,6 +49,9 @@ DEFAULT_LAMBDA = 1e-4
 # Rows (samples x output positions) kept per layer: at most this many per regressor, at least MIN_ROWS.
 ROWS_PER_REGRESSOR = 32
 MIN_ROWS = 20000
+# The calibration pass keeps the source models' target rows for the refit up to this size (the rest are found by a
+# source pass of the refit's own).
+ROW_CACHE_BYTES = 1 << 30
 # Activations kept between levels (so a level runs from the last level's tensors, not from the graph inputs).
 CACHE_BYTES = 2 << 30
 # A Gram matrix whose smallest eigenvalue is below this fraction of its largest is called singular in the card.
@@ -71,7 +75,8 @@ class RefitLayer:
     output: str | None = None  # at a residual join: the merged chain-end tensor (the Add's operand)
     regressors: int = 0  # input channels x kernel positions per group
     level: int = 0
-    key: int = 0  # position in the list: seeds the row sampling
+    key: int = 0  # position in the list
+    rows_key: int = 0  # seeds the row sampling (`row_key`)
 
     def describe(self, plan: ZipPlan) -> str:
         where = "trunk" if self.model is None else plan.names[self.model]
@@ -117,14 +122,13 @@ def _residual(a: Analysis, tensor: str, same_side) -> tuple | None:
     return j, 1 - k
 
 
-def refit_layers(plan: ZipPlan, surgery: Surgery) -> list:
-    """Every Conv/Gemm/MatMul with constant weights to refit: trunk layers writing a zipped space, and each model's
-    copy of every layer after the stop point; with their targets, residual partners and levels."""
+def _candidates(plan: ZipPlan) -> list:
+    """(node index, owners, chain, chain end, residual join) of every layer to refit in `plan`'s trunk and branches
+    (owners: [None] for a trunk layer, every model for a layer after the stop point); no merged model needed."""
     a = plan.a
     trunk = plan.trunk
     zipped = set(zipped_spaces(a, trunk))
-    merged_nodes = _node_by_name(surgery.model)
-    layers = []
+    found = []
 
     def candidate(i: int) -> bool:
         node = a.model.graph.node[i]
@@ -146,7 +150,74 @@ def refit_layers(plan: ZipPlan, surgery: Surgery) -> list:
             side = (lambda j: j not in trunk)
             owners = list(range(len(plan.analyses)))
         chain, end = _chain(a, i, side)
-        join = _residual(a, end, side)
+        found.append((i, owners, chain, end, _residual(a, end, side)))
+    return found
+
+
+def _channel_axis(a: Analysis, i: int, end: str) -> int:
+    return 1 if a.model.graph.node[i].op_type != "MatMul" else len(a.shapes.get(end, (0, 0))) - 1
+
+
+def _source_regressors(a: Analysis, i: int) -> tuple:
+    """(input channels x kernel positions per group, kernel positions) of A's layer i."""
+    node = a.model.graph.node[i]
+    weight = a.initializers[node.input[1]]
+    out_axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)) else 1
+    kernel = int(np.prod(weight.shape[2:])) if node.op_type == "Conv" else 1
+    return weight.size // weight.shape[out_axis], kernel
+
+
+def row_key(a: Analysis, i: int, join: bool) -> int:
+    """The seed of the rows drawn for layer i's target (the sum at its residual join, or its own output): the same
+    in every plan and pass, and in every export of the model (from the layer's place among the layers with
+    constant weights, not from tensor names)."""
+    order = [j for j, node in enumerate(a.model.graph.node) if node.op_type in ("Conv", "Gemm", "MatMul")
+             and len(node.input) > 1 and node.input[1] in a.initializers]
+    return 2 * order.index(i) + int(join)
+
+
+def _fraction(regressors: int, num_samples: int, positions: int) -> float:
+    """Share of a layer's rows kept: ROWS_PER_REGRESSOR per regressor, at least MIN_ROWS."""
+    return min(1.0, max(MIN_ROWS, ROWS_PER_REGRESSOR * regressors) / max(num_samples * positions, 1))
+
+
+def target_row_requests(plans: list, num_samples: int, held_samples: int, width: float,
+                        budget_bytes: int | None = None) -> list:
+    """What the calibration pass keeps of the source models for the refit's targets (`calibration.RowRequest`),
+    for every plan (a budget tries several) and widths up to `width`: each possible target tensor of every layer
+    to refit, at the largest share of rows the layer can need, in network order while the rows fit in
+    `budget_bytes` (default ROW_CACHE_BYTES). The refit finds the rest with a source pass of its own."""
+    budget_bytes = ROW_CACHE_BYTES if budget_bytes is None else budget_bytes
+    requests, size = {}, 0
+    for plan in plans:
+        a = plan.a
+        for i, owners, chain, end, join in _candidates(plan):
+            d, kernel = _source_regressors(a, i)
+            # merged input channels per group <= round(W x C): at most ceil(W x d) + one kernel, + the bias column
+            upper = int(np.ceil(width * d)) + (kernel if width > 1 else 0) + 1
+            for target in ([a.model.graph.node[join[0]].output[0]] if join else []) + [end]:
+                key = row_key(a, i, target != end)
+                shape = a.shapes.get(target)
+                if key in requests or shape is None:
+                    continue
+                axis = _channel_axis(a, i, end)
+                positions = _positions(shape, axis)
+                fraction = _fraction(upper, num_samples, positions)
+                nbytes = int(fraction * (num_samples + held_samples) * positions) * shape[axis] * 4 * len(plan.analyses)
+                if size + nbytes > budget_bytes:
+                    continue
+                size += nbytes
+                requests[key] = RowRequest(key, plan.tensor_names(target), axis, fraction)
+    return list(requests.values())
+
+
+def refit_layers(plan: ZipPlan, surgery: Surgery) -> list:
+    """Every Conv/Gemm/MatMul with constant weights to refit: trunk layers writing a zipped space, and each model's
+    copy of every layer after the stop point; with their targets, residual partners and levels."""
+    a = plan.a
+    merged_nodes = _node_by_name(surgery.model)
+    layers = []
+    for i, owners, chain, end, join in _candidates(plan):
         for m in owners:
             merged_name = surgery.trunk_nodes[i] if m is None else surgery.branch_nodes.get((m, i))
             if merged_name is None:
@@ -162,15 +233,14 @@ def refit_layers(plan: ZipPlan, surgery: Surgery) -> list:
             if m is None and (space is None or space.expand != 1):
                 continue
             op = a.model.graph.node[i].op_type
-            axis = 1 if op != "MatMul" else len(a.shapes.get(end, (0, 0))) - 1
-            weight = a.initializers[a.model.graph.node[i].input[1]]
-            out_axis = 0 if op == "Conv" or (op == "Gemm" and _attr(a.model.graph.node[i], "transB", 0)) else 1
             layers.append(RefitLayer(i, m, op, merged_name, chain, target,
-                                     [_source_name(plan, end, k) for k in range(len(plan.analyses))], space, axis,
-                                     partner, output, weight.size // weight.shape[out_axis]))
+                                     [_source_name(plan, end, k) for k in range(len(plan.analyses))], space,
+                                     _channel_axis(a, i, end), partner, output, _source_regressors(a, i)[0]))
     _levels(surgery.model, layers)
     for k, layer in enumerate(layers):
         layer.key = k
+        # rows are drawn by layer and target alone, so the calibration pass can keep them beforehand
+        layer.rows_key = row_key(plan.a, layer.node, layer.target != layer.end)
     return layers
 
 
@@ -289,19 +359,18 @@ def conv_patches(x: np.ndarray, geometry: _Geometry, out_spatial: tuple, rows: n
     sample = rows // n_out
     coords = np.unravel_index(rows % n_out, out_spatial) if out_spatial else ()
     in_spatial = x.shape[2:]
-    offsets = list(np.ndindex(*geometry.kernel))
-    out = np.zeros((len(rows), x.shape[1], len(offsets)), dtype=x.dtype)
-    for k, offset in enumerate(offsets):
-        index = [sample, slice(None)]
-        valid = np.ones(len(rows), dtype=bool)
-        for ax, o in enumerate(offset):
-            pos = coords[ax] * geometry.strides[ax] + o * geometry.dilations[ax] - geometry.pad_begin[ax]
-            valid &= (pos >= 0) & (pos < in_spatial[ax])
-            index.append(np.clip(pos, 0, in_spatial[ax] - 1))
-        # advanced indices separated by a slice: numpy puts the row axis first -> (rows, C)
-        values = x[index[0], :, *index[2:]] if len(index) > 2 else x[index[0], :]
-        out[:, :, k] = np.where(valid[:, None], values, 0)
-    return out.reshape(len(rows), -1)
+    offsets = np.array(list(np.ndindex(*geometry.kernel)), dtype=np.int64).reshape(-1, len(geometry.kernel))
+    # pad once so that every patch lies inside the padded input: one gather for every kernel offset at once
+    pads = [(0, 0), (0, 0)]
+    index = [sample[:, None], slice(None)]
+    for ax in range(len(in_spatial)):
+        last = (out_spatial[ax] - 1) * geometry.strides[ax] + (geometry.kernel[ax] - 1) * geometry.dilations[ax]
+        pads.append((geometry.pad_begin[ax], max(0, last + 1 - geometry.pad_begin[ax] - in_spatial[ax])))
+        index.append(coords[ax][:, None] * geometry.strides[ax] + offsets[None, :, ax] * geometry.dilations[ax])
+    padded = np.pad(x, pads) if any(p != (0, 0) for p in pads) else x
+    # advanced indices separated by a slice: numpy puts the (rows, K) axes first -> (rows, K, C)
+    patches = padded[tuple(index)]
+    return np.ascontiguousarray(patches.transpose(0, 2, 1)).reshape(len(rows), -1)
 
 
 class _Layout:
@@ -447,19 +516,6 @@ def _positions(shape: tuple, axis: int) -> int:
     return int(np.prod([s for k, s in enumerate(shape) if k not in (0, axis % len(shape))], dtype=np.int64))
 
 
-def _select(key: int, held: bool, lo: int, count: int, fraction: float, seed: int) -> np.ndarray:
-    """Seeded row subsample of one batch (the same for every pass: targets and regressors line up)."""
-    if fraction >= 1.0:
-        return np.arange(count)
-    rng = np.random.default_rng([seed, key, int(held), lo])
-    return np.flatnonzero(rng.random(count) < fraction)
-
-
-def _as_rows(value: np.ndarray, axis: int) -> np.ndarray:
-    """(samples x positions, channels) of a layer output, positions in C order."""
-    return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The refit
 # ---------------------------------------------------------------------------------------------------------------
@@ -520,7 +576,7 @@ def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationDat
     runs = []
     for m, model in enumerate(models):
         names = list(dict.fromkeys(layer.target[m] for layer in layers if layer.model in (None, m)))
-        session = make_session(_prune(expose_tensors(model, names), names, {}), device) if names else None
+        session = make_session(_prune(expose_tensors(model, names), names, {}), device, spin=False) if names else None
         runs.append((session, names))
     rows = {layer.key: [] for layer in layers}
     lo = 0
@@ -535,8 +591,9 @@ def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationDat
                     raise VerificationError(f"model {plan.names[m]}: tensor {layer.target[m]!r} is not finite on "
                                             f"calibration samples {lo}..{lo + n - 1}; the model or its inputs are "
                                             "broken")
-                z = _as_rows(z, layer.channel_axis)
-                z = z[_select(layer.key, held, lo, z.shape[0], fractions[layer.key], seed)].astype(np.float64)
+                count = z.size // z.shape[layer.channel_axis]
+                z = as_rows(z, layer.channel_axis,
+                            select_rows(layer.rows_key, held, lo, count, fractions[layer.key], seed)).astype(np.float64)
                 if layer.model is None:
                     z = z @ plan.matching(layer.space.space).merge[m].T
                 total = z if total is None else total + z
@@ -545,13 +602,33 @@ def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationDat
     return rows
 
 
+def _kept_target_rows(plan: ZipPlan, layer: RefitLayer, run: SourceRun, fraction: float, held: bool) -> list:
+    """Per batch, a layer's target rows (float32) from the rows the calibration pass kept (at a share of rows at
+    least `fraction`: the layer's rows are among them, `subset_of_rows` says where)."""
+    out = []
+    for lo, count, arrays in run.rows[layer.rows_key][held]:
+        pick = subset_of_rows(layer.rows_key, held, lo, count, run.fractions[layer.rows_key], fraction, run.seed)
+        if layer.model is not None:
+            out.append(np.ascontiguousarray(arrays[layer.model][pick]))
+            continue
+        total = None
+        for m, z in enumerate(arrays):
+            z = z[pick].astype(np.float64) @ plan.matching(layer.space.space).merge[m].T
+            total = z if total is None else total + z
+        out.append(total.astype(np.float32))
+    return out
+
+
 def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: CalibrationData | None,
           models: list, batch_size: int = 64, device: str = "auto", seed: int = 0, progress=None,
-          logger: logging.Logger | None = None, cache_bytes: int = CACHE_BYTES) -> dict:
+          logger: logging.Logger | None = None, cache_bytes: int = CACHE_BYTES,
+          source_rows: SourceRun | None = None) -> dict:
     """Refit every layer of `refit_layers` in place in ``surgery.model``; returns the card's summary.
 
     `models`: the source models (inputs named as the merged model's). `held_back`: samples never fitted on, used
-    to choose each layer's ridge strength (None or empty: DEFAULT_LAMBDA for every layer)."""
+    to choose each layer's ridge strength (None or empty: DEFAULT_LAMBDA for every layer). `source_rows`: what
+    the calibration pass kept of the sources (`target_row_requests`, over `calib` and `held_back` with the same
+    batch size and `seed`); the sources run again only for the targets it does not hold."""
     logger = logger or log
     model = surgery.model
     layers = refit_layers(plan, surgery)
@@ -568,12 +645,25 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
     merged_nodes = _node_by_name(model)
     for layer in layers:
         d = _Layout(layer, merged_nodes, inits, plan, surgery).regressors
-        total = calib.num_samples * _output_positions(layer, a)
-        fractions[layer.key] = min(1.0, max(MIN_ROWS, ROWS_PER_REGRESSOR * d) / max(total, 1))
-    targets = _target_rows(plan, layers, models, calib, batch_size, device, seed, fractions, False)
-    held_targets = (_target_rows(plan, layers, models, held_back, batch_size, device, seed, fractions, True)
-                    if use_held else None)
-    summary["passes"] += len(models) * (2 if use_held else 1)
+        fractions[layer.key] = _fraction(d, calib.num_samples, _output_positions(layer, a))
+    # targets: from the rows the calibration pass kept where it kept enough, else from a source pass of our own
+    kept = source_rows.rows if source_rows is not None and source_rows.seed == seed else {}
+    cached = [layer for layer in layers if layer.rows_key in kept
+              and source_rows.fractions[layer.rows_key] >= fractions[layer.key]
+              and (not use_held or kept[layer.rows_key][True])]
+    missing = [layer for layer in layers if layer not in cached]
+    targets, held_targets = {}, {} if use_held else None
+    for layer in cached:
+        targets[layer.key] = _kept_target_rows(plan, layer, source_rows, fractions[layer.key], False)
+        if use_held:
+            held_targets[layer.key] = _kept_target_rows(plan, layer, source_rows, fractions[layer.key], True)
+    if missing:
+        targets.update(_target_rows(plan, missing, models, calib, batch_size, device, seed, fractions, False))
+        if use_held:
+            held_targets.update(_target_rows(plan, missing, models, held_back, batch_size, device, seed, fractions,
+                                             True))
+        summary["passes"] += len(models) * (2 if use_held else 1)
+    summary["targets_kept_by_calibration"] = len(cached)
 
     levels = sorted({layer.level for layer in layers})
     summary["levels"] = len(levels)
@@ -631,7 +721,7 @@ class _Passes:
         session, feeds = None, []
         if run_names:
             pruned = _prune(self.model, run_names, self.types, {t: v[0] for t, v in cached.items()})
-            session = make_session(pruned, self.device)
+            session = make_session(pruned, self.device, spin=False)  # numpy fits between runs
             feeds = [i.name for i in pruned.graph.input]
             self.count += 1
         fetched = {name: {} for name in self.cache}
@@ -659,7 +749,8 @@ class _Passes:
 
 
 def _regressors(layer: RefitLayer, layout: _Layout, x: np.ndarray, rows: np.ndarray, a: Analysis) -> list:
-    """Per group, the (rows, d) regressor block (bias column included)."""
+    """Per group, the (rows, d) regressor block, in the model's float type (without the bias column: `_products`
+    adds it)."""
     if layer.op == "Conv":
         out_shape = a.shapes[a.model.graph.node[layer.node].output[0]]
         in_spatial, out_spatial = x.shape[2:], tuple(out_shape[2:])
@@ -668,11 +759,44 @@ def _regressors(layer: RefitLayer, layout: _Layout, x: np.ndarray, rows: np.ndar
         per = patches.shape[1] // geometry.group
         blocks = [patches[:, g * per:(g + 1) * per] for g in range(geometry.group)]
     else:
-        blocks = [_as_rows(x, x.ndim - 1 if layer.op == "MatMul" else 1)[rows]]
-    blocks = [b.astype(np.float64) for b in blocks]
-    if layout.has_bias:
-        blocks = [np.concatenate([b, np.ones((b.shape[0], 1))], axis=1) for b in blocks]
-    return blocks
+        blocks = [as_rows(x, x.ndim - 1 if layer.op == "MatMul" else 1, rows)]
+    return [np.ascontiguousarray(b) for b in blocks]
+
+
+def _products(x: np.ndarray, t: np.ndarray, bias: bool) -> tuple:
+    """One batch's (XᵀX upper triangle, XᵀT, Σ t², Σ t) in float64, for regressors X (rows, d) and targets T
+    (rows, F), X with a column of ones appended where `bias`.
+
+    X and T are shifted by their batch means before the products (syrk for XᵀX: half the work of a product) and
+    the means are put back after, so the products are of the deviations and the bias column costs nothing. They
+    are taken in float64: the ridge's smallest strengths (1e-6 of the mean eigenvalue) are within reach of float32
+    rounding (~1e-7 of the largest), and fits from float32 products move with the last bits of their inputs (two
+    exports of one model no longer merge alike)."""
+    n = x.shape[0]
+    x, t = x.astype(np.float64), t.astype(np.float64)
+    a, b = x.sum(axis=0) / n, t.sum(axis=0) / n
+    x -= a
+    t -= b
+    sx, st = x.sum(axis=0), t.sum(axis=0)  # what rounding leaves of the deviations' sums
+    gram = _syrk(x)
+    gram += np.outer(a, sx) + np.outer(sx, a) + n * np.outer(a, a)
+    cross = x.T @ t + np.outer(a, st) + np.outer(sx, b) + n * np.outer(a, b)
+    sum_t = st + n * b
+    t_sq = float(np.einsum("ij,ij->", t, t) + 2 * b @ st + n * b @ b)
+    if bias:
+        d = x.shape[1]
+        full = np.zeros((d + 1, d + 1))
+        full[:d, :d] = gram
+        full[:d, d] = sx + n * a
+        full[d, d] = n
+        gram, cross = full, np.vstack([cross, sum_t[None, :]])
+    return gram, cross, t_sq, sum_t
+
+
+def _syrk(x: np.ndarray) -> np.ndarray:
+    """xᵀx, upper triangle only (BLAS syrk)."""
+    from scipy.linalg.blas import dsyrk
+    return dsyrk(1.0, x.T, trans=0, lower=0)
 
 
 def _accumulate(layer, layout, values, target, sums, held, lo, n, fraction, seed, a) -> None:
@@ -681,38 +805,30 @@ def _accumulate(layer, layout, values, target, sums, held, lo, n, fraction, seed
     # computes on (T*N, D): the batch merged with the tokens)
     count = n * _output_positions(layer, a) if layer.op == "Conv" else x.size // x.shape[x.ndim - 1 if layer.op ==
                                                                                          "MatMul" else 1]
-    rows = _select(layer.key, held, lo, count, fraction, seed)
+    rows = select_rows(layer.rows_key, held, lo, count, fraction, seed)
     t = target.astype(np.float64)
     if layer.partner:
-        p = _as_rows(values[layer.partner], layer.channel_axis)[rows].astype(np.float64)
-        t = t - p
+        t -= as_rows(values[layer.partner], layer.channel_axis, rows)
     blocks = _regressors(layer, layout, x, rows, a)
     per = t.shape[1] // len(blocks)
     if sums[layer.key] is None:
-        # Gram matrices in Fortran order, the layout BLAS syrk updates in place (a C-ordered one is copied per call)
-        sums[layer.key] = [_Sums(np.zeros((b.shape[1], b.shape[1]), order="F"), np.zeros((b.shape[1], per)),
-                                 t_sum=np.zeros(per), h_gram=np.zeros((b.shape[1], b.shape[1]), order="F"),
-                                 h_cross=np.zeros((b.shape[1], per)), h_t_sum=np.zeros(per)) for b in blocks]
+        dims = [b.shape[1] + int(layout.has_bias) for b in blocks]
+        sums[layer.key] = [_Sums(np.zeros((d, d)), np.zeros((d, per)), t_sum=np.zeros(per), h_gram=np.zeros((d, d)),
+                                 h_cross=np.zeros((d, per)), h_t_sum=np.zeros(per)) for d in dims]
     for g, (s, xb) in enumerate(zip(sums[layer.key], blocks)):
-        tg = t[:, g * per:(g + 1) * per]
+        gram, cross, t_sq, t_sum = _products(xb, np.ascontiguousarray(t[:, g * per:(g + 1) * per]), layout.has_bias)
         if held:
-            s.h_gram = _syrk(xb, s.h_gram)
-            s.h_cross += xb.T @ tg
-            s.h_t_sq += float(np.sum(tg * tg))
-            s.h_t_sum += tg.sum(0)
+            s.h_gram += gram
+            s.h_cross += cross
+            s.h_t_sq += t_sq
+            s.h_t_sum += t_sum
             s.h_rows += xb.shape[0]
         else:
-            s.gram = _syrk(xb, s.gram)
-            s.cross += xb.T @ tg
-            s.t_sq += float(np.sum(tg * tg))
-            s.t_sum += tg.sum(0)
+            s.gram += gram
+            s.cross += cross
+            s.t_sq += t_sq
+            s.t_sum += t_sum
             s.rows += xb.shape[0]
-
-
-def _syrk(x: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """gram + xᵀx, upper triangle only (BLAS syrk: half the work of a product); see `_full`."""
-    from scipy.linalg.blas import dsyrk
-    return dsyrk(1.0, x.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
 
 
 def _full(upper: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ from onnxzip.calibration import (
     CalibrationData,
     FeatureRequest,
     InputSpec,
+    RowRequest,
+    StatsSampling,
     collect_stats,
     expose_tensors,
     input_specs,
@@ -23,6 +25,9 @@ from onnxzip.calibration import (
     make_session,
     provider_name,
     run_model,
+    run_sources,
+    select_rows,
+    subset_of_rows,
 )
 from onnxzip.errors import CalibrationDataError, MismatchError, ModelError, UsageError, VerificationError
 
@@ -110,7 +115,7 @@ def test_stats_match_numpy_two_models_with_expand(tmp_path):
     conv = np.concatenate([o["r"].transpose(0, 2, 3, 1).reshape(-1, C) for o in outs], axis=1)
     mean, cov = _moments(conv)
     assert stats["conv"].count == len(x) * H * W
-    assert stats["conv"].sum.shape == (2 * C,)
+    assert stats["conv"].mean.shape == (2 * C,)
     _assert_close(stats["conv"].mean, mean, 1e-6)
     _assert_close(stats["conv"].covariance(), cov, 1e-6)
 
@@ -145,6 +150,63 @@ def test_stats_invariant_to_batch_size(tmp_path):
             _assert_close(other[key].covariance(), runs[0][key].covariance(), 1e-9)
 
 
+def test_stats_subsample_is_seeded_and_close(tmp_path):
+    """A subsample of the rows: the same seed draws the same rows, another seed others; the statistics stay close
+    to those of every row."""
+    models = [_model(3), _model(4)]
+    data = _data(tmp_path, n=400)
+    requests = [FeatureRequest("conv", ["r", "r"], axis=1)]
+    every = collect_stats(models, requests, data, batch_size=8, device="cpu")["conv"]
+    sampling = StatsSampling(min_rows=2000, rows_per_feature=10, seed=3)
+    first, again = (collect_stats(models, requests, data, batch_size=8, device="cpu", sampling=sampling)["conv"]
+                    for _ in range(2))
+    other = collect_stats(models, requests, data, batch_size=8, device="cpu",
+                          sampling=StatsSampling(2000, 10, seed=4))["conv"]
+    total = 400 * H * W
+    assert 0.8 * 2000 < first.count < 1.2 * 2000 < total
+    assert first.count == again.count
+    np.testing.assert_array_equal(first.covariance(), again.covariance())
+    assert other.count != first.count or not np.array_equal(other.covariance(), first.covariance())
+    corr, corr_all = first.correlation(), every.correlation()
+    assert np.abs(corr - corr_all).max() < 0.1
+    # a space with few rows is never subsampled
+    dense = collect_stats(models, requests, data, batch_size=8, device="cpu",
+                          sampling=StatsSampling(min_rows=10 * total, rows_per_feature=1))["conv"]
+    assert dense.count == total
+    np.testing.assert_allclose(dense.covariance(), every.covariance(), rtol=1e-12, atol=1e-12)
+
+
+def test_one_source_pass_gives_stats_rows_and_held_outputs(tmp_path):
+    """run_sources: statistics on the calibration part as collect_stats gives them, the rows asked for (the same
+    rows select_rows draws, on both parts) and every graph output on the held-back part."""
+    models = [_model(3), _model(4)]
+    data = _data(tmp_path, n=23)
+    fit, held = data.split(7)
+    requests = [FeatureRequest("conv", ["r", "r"], axis=1)]
+    rows = [RowRequest(11, ["r", "r"], axis=1, fraction=0.3), RowRequest(12, ["y", "y"], axis=1, fraction=1.0)]
+    run = run_sources(models, requests, fit, batch_size=5, device="cpu", rows=rows, held=held, outputs=True,
+                      seed=2)
+    alone = collect_stats(models, requests, fit, batch_size=5, device="cpu")
+    np.testing.assert_array_equal(run.stats["conv"].covariance(), alone["conv"].covariance())
+    x = np.load(data.path)
+    for m, model in enumerate(models):
+        out = _run(model, x[16:], ["y"])
+        np.testing.assert_allclose(run.outputs[m]["y"], out["y"], rtol=1e-5, atol=1e-5)
+        for is_held, lo0, part in ((False, 0, fit), (True, 16, held)):
+            full = _run(model, x[lo0:lo0 + part.num_samples], ["r"])["r"]
+            for b, (lo, count, arrays) in enumerate(run.rows[11][is_held]):
+                assert lo == 5 * b
+                batch = full[lo:lo + 5]
+                assert count == batch.shape[0] * H * W
+                chosen = select_rows(11, is_held, lo, count, 0.3, 2)
+                want = batch.transpose(0, 2, 3, 1).reshape(-1, C)[chosen]
+                np.testing.assert_allclose(arrays[m], want, rtol=1e-5, atol=1e-5)
+                # a smaller fraction's rows are among them, where subset_of_rows says
+                fewer = select_rows(11, is_held, lo, count, 0.1, 2)
+                np.testing.assert_array_equal(chosen[subset_of_rows(11, is_held, lo, count, 0.3, 0.1, 2)], fewer)
+        assert sum(len(a[m]) for _, _, a in run.rows[12][False]) == fit.num_samples
+
+
 def test_shared_key_accumulates_and_width_conflict_is_an_error(tmp_path):
     models = [_model(5)]
     data = _data(tmp_path, n=6)
@@ -154,7 +216,8 @@ def test_shared_key_accumulates_and_width_conflict_is_an_error(tmp_path):
     only_c = collect_stats(models, [FeatureRequest("s", ["c"], 1)], data, device="cpu")
     only_r = collect_stats(models, [FeatureRequest("s", ["r"], 1)], data, device="cpu")
     assert both["s"].count == 2 * 6 * H * W
-    np.testing.assert_allclose(both["s"].sum, only_c["s"].sum + only_r["s"].sum, rtol=1e-12)
+    sums = [s["s"].mean * s["s"].count for s in (both, only_c, only_r)]
+    np.testing.assert_allclose(sums[0], sums[1] + sums[2], rtol=1e-12)
     with pytest.raises(MismatchError, match="'s'.*6 features.*gave 4"):
         collect_stats(models, [FeatureRequest("s", ["r"], 1), FeatureRequest("s", ["y"], 1)], data, device="cpu")
 

@@ -19,7 +19,8 @@ import onnxzip
 from onnxzip.calibration import calibration_from_arrays, input_specs
 from onnxzip.errors import UsageError
 from onnxzip.graph import analyse, match, trunk_nodes
-from onnxzip.refit import _as_rows, conv_geometry, conv_patches, refit, refit_layers
+from onnxzip.calibration import as_rows
+from onnxzip.refit import conv_geometry, conv_patches, refit, refit_layers
 from onnxzip.solver import solve
 from onnxzip.surgery import ZipPlan, build, zipped_spaces
 
@@ -74,7 +75,7 @@ def test_conv_patches_agree_with_the_conv(case):
     per_in, per_out = patches.shape[1] // group, w.shape[0] // group
     got = np.concatenate([patches[:, g * per_in:(g + 1) * per_in] @ w[g * per_out:(g + 1) * per_out]
                           .reshape(per_out, -1).T.astype(np.float64) for g in range(group)], axis=1) + b
-    want = _as_rows(y, 1)
+    want = as_rows(y, 1)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=case)
     # a subsample of rows gives the same rows
@@ -268,11 +269,32 @@ def test_card_records_each_fit(twins):
     a, b = twins["resnet"]
     result = onnxzip.merge(a, b, F.calib(a, 200, seed=0), method="zip")
     card = result.card["refit"]
-    assert card["passes"] >= card["levels"] > 1
+    assert card["passes"] >= 1 and card["levels"] > 1
+    # the calibration pass kept every target: the sources ran once
+    assert card["targets_kept_by_calibration"] == len(card["layers"])
     assert "refit" in result.card["seconds"]
     for layer in card["layers"]:
         assert {"layer", "rows", "regressors", "lambda", "r2_calibration", "r2_held_back"} <= set(layer)
     assert onnx.checker.check_model(result.model) is None
+
+
+def test_targets_kept_by_calibration_equal_a_pass_of_their_own(twins, monkeypatch):
+    """The refit's targets from the rows the calibration pass kept, or (beyond the memory budget for them) from a
+    source pass of the refit's own: the same rows, the same fit."""
+    import onnxzip.refit as R
+
+    a, b = twins["resnet"]
+    data = F.calib(a, 120, seed=1)
+    kept = onnxzip.merge(a, b, data, method="zip")
+    monkeypatch.setattr(R, "ROW_CACHE_BYTES", 0)
+    own = onnxzip.merge(a, b, data, method="zip")
+    assert kept.card["refit"]["targets_kept_by_calibration"] == len(kept.card["refit"]["layers"]) > 0
+    assert own.card["refit"]["targets_kept_by_calibration"] == 0
+    assert own.card["refit"]["passes"] == kept.card["refit"]["passes"] + 4  # each source over both parts
+    x = F.calib(a, 16, seed=2)
+    outs = [F.run(r.model, x) for r in (kept, own)]
+    for name in outs[0]:
+        np.testing.assert_allclose(outs[0][name], outs[1][name], rtol=1e-4, atol=1e-4 * np.abs(outs[1][name]).max())
 
 
 @pytest.mark.parametrize("value", ["BN", "reset", None])

@@ -158,7 +158,7 @@ def test_every_preflight_failure_comes_before_calibration(files, dirs, monkeypat
     def no_calibration(*args, **kw):
         raise CalibrationRan()
 
-    monkeypatch.setattr(M, "collect_stats", no_calibration)
+    monkeypatch.setattr(M, "run_sources", no_calibration)
     monkeypatch.setattr(M, "run_model", no_calibration)
     default = dict(model_a=files / "a.onnx", model_b=files / "b.onnx", data=files / "calib.npy",
                    output=out / "m.onnx")
@@ -255,7 +255,7 @@ def _fail_on_call(n, exc):
 
 INJECTIONS = [
     # (where, what)
-    ("collect_stats", KeyboardInterrupt()),
+    ("run_sources", KeyboardInterrupt()),
     ("build", RuntimeError("boom in surgery")),
     ("repair_statistics", KeyboardInterrupt()),  # with --refit none
     ("refit_layers", KeyboardInterrupt()),
@@ -274,7 +274,7 @@ INJECTIONS = [
 def _inject(monkeypatch, where, exc):
     name, _, n = where.partition("#")
     n = int(n or 1)
-    if name in ("collect_stats", "build", "repair_statistics", "refit_layers", "_verify"):
+    if name in ("run_sources", "build", "repair_statistics", "refit_layers", "_verify"):
         monkeypatch.setattr(M, name, _fail_on_call(n, exc)(getattr(M, name)))
     elif name == "save_model_atomic":
         monkeypatch.setattr(onnx_io, name, _fail_on_call(n, exc)(onnx_io.save_model_atomic))
