@@ -54,8 +54,12 @@ setup(
             "tritonclient[grpc]",
             # the second runtime (`eval --runtime openvino`, the OpenVINO parity tests)
             "openvino",
+            # `merge --ray`: the sharded calibration pass is tested on a local two-worker cluster
+            "ray",
         ],
         "openvino": ["openvino"],
+        # `merge --ray`: the calibration pass sharded over a Ray cluster's workers
+        "distributed": ["ray"],
     },
     entry_points={"console_scripts": ["onnxzip=onnxzip.cli:main"]},
 )

@@ -168,6 +168,11 @@ def cli():
               help="Calibration batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where onnxruntime runs the calibration.")
+@click.option("--ray", "ray", default=None, metavar="local|auto|ADDRESS",
+              help="Shard the calibration pass over a Ray cluster's workers: 'local' starts one on this machine, "
+                   "'auto' joins the one Ray finds, or a cluster address (pip install 'onnxzip[distributed]').")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None, metavar="K",
+              help="With --ray: the number of shards (and, with --ray local, of CPUs). [default: the cluster's CPUs]")
 @click.option("--names", default=None, metavar="A,B,…", callback=_parse_names,
               help="Names of the tasks, one per model: prefixes of the branches and outputs in the merged model. "
                    "[default: a,b,c,…]")
@@ -202,8 +207,9 @@ def cli():
                    "merge on the held-back samples: below 99 % top-1 agreement on a head is an error unless --force.")
 @_verbosity_options
 @click.pass_context
-def merge(ctx, models, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device, names, width,
-          budget, seed, force, refit, repair, repair_targets, verify, strict, keep_batchnorm, fp16, quiet, verbose):
+def merge(ctx, models, data, output, method, alpha, beta, stop_at, num_samples, batch_size, device, ray, ray_workers,
+          names, width, budget, seed, force, refit, repair, repair_targets, verify, strict, keep_batchnorm, fp16, quiet,
+          verbose):
     """Merge models A, B (, C, …) into one model OUT with one head per task."""
     logger = _setup_logging(ctx, verbose, quiet)
     if len(models) < 2:
@@ -227,7 +233,7 @@ def merge(ctx, models, data, output, method, alpha, beta, stop_at, num_samples, 
         num_samples=num_samples, batch_size=batch_size,
         device=device, names=names, seed=seed, force=force, refit=refit, repair=repair,
         repair_targets=repair_targets, verify=verify, strict=strict, fold_batchnorm=not keep_batchnorm, fp16=fp16,
-        progress=not quiet, logger=logger,
+        progress=not quiet, ray=ray, ray_workers=ray_workers, logger=logger,
     )
     if not quiet:
         for line in result.summary_lines():

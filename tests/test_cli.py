@@ -99,7 +99,8 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
                                          "--names", "cats,dogs.v2", "--num-samples", "10", "--batch-size", "5",
                                          "--device", "cpu", "--seed", "3", "--force", "--no-repair",
                                          "--no-verify", "--strict", "--keep-batchnorm", "--refit", "none",
-                                         "--repair-targets", "batchnorm", "--fp16"])
+                                         "--repair-targets", "batchnorm", "--fp16", "--ray", "auto",
+                                         "--ray-workers", "3"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "merged OK\nline 2\n"
     (call,) = fake_merge
@@ -110,7 +111,7 @@ def test_merge_passes_options_to_the_api(runner, fake_merge):
                         alpha=-1.0, beta=0.0, stop_at=13, num_samples=10, batch_size=5, device="cpu",
                         names=("cats", "dogs.v2"), seed=3, force=True, refit="none", repair=False,
                         repair_targets="batchnorm", verify=False, strict=True, fold_batchnorm=False, fp16=True,
-                        progress=True)
+                        progress=True, ray="auto", ray_workers=3)
 
 
 def test_merge_defaults_and_quiet(runner, fake_merge):
