@@ -1,0 +1,119 @@
+"""What a whole merge costs against its physical floor: running the models once (issue 12).
+
+Usage: python3 tools/merge_cost.py [--pairs mlp-s0 vgg-s0 resnet20-s0 resnet20x2-s0] [--samples 1000 4000]
+                                   [--repeats 1] [--out FILE] [-- extra merge options]
+
+The floor of a merge is onnxruntime running each source model over the calibration samples, plus one pass of the
+merged model: everything else is bookkeeping. For each pair and sample count this script times, interleaved in one
+run (these machines are shared and noisy: read the ratios, not the seconds):
+
+- floor: for A, B and the merged model in turn, create a default onnxruntime CPU session and run every sample
+  through it in batches of 64 (the merge's batch size);
+- merge: the whole `onnxzip merge A B --data calib.npy -o OUT` command in a fresh process (start-up and imports
+  included), with the default options (zip, least-squares refit, verification) plus any options after `--`.
+
+Calibration samples are the first N Fashion-MNIST training images (normalised like models/data/calib.npy), written
+to a temporary .npy. The card's stage times (`seconds`) are kept for each merge. Prints one line per case and, with
+--out, writes JSON. Not part of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+BATCH = 64
+
+
+def floor_seconds(paths: list, data: np.ndarray) -> float:
+    """Seconds to run every model in `paths` once over `data` (session creation included), one after another."""
+    import onnxruntime as ort
+
+    total = 0.0
+    for path in paths:
+        t = time.perf_counter()
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for lo in range(0, len(data), BATCH):
+            session.run(None, {name: data[lo:lo + BATCH]})
+        total += time.perf_counter() - t
+        del session
+    return total
+
+
+def merge_seconds(a: str, b: str, calib: str, out: str, extra: list) -> tuple:
+    cmd = [sys.executable, "-m", "onnxzip", "merge", a, b, "--data", calib, "-o", out, "--force", "-q", *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"merge failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
+    with open(out + ".json") as f:
+        card = json.load(f)
+    return seconds, card
+
+
+def measure(pair: str, models: str, calib: str, data: np.ndarray, repeats: int, extra: list, work: str) -> dict:
+    folder = os.path.join(models, pair)
+    a, b = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
+    out = os.path.join(work, f"{pair}.onnx")
+    floors, merges, card = [], [], None
+    for _ in range(repeats):
+        seconds, card = merge_seconds(a, b, calib, out, extra)
+        merges.append(seconds)
+        floors.append(floor_seconds([a, b, out], data))
+    floor, merge = statistics.median(floors), statistics.median(merges)
+    return {"pair": pair, "samples": len(data), "floor_seconds": floors, "merge_seconds": merges,
+            "ratio": merge / floor, "stages": card["seconds"],
+            "refit_passes": card.get("refit", {}).get("passes")}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, extra = argv[:k], argv[k + 1:]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", nargs="+", default=["mlp-s0", "vgg-s0", "resnet20-s0", "resnet20x2-s0"])
+    p.add_argument("--samples", nargs="+", type=int, default=[1000, 4000])
+    p.add_argument("--models", default=os.path.join(ROOT, "models"))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    import fmnist
+
+    images, _ = fmnist.load_split("train")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxzip-cost-") as work:
+        for n in args.samples:
+            data = fmnist.normalize(images[:n])
+            calib = os.path.join(work, f"calib{n}.npy")
+            np.save(calib, data)
+            for pair in args.pairs:
+                row = measure(pair, args.models, calib, data, args.repeats, extra, work)
+                rows.append(row)
+                stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items() if k != "total")
+                print(f"{pair} N={n}: floor {statistics.median(row['floor_seconds']):.2f} s, whole merge "
+                      f"{statistics.median(row['merge_seconds']):.2f} s: {row['ratio']:.1f}x ({stages})", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "load": os.getloadavg(),
+                       "extra_options": extra, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
