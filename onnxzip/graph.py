@@ -1459,6 +1459,40 @@ def _weighted_output_space(w: _Walk, node, shared_input: bool) -> TensorSpace | 
     return ts
 
 
+def _embedding_table(w: _Walk, node) -> np.ndarray | None:
+    """The table of an embedding lookup: `Gather` along axis 0 of a constant float matrix (entries x channels) by
+    indices that depend on no learned feature (token ids from the graph input, positions computed from its shape,
+    constants); None where `node` is no such lookup."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    table = w.const(node.input[0])
+    if table is None or table.ndim != 2 or table.dtype.kind != "f" or w.attr(node, "axis", 0) % 2 != 0:
+        return None
+    indices = node.input[1]
+    if not (indices in w.static or _is_shared(w, indices)) or w.ranks.get(indices) is None:
+        return None
+    return table
+
+
+def _embedding(w: _Walk, node) -> TensorSpace:
+    """An embedding lookup opens a learned space on the table's channel axis (axis 1), as a Linear layer does on its
+    output: the table is a weight whose channel axis is merged with M (each output is one row of the table, so
+    ``M (table[i])ᵀ = (table Mᵀ)[i]`` exactly). The output holds the channels on its last axis. Sums of embeddings
+    (word + position + token type) tie their spaces like any residual Add."""
+    table = w.const(node.input[0])
+    sid = w.new_space(table.shape[1])
+    w.add_weight(0, 1, sid, "out")
+    ts = TensorSpace(sid, w.ranks[node.input[1]])
+    w.set_space(node.output[0], ts)
+    return ts
+
+
+def weight_input(op_type: str) -> int:
+    """Which input of a weighted layer holds its weight: a Conv's, Gemm's or MatMul's second, an embedding
+    table (Gather) its first."""
+    return 0 if op_type == "Gather" else 1
+
+
 HANDLERS = {
     "Conv": _conv,
     "Gemm": _gemm,
@@ -1543,6 +1577,10 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                 out = _weighted_output_space(w, node, shared_input=False)
                 if out is not None:
                     info.kind, info.data_input, info.out_space = "weighted", node.input[0], out
+        elif _embedding_table(w, node) is not None:
+            # a lookup in a constant table (word, position, token-type embeddings): a layer reading indices
+            info.kind, info.data_input, info.out_space = "weighted", node.input[1], _embedding(w, node)
+            info.in_space = w.space_of(node.input[1])  # the shared input's space; None for constant indices
         elif all(n in w.static for n in inputs):
             info.kind = "static"  # computes the same value in both models, whatever the data
             for out in node.output:

@@ -733,6 +733,7 @@ class Samples:
 def _read_samples(data, sources: Sources, opts: MergeOptions, logger) -> Samples:
     specs = input_specs(sources.a.model)
     calib = _calibration(data, specs, None, logger)
+    _check_token_ids(calib, sources.a)
     num_samples = opts.num_samples
     if num_samples is not None and num_samples < calib.num_samples:
         # --seed picks which samples are used (and so which are held back to verify): a random subset, kept in
@@ -761,6 +762,25 @@ def _read_samples(data, sources: Sources, opts: MergeOptions, logger) -> Samples
     fit, held = calib.split(holdout) if holdout else (calib, None)
     source = None if isinstance(data, (np.ndarray, dict)) else os.fsdecode(data)
     return Samples(calib, fit, held, held if opts.verify else None, holdout, source)
+
+
+def _check_token_ids(calib: CalibrationData, a: Analysis) -> None:
+    """Integer inputs read straight by an embedding (Gather from a constant table) must index rows of its table
+    (-rows..rows-1, as ONNX's Gather allows): found here, before any model runs, rather than as an onnxruntime error
+    in the middle of a pass."""
+    for name, array in calib.arrays.items():
+        if array.dtype.kind not in "iu" or array.size == 0:
+            continue
+        for j, k in a.consumers.get(name, []):
+            node = a.model.graph.node[j]
+            if a.nodes[j].kind != "weighted" or node.op_type != "Gather" or k != 1:
+                continue
+            rows = a.initializers[node.input[0]].shape[0]
+            lo, hi = int(array.min()), int(array.max())
+            if lo < -rows or hi >= rows:
+                raise CalibrationDataError(
+                    f"{calib.path}: input {name!r} holds token ids from {lo} to {hi}, but node '{node.name}' looks "
+                    f"them up in embedding table '{node.input[0]}' of {rows} rows (ids from {-rows} to {rows - 1})")
 
 
 def _space_key(sid: int, points: list) -> str:

@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .calibration import CalibrationData, FeatureRequest, collect_stats, make_session
-from .graph import Analysis, TensorSpace
+from .graph import Analysis, TensorSpace, weight_input
 from .surgery import Surgery, ZipPlan, zipped_spaces
 
 log = logging.getLogger("onnxzip")
@@ -91,7 +91,7 @@ def repair_points(a: Analysis, trunk: set, branches: bool = False, num_models: i
         for i in a.weighted:
             if i in trunk or i in a.heads or a.nodes[i].out_space is None:
                 continue
-            if not any(wa.role == "out" for wa in a.weight_axes(i, 1)):
+            if not any(wa.role == "out" for wa in a.weight_axes(i, weight_input(a.nodes[i].op_type))):
                 continue
             chain, tensor = _chain(a, i, lambda j: j not in trunk)
             if tensor not in a.tensor_spaces:
@@ -154,12 +154,13 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
     layer = point.layer
     node_name = surgery.trunk_nodes[layer] if point.model is None else surgery.branch_nodes[(point.model, layer)]
     node = model.graph.node[[n.name for n in model.graph.node].index(node_name)]
-    (wa,) = [w for w in a.weight_axes(layer, 1) if w.role == "out"]
-    _scale_initializer(model, _input(surgery, point, layer, 1), wa.axis, scale)
+    k_weight = weight_input(a.nodes[layer].op_type)
+    (wa,) = [w for w in a.weight_axes(layer, k_weight) if w.role == "out"]
+    _scale_initializer(model, _input(surgery, point, layer, k_weight), wa.axis, scale)
     biases = []  # (node index, input index, axis) of per-channel additive constants along the chain
     for i in point.chain:
         for k in range(len(a.model.graph.node[i].input)):
-            if i == layer and k == 1:
+            if i == layer and k == k_weight:
                 continue
             for w in a.weight_axes(i, k):
                 if w.role == "out" and w.space == space:
@@ -170,6 +171,10 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
     if biases:
         return True
     op = a.nodes[layer].op_type
+    if op == "Gather":
+        # an embedding table: each output is one row of it, so the shift folds into every row exactly
+        _scale_initializer(model, _input(surgery, point, layer, k_weight), wa.axis, np.ones_like(scale), shift)
+        return True
     if op in ("Conv", "Gemm"):
         # no bias to absorb the shift: give the layer one
         beta = 1.0

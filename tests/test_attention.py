@@ -179,3 +179,121 @@ def test_inspect_reports_how_many_spaces_are_zipped(name):
     text = format_report(report)
     assert f"{want} of {want} learned space(s) outside the task heads zipped by default" in text
     assert ("queries and keys matched alike" in text) == ("packed" in name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embeddings (BERT-style): a Gather from a constant table opens a space on the table's channel axis; word, position
+# and token-type embeddings sum into the residual stream; post-norm and RMSNorm streams
+# ---------------------------------------------------------------------------------------------------------------
+
+BERTS = sorted(k for k in MANIFEST if k.startswith("bert_"))
+BERT_DEPTH = 2  # tools/make_fixtures.py TinyBert
+
+
+def bert_ids(name, n, seed):
+    entry = MANIFEST[name]
+    ids = np.random.RandomState(seed).randint(0, entry["input_high"], (n, *entry["input_shape"][1:]))
+    return {entry["inputs"][0]["name"]: ids.astype(np.int64)}
+
+
+def run(model, feed):
+    import onnxruntime as ort
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+
+
+def embeddings(an):
+    graph = an.model.graph
+    return [i for i in an.weighted if graph.node[i].op_type == "Gather"]
+
+
+def test_the_bert_fixtures_cover_both_exporters():
+    assert BERTS == [f"bert_layer_{h}" for h in ("dynamo", "ts")]
+
+
+@pytest.mark.parametrize("name", BERTS)
+def test_embedding_tables_open_the_residual_stream(name):
+    """Word, position (TorchScript: looked up by Range(0, T); dynamo folds it to a constant) and token-type
+    embeddings are layers writing the stream on the table's axis 1; every norm and residual Add of the post-norm
+    blocks is on it; q and k are tied, heads are blocks."""
+    an = analyse(load(name))
+    graph = an.model.graph
+    tables = embeddings(an)
+    assert len(tables) == (3 if name.endswith("_ts") else 2)
+    stream = an.nodes[tables[0]].out_space.space
+    for i in tables:
+        node = graph.node[i]
+        assert an.nodes[i].out_space.space == stream, f"{node.name} writes another space"
+        assert [(w.input, w.axis, w.space, w.role) for w in an.weights if w.node == i] == [(0, 1, stream, "out")]
+        assert an.tensor_spaces[node.output[0]].axis == len(an.shapes[node.output[0]]) - 1
+    if name.endswith("_dynamo"):  # the folded position embedding is a per-channel constant of the stream
+        pos = [w for w in an.weights if w.space == stream and graph.node[w.node].op_type == "Add"]
+        assert any(an.initializers[graph.node[w.node].input[w.input]].shape == (6, 16) for w in pos)
+    if "layer" in name:
+        norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    else:  # RMSNorm written out: x * (1 / sqrt(mean(x²) + eps)) * weight, the last Mul by the weight
+        norms = [n for i, n in enumerate(graph.node) if n.op_type == "Mul"
+                 and any(w.role == "out" for k in range(2) for w in an.weight_axes(i, k))]
+    assert len(norms) == 1 + 2 * BERT_DEPTH
+    for n in norms:
+        assert an.tensor_spaces[n.output[0]].space == stream, f"{n.name} is not on the stream"
+    for i in an.weighted:
+        if graph.node[i].op_type == "MatMul" and an.spaces[an.nodes[i].out_space.space].width == 16 \
+                and an.nodes[i].in_space.space == stream:
+            assert an.spaces[an.nodes[i].out_space.space].blocks == 2, "q, k, v: each head a block"
+    qk = [s for s in an.spaces.values() if s.width == 16 and not s.identity and s.id != stream
+          and sum(1 for i in s.producers if graph.node[i].op_type == "MatMul") == 2]
+    assert len(qk) == BERT_DEPTH, "one space per block for queries and keys (tied by q kᵀ)"
+
+
+@pytest.mark.parametrize("name", BERTS)
+def test_inspect_zips_every_bert_space_outside_the_head(name):
+    report = inspect_models(load(name), load(name, "b"))
+    want = 1 + 3 * BERT_DEPTH  # the stream; per block q+k, v, fc1
+    assert report["a"]["spaces_zipped"] == {"zipped": want, "of": want}
+
+
+@pytest.mark.parametrize("name", BERTS)
+@pytest.mark.parametrize("refit", ["ls", "none"])
+def test_bert_twins_merge_exactly_with_and_without_the_refit(name, refit):
+    """Permute, refit on and off (with the statistics repair, which rescales the embedding tables): A on both heads
+    to 1e-4 of the output's scale. (test_exporters checks zip with beta 0 and the trunk.)"""
+    a, b = load(name), load(name, "b")
+    res = onnxzip.merge(a, b, bert_ids(name, 256, 0), method="permute", refit=refit)
+    assert not res.card["unmerged"]
+    x = bert_ids(name, 64, 987)
+    want = run(a, x)
+    out = list(want)[0]
+    got = run(res.model, x)
+    for head in ("a", "b"):
+        err = np.abs(got[f"{head}/{out}"] - want[out]).max() / np.abs(want[out]).max()
+        assert err < 1e-4, f"{name} refit {refit} {head}: relative error {err:.3g}"
+
+
+def test_token_ids_merge_from_an_int64_npy_file_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+    from onnxzip.cli import cli
+
+    name = "bert_layer_ts"
+    ids = bert_ids(name, 200, 0)["input"]
+    np.save(tmp_path / "ids.npy", ids)
+    paths = [os.path.join(DATA, name, f"{w}.onnx") for w in ("a", "b")]
+    out = tmp_path / "merged.onnx"
+    result = CliRunner().invoke(cli, ["merge", *paths, "--data", str(tmp_path / "ids.npy"), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    merged = onnx.load(out)
+    x = bert_ids(name, 32, 5)
+    want, got = run(load(name), x)["logits"], run(merged, x)
+    for head in ("a", "b"):
+        assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max()
+
+    np.save(tmp_path / "floats.npy", ids.astype(np.float32))
+    result = CliRunner().invoke(cli, ["merge", *paths, "--data", str(tmp_path / "floats.npy"), "-o", str(out),
+                                      "--force"])
+    assert result.exit_code == 5 and "has dtype float32, but the model input is int64" in result.output
+
+    np.save(tmp_path / "big.npy", ids + 10)  # the vocabulary has 50 ids
+    result = CliRunner().invoke(cli, ["merge", *paths, "--data", str(tmp_path / "big.npy"), "-o", str(out),
+                                      "--force"])
+    assert result.exit_code == 5, result.output
+    assert "token ids from 10 to 59" in result.output and "'word.weight' of 50 rows" in result.output

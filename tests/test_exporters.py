@@ -44,10 +44,14 @@ def load(name):
 
 
 def random_inputs(name, n, seed):
-    """Random normal float32 inputs of the fixture's input shape: name -> array."""
+    """Random inputs of the fixture's input shape: name -> array; normal float32, or int64 token ids below the
+    manifest's `input_high` for a model that reads them (BERT)."""
     inp = MANIFEST[name]["inputs"][0]
     shape = MANIFEST[name]["input_shape"][1:]
-    return {inp["name"]: np.random.RandomState(seed).randn(n, *shape).astype(np.float32)}
+    rng = np.random.RandomState(seed)
+    if inp["elem_type"] == "INT64":
+        return {inp["name"]: rng.randint(0, MANIFEST[name]["input_high"], (n, *shape)).astype(np.int64)}
+    return {inp["name"]: rng.randn(n, *shape).astype(np.float32)}
 
 
 def run(model, feed):

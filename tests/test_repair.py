@@ -98,3 +98,40 @@ def test_partial_zip_repairs_each_models_layers_after_the_stop_point(arch):
         got = collect_stats([surgery.model], [req], data)["m"]
         np.testing.assert_allclose(got.mean, want_mu, atol=1e-4, rtol=1e-4, err_msg=f"mean of {p.tensor} ({p.model})")
         np.testing.assert_allclose(got.std(), want_sd, atol=1e-4, rtol=1e-3, err_msg=f"std of {p.tensor} ({p.model})")
+
+
+@pytest.mark.parametrize("name", ["bert_layer_ts", "bert_layer_dynamo"])
+def test_embedding_tables_are_repaired_in_the_table(name):
+    """An embedding (Gather from a table) has no bias: the correction's scale and shift fold into every row of its
+    table (TorchScript: nothing follows the lookup on its own) or into the table and the constant added after it
+    (dynamo: the position embedding, folded to a constant, is the lookup's bias). Two unrelated BERTs: B is A with
+    noise on every weight."""
+    import os
+
+    import onnx
+
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
+    a_model = onnx.load(os.path.join(data_dir, "a.onnx"))
+    b_model = onnx.load(os.path.join(data_dir, "b.onnx"))
+    rng = np.random.RandomState(2)
+    for t in b_model.graph.initializer:
+        v = onnx.numpy_helper.to_array(t)
+        if v.dtype == np.float32 and v.size > 1:
+            t.CopyFrom(onnx.numpy_helper.from_array((v + 0.5 * v.std() * rng.randn(*v.shape)).astype(np.float32),
+                                                    t.name))
+    ids = rng.randint(0, 50, (256, 6)).astype(np.int64)
+    data = calibration_from_arrays({a_model.graph.input[0].name: ids}, input_specs(a_model))
+    plan, _ = plan_for(a_model, b_model, data, "zip")
+    surgery = build(plan)
+    points = [p for p in repair_points(plan.a, plan.trunk) if plan.a.nodes[p.layer].op_type == "Gather"]
+    assert len(points) == (3 if name.endswith("_ts") else 2)
+    repair(plan, surgery, data, [plan.a.model, plan.analyses[1].model])
+    stats = collect_stats([plan.a.model, plan.analyses[1].model], target_requests(plan, points), data)
+    for p in points:
+        width = plan.a.spaces[p.space.space].width
+        src, m = stats[p.key], plan.matching(p.space.space)
+        mu_t = sum(m.merge[k] @ src.mean[k * width:(k + 1) * width] for k in range(2))
+        sd_t = sum(m.merge[k] @ src.std()[k * width:(k + 1) * width] for k in range(2))
+        mu, sd = merged_moments(surgery, p, data)
+        np.testing.assert_allclose(mu, mu_t, atol=1e-4, rtol=1e-4, err_msg=f"mean at {p.tensor}")
+        np.testing.assert_allclose(sd, sd_t, atol=1e-4, rtol=1e-3, err_msg=f"std at {p.tensor}")

@@ -60,6 +60,9 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import models_torch  # noqa: E402
+
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4 per dynamo export
 TS_OPSET = 17
 MAX_BYTES = 200_000
@@ -579,6 +582,79 @@ class TinyViT(nn.Module):
             state[f"{proj}.weight"] = state[f"{proj}.weight"].index_select(1, pv)
 
 
+class TinyBert(models_torch.Bert):
+    """BERT-like encoder (tools/models_torch.py `Bert`) on int64 token ids (N, 6), vocabulary 50: word + position
+    (0..5 of 8) + token-type (all 0) embeddings summed, the embeddings' norm, `depth` post-norm blocks (separate q, k,
+    v Linears of 2 heads of 8, scaled_dot_product_attention, output projection, residual Add, norm; MLP 16-32-16 with
+    GELU, residual Add, norm), the first token (pool "cls") or the mean over tokens (pool "mean"), linear head.
+    `norm` "layer": nn.LayerNorm; "rms": RMSNorm written out (x * rsqrt(mean(x²) + eps) * weight)."""
+
+    input_shape = (6,)
+    vocab, dim, heads, depth = 50, 16, 2, 2
+
+    def __init__(self, classes=5, pool="cls", norm="layer"):
+        super().__init__(classes, vocab=self.vocab, max_len=8, dim=self.dim, depth=self.depth, heads=self.heads,
+                         mlp_ratio=2, pool=pool, norm=norm)
+        self.norm_kind = norm
+
+    @property
+    def expected(self):
+        return (2 + 3 * self.depth,
+                "the residual stream (word, position and token-type embedding tables, tied by the Adds that sum them; "
+                "every attention output projection and fc2, tied by the residual Adds; the norms carry it), per block: "
+                "q+k (tied by q kᵀ), v and fc1; the fc head")
+
+    def post_init(self, x):
+        """Embeddings of unit scale (BERT's are learned to about that; init_weights gives loose parameters small
+        positive values), norm weights as init_weights gives LayerNorm's."""
+        g = torch.Generator().manual_seed(19)
+        with torch.no_grad():
+            for emb in (self.word, self.position, self.token_type):
+                emb.weight.copy_(torch.randn(emb.weight.shape, generator=g))
+            for m in self.modules():
+                if isinstance(m, models_torch.RMSNorm):
+                    m.weight.copy_(0.6 + 0.8 * torch.rand(m.weight.shape, generator=g))
+
+    def _norm_members(self, name):
+        return [(f"{name}.weight", 0)] + ([(f"{name}.bias", 0)] if self.norm_kind == "layer" else [])
+
+    def spaces(self):
+        d = self.dim
+        stream = [("word.weight", 1), ("position.weight", 1), ("token_type.weight", 1), ("head.weight", 1)]
+        stream += self._norm_members("norm")
+        out = {}
+        for i in range(self.depth):
+            b = f"blocks.{i}"
+            stream += self._norm_members(f"{b}.norm1") + self._norm_members(f"{b}.norm2")
+            stream += [(f"{b}.{n}.weight", 1) for n in ("q", "k", "v", "fc1")]
+            stream += conv_out(f"{b}.proj") + conv_out(f"{b}.fc2")
+            out[f"{b}.fc1"] = (2 * d, 1, conv_out(f"{b}.fc1") + conv_in(f"{b}.fc2"))
+        out["stream"] = (d, 1, stream)
+        return out
+
+    def permute_heads(self, state, rng):
+        """Queries and keys of each head permuted by one permutation, values (and the output projection's input)
+        by another, every head in its place."""
+        d, h = self.dim, self.heads
+        for i in range(self.depth):
+            b = f"blocks.{i}"
+            pqk = torch.as_tensor(_perm(d, h, rng, swap_groups=False))
+            pv = torch.as_tensor(_perm(d, h, rng, swap_groups=False))
+            for n, p in (("q", pqk), ("k", pqk), ("v", pv)):
+                for param in ("weight", "bias"):
+                    state[f"{b}.{n}.{param}"] = state[f"{b}.{n}.{param}"].index_select(0, p)
+            state[f"{b}.proj.weight"] = state[f"{b}.proj.weight"].index_select(1, pv)
+
+
+def random_inputs(cls, n: int, seed: int) -> np.ndarray:
+    """n random inputs for architecture `cls`: token ids below cls.vocab (int64) for a model that reads them,
+    standard normal float32 otherwise."""
+    rng = np.random.RandomState(seed)
+    if getattr(cls, "vocab", None):
+        return rng.randint(0, cls.vocab, (n, *cls.input_shape)).astype(np.int64)
+    return rng.randn(n, *cls.input_shape).astype(np.float32)
+
+
 def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
     twin, perms = permuted_twin(model, model.spaces(), rng)
     if isinstance(model, ConcatCNN):
@@ -598,7 +674,7 @@ def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
         q = np.argsort(order)[r[order]]
         sd["fc.weight"] = sd["fc.weight"].index_select(1, torch.as_tensor(q))
         twin.load_state_dict(sd)
-    if isinstance(model, TinyViT):
+    if isinstance(model, (TinyViT, TinyBert)):
         sd = twin.state_dict()
         model.permute_heads(sd, rng)
         twin.load_state_dict(sd)
@@ -620,7 +696,8 @@ def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 
 def export_torch(model: nn.Module, path: str, how: str) -> None:
-    x = torch.randn(2, *model.input_shape)
+    x = torch.from_numpy(random_inputs(model, 2, 0)) if getattr(model, "vocab", None) else \
+        torch.randn(2, *model.input_shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if how == "dynamo":
@@ -668,8 +745,10 @@ def describe(path: str) -> dict:
             "bytes": os.path.getsize(path)}
 
 
-def check_twin(a_path, b_path, input_name, shape, seed=123, twin=True) -> dict:
-    x = {input_name: np.random.RandomState(seed).randn(64, *shape).astype(np.float32)}
+def check_twin(a_path, b_path, input_name, shape, seed=123, twin=True, vocab=None) -> dict:
+    rng = np.random.RandomState(seed)
+    x = {input_name: rng.randint(0, vocab, (64, *shape)).astype(np.int64) if vocab else
+         rng.randn(64, *shape).astype(np.float32)}
     ya, yb = run(a_path, x), run(b_path, x)
     result = {}
     for k in ya:
@@ -689,6 +768,8 @@ def check_twin(a_path, b_path, input_name, shape, seed=123, twin=True) -> dict:
 
 def check_relus_live(model: nn.Module, shape):
     """Every ReLU output channel varies on random inputs (a dead unit has nothing to be matched by)."""
+    if getattr(model, "vocab", None):
+        return  # token ids in, no ReLU
     acts = []
     hooks = [m.register_forward_hook(lambda _m, _i, o: acts.append((_m, o))) for m in model.modules()
              if isinstance(m, nn.ReLU)]
@@ -714,10 +795,10 @@ def torch_fixture(out, name, cls, how, seed, note="", **kw):
     os.makedirs(folder, exist_ok=True)
     a = init_weights(cls(**kw), seed)
     if hasattr(a, "post_init"):
-        a.post_init(torch.from_numpy(np.random.RandomState(seed).randn(256, *cls.input_shape).astype(np.float32)))
+        a.post_init(torch.from_numpy(random_inputs(cls, 256, seed)))
     check_relus_live(a, cls.input_shape)
     b = torch_twin(a, np.random.RandomState(seed + 1000))
-    x = torch.randn(8, *cls.input_shape)
+    x = torch.from_numpy(random_inputs(cls, 8, seed)) if getattr(cls, "vocab", None) else torch.randn(8, *cls.input_shape)
     sa, sb = a.state_dict(), b.state_dict()
     members = {p for _, _, ms, *_ in a.spaces().values() for p, _ in ms}
     unchanged = [p for p in members if torch.equal(sa[p], sb[p])]
@@ -728,13 +809,15 @@ def torch_fixture(out, name, cls, how, seed, note="", **kw):
     export_torch(a, pa, how)
     export_torch(b, pb, how)
     info = describe(pa)
-    check = check_twin(pa, pb, info["inputs"][0]["name"], cls.input_shape)
+    vocab = getattr(cls, "vocab", None)
+    check = check_twin(pa, pb, info["inputs"][0]["name"], cls.input_shape, vocab=vocab)
     n, how_counted = a.expected
     return {"exporter": {"ts": "torch.onnx TorchScript (dynamo=False, eval: BN folded)",
                          "ts_bn_kept": "torch.onnx TorchScript (dynamo=False, training=PRESERVE: BN kept)",
                          "dynamo": "torch.onnx dynamo=True (torch.export + onnxscript, optimize=True)"}[how],
             "torch": torch.__version__, "architecture": cls.__name__, "architecture_doc": " ".join(cls.__doc__.split()),
             "twin": True, "seed": seed, "input_shape": [None, *cls.input_shape],
+            **({"input_high": vocab} if vocab else {}),
             "expected_spaces": n, "spaces_counted": how_counted,
             "permuted_hidden_spaces": {k: v[0] for k, v in b.spaces().items()} if hasattr(b, "spaces") else {},
             "notes": note, **info, "generation_check": check}
@@ -883,6 +966,22 @@ FIXTURES = {
           "permutation) and values with the output projection's input (another), heads in place.",
         attention=attention))
       for i, (attention, how) in enumerate((a, h) for a in ("packed", "separate", "mha") for h in ("ts", "dynamo"))},
+    **{f"bert_{norm}_{how}": (lambda out, norm=norm, pool=pool, how=how, i=i: torch_fixture(
+        out, f"bert_{norm}_{how}", TinyBert, how, 30 + i,
+        "BERT-like encoder on int64 token ids (input_high: ids are below it): word embedding Gather(table, ids), "
+        + {"ts": "position embedding Gather(table, Range(0, T)) with T from the ids' shape, token-type embedding "
+                 "Gather(table, ConstantOfShape(Shape(ids))); TorchScript",
+           "dynamo": "position embedding folded to a constant (T is static), token-type embedding Gather(table, "
+                     "Expand(0, Shape(ids))); dynamo"}[how]
+        + " writes scaled_dot_product_attention as MatMul / Softmax / MatMul. Post-norm blocks; "
+        + {"layer": "LayerNormalization, the first token to the head.",
+           "rms": "RMSNorm written out (Pow, ReduceMean, Add, Sqrt, " + ("Div" if how == "ts" else "Reciprocal")
+                  + ", Mul by the weight), the mean over tokens to the head."}[norm]
+        + " The twin permutes the residual stream (every embedding table's channel axis with it), each fc1, and "
+          "inside every head queries with keys and values with the output projection's input, heads in place.",
+        pool=pool, norm=norm))
+      for i, (norm, pool, how) in enumerate((n, p, h) for n, p in (("layer", "cls"), ("rms", "mean"))
+                                            for h in ("ts", "dynamo"))},
     "preproc": lambda out: torch_fixture(out, "preproc", PreprocCNN, "ts", 10,
                                          "Sub / Div of the input by per-channel constants (1, 3, 1, 1) before "
                                          "conv1."),

@@ -1,7 +1,9 @@
 """PyTorch architectures for the Fashion-MNIST model pairs (as in the ZipIt! paper: ResNet-20 of width ×w, a VGG, an MLP;
-and a small ViT).
+and a small ViT), and a small BERT-like text encoder.
 
-All take normalised (N,1,28,28) float32 input and return (N,num_classes) logits.
+The image models (`ARCHS`, what tools/train_pairs.py trains) take normalised (N,1,28,28) float32 input and return
+(N,num_classes) logits. `Bert` takes int64 token ids (N, T) instead; it is not in `ARCHS` (train_pairs feeds images):
+tools/make_fixtures.py exports it (tests/data/bert_*).
 """
 import torch
 import torch.nn as nn
@@ -156,6 +158,73 @@ class ViT(nn.Module):
 def vit(num_classes=10):
     """ViT for 28x28: patch 7 (16 tokens + class token), dim 64, 3 blocks of 4 heads (d = 16), MLP 128."""
     return ViT(num_classes)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm written out as LLaMA-style code writes it: x * rsqrt(mean(x²) + eps) * weight (no mean subtracted, no
+    bias). Exported as Pow / ReduceMean / Add / Sqrt / Reciprocal (or Div) / Mul."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _norm(kind, dim):
+    return {"layer": lambda: nn.LayerNorm(dim), "rms": lambda: RMSNorm(dim), "torch_rms": lambda: nn.RMSNorm(dim)}[kind]()
+
+
+class BertLayer(nn.Module):
+    """Post-norm encoder block as BERT writes it: x = LN(x + proj(attn(q, k, v))), then x = LN(x + fc2(GELU(fc1(x)))).
+    Separate q, k, v Linears, heads by view (N, T, H, d) + transpose, F.scaled_dot_product_attention."""
+
+    def __init__(self, dim, heads, mlp_ratio, norm="layer"):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm1, self.norm2 = _norm(norm, dim), _norm(norm, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = (lin(x).view(n, t, self.heads, d // self.heads).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)
+        x = self.norm1(x + self.proj(o))
+        return self.norm2(x + self.fc2(F.gelu(self.fc1(x))))
+
+
+class Bert(nn.Module):
+    """Small BERT-like encoder: int64 token ids (N, T) -> word embedding + position embedding (of positions 0..T-1) +
+    token-type embedding (type 0 for every token: BERT's default without token_type_ids), LayerNorm (the embeddings'
+    norm), `depth` post-norm blocks (`BertLayer`), then the first token (pool "cls") or the mean over tokens (pool
+    "mean"), linear head. `norm`: "layer" (nn.LayerNorm everywhere) or "rms" (`RMSNorm` written out) or
+    "torch_rms" (nn.RMSNorm)."""
+
+    def __init__(self, num_classes=10, vocab=1000, max_len=64, dim=64, depth=2, heads=4, mlp_ratio=2, type_vocab=2,
+                 pool="cls", norm="layer"):
+        super().__init__()
+        self.pool = pool
+        self.word = nn.Embedding(vocab, dim)
+        self.position = nn.Embedding(max_len, dim)
+        self.token_type = nn.Embedding(type_vocab, dim)
+        self.norm = _norm(norm, dim)
+        self.blocks = nn.Sequential(*[BertLayer(dim, heads, mlp_ratio, norm) for _ in range(depth)])
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.word(ids) + self.position(positions) + self.token_type(torch.zeros_like(ids))
+        x = self.blocks(self.norm(x))
+        return self.head(x[:, 0] if self.pool == "cls" else x.mean(dim=1))
+
+
+def bert(num_classes=10, **kw):
+    """BERT-like encoder of dim 64, 2 blocks of 4 heads, vocabulary 1000, up to 64 tokens."""
+    return Bert(num_classes, **kw)
 
 
 ARCHS = {
