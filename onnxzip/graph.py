@@ -827,6 +827,9 @@ def _elementwise(w: _Walk, node):
     _absorb_broadcast_constants(w, node)
     out_rank = max(w.rank(n) for n in node.input if n)
     spaced = [(i, w.space_of(n)) for i, n in enumerate(node.input) if n and w.space_of(n) is not None]
+    learned = [(i, ts) for i, ts in spaced if w.find(ts.space) not in w.identity]
+    if learned:
+        spaced = [(i, ts) for i, ts in spaced if not _per_position(w, node, i, ts, learned[0], out_rank)]
     first_i, first = spaced[0]
     if any(ts.heads for _, ts in spaced):
         return _elementwise_heads(w, node, spaced, out_rank)
@@ -844,6 +847,20 @@ def _elementwise(w: _Walk, node):
         w.tie(first.space, ts.space)
     w.set_space(node.output[0], out)
     return "carrier", None, first, out
+
+
+def _per_position(w: _Walk, node, i: int, ts: TensorSpace, learned: tuple, out_rank: int) -> bool:
+    """Whether input i (of space `ts`) is a shared tensor of one value per position, broadcast over the channels of
+    the `learned` (index, space) input (RMSNorm's 1/rms(x), a token mask): it scales or shifts every channel alike,
+    so it carries no channels."""
+    j, ref = learned
+    if w.find(ts.space) not in w.identity or ref.heads or ref.split:
+        return False
+    shape = w.shape(node.input[i])
+    if shape is None:
+        return False
+    k = ref.axis + out_rank - w.rank(node.input[j]) - (out_rank - len(shape))  # the channel axis in input i
+    return k < 0 or shape[k] == 1
 
 
 def _elementwise_heads(w: _Walk, node, spaced: list, out_rank: int):
@@ -897,13 +914,24 @@ def _reduce(w: _Walk, node):
             return "carrier", None, x, x
         raise _Unsupported("reduces over every axis, the channels included")
     if x.axis in axes:
-        raise _Unsupported("reduces over the channel axis")
+        return _channel_statistic(w, node, x)
     if x.expand != 1 and any(a > x.axis for a in axes):
         raise _Unsupported("reduces inside a flattened channel axis")
     keep = w.attr(node, "keepdims", 1)
     out = TensorSpace(x.space, x.axis if keep else x.axis - sum(a < x.axis for a in axes), x.expand)
     w.set_space(node.output[0], out)
     return "carrier", None, x, out
+
+
+def _channel_statistic(w: _Walk, node, x: TensorSpace):
+    """A reduction over the channel axis (RMSNorm's mean of squares, a mean over channels): one value per position
+    that carries no channels. Like attention scores it is computed once in the trunk on the merged features, for
+    both models: exact for permutations (the statistic does not depend on the channels' order), an approximation
+    for zipped features, as LayerNorm's statistics are."""
+    if x.heads or x.split:
+        raise _Unsupported("reduces over attention heads or the channels of a shuffle")
+    _set_shared(w, node.output[0])
+    return "carrier", None, x, w.space_of(node.output[0])
 
 
 def _flatten_like(w: _Walk, node, in_shape, out_shape):
@@ -1345,8 +1373,9 @@ def _concat(w: _Walk, node):
 
 
 def _layernorm(w: _Walk, node):
-    """LayerNormalization: per-channel scale and bias. Where the channel axis is among the normalised axes the
-    statistics mix channels: exact for permutations, an approximation for zipped (averaged) features."""
+    """LayerNormalization: per-channel scale and bias; RMSNormalization (opset 23): per-channel scale. Where the
+    channel axis is among the normalised axes the statistics mix channels: exact for permutations, an approximation
+    for zipped (averaged) features. Further outputs (mean, inverse std or rms) carry no channels onnxzip follows."""
     x = w.space_of(node.input[0])
     rank = w.rank(node.input[0])
     for i in (1, 2):
@@ -1529,6 +1558,7 @@ HANDLERS = {
     "Split": _split,
     "Gather": _gather,
     "LayerNormalization": _layernorm,
+    "RMSNormalization": _layernorm,
     "GroupNormalization": _groupnorm,
     "Pad": _pad,
     "Cast": _cast,
@@ -1537,7 +1567,7 @@ HANDLERS = {
 }
 for _op in ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "HardSigmoid", "HardSwish",
             "Softplus", "Softsign", "Mish", "Erf", "Identity", "Dropout", "Clip", "Abs", "Neg", "Exp", "Log",
-            "Sqrt", "Reciprocal", "Sin", "Cos", "ThresholdedRelu", "Floor", "Ceil", "Round", "Sign"):
+            "Sqrt", "Reciprocal", "Pow", "Sin", "Cos", "ThresholdedRelu", "Floor", "Ceil", "Round", "Sign"):
     HANDLERS[_op] = _unary
 del HANDLERS["Where"]
 

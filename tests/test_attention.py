@@ -207,8 +207,8 @@ def embeddings(an):
     return [i for i in an.weighted if graph.node[i].op_type == "Gather"]
 
 
-def test_the_bert_fixtures_cover_both_exporters():
-    assert BERTS == [f"bert_layer_{h}" for h in ("dynamo", "ts")]
+def test_the_bert_fixtures_cover_both_exporters_and_both_norms():
+    assert BERTS == [f"bert_{n}_{h}" for n in ("layer", "rms") for h in ("dynamo", "ts")]
 
 
 @pytest.mark.parametrize("name", BERTS)
@@ -244,6 +244,20 @@ def test_embedding_tables_open_the_residual_stream(name):
     qk = [s for s in an.spaces.values() if s.width == 16 and not s.identity and s.id != stream
           and sum(1 for i in s.producers if graph.node[i].op_type == "MatMul") == 2]
     assert len(qk) == BERT_DEPTH, "one space per block for queries and keys (tied by q kᵀ)"
+
+
+@pytest.mark.parametrize("name", [n for n in BERTS if "rms" in n])
+def test_rms_statistic_is_computed_once_and_scales_every_channel(name):
+    """The mean of squares over the channel axis carries no channels (computed once in the trunk); the Mul of the
+    stream by 1/rms keeps the stream."""
+    an = analyse(load(name))
+    graph = an.model.graph
+    means = [n for n in graph.node if n.op_type == "ReduceMean" and graph.node[an.producer[n.input[0]][0]].op_type
+             == "Pow"]
+    assert len(means) == 1 + 2 * BERT_DEPTH
+    for n in means:
+        assert an.spaces[an.tensor_spaces[n.output[0]].space].identity
+    assert not an.blocked_reasons.keys() - set(an.heads)
 
 
 @pytest.mark.parametrize("name", BERTS)
@@ -297,3 +311,62 @@ def test_token_ids_merge_from_an_int64_npy_file_on_the_command_line(tmp_path):
                                       "--force"])
     assert result.exit_code == 5, result.output
     assert "token ids from 10 to 59" in result.output and "'word.weight' of 50 rows" in result.output
+
+
+def token_model(weights, opset=23):
+    """ids (N, 4) -> word[ids] + pos[constant positions] -> times a mask of the nonzero ids -> RMSNormalization
+    (opset 23) -> MatMul + bias -> Relu -> mean over tokens -> Gemm head."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("Gather", ["word", "ids"], ["we"]),
+             helper.make_node("Gather", ["pos", "positions"], ["pe"]),
+             helper.make_node("Add", ["we", "pe"], ["emb"]),
+             helper.make_node("Greater", ["ids", "zero"], ["nonzero"]),
+             helper.make_node("Cast", ["nonzero"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["maskf", "last"], ["mask"]),
+             helper.make_node("Mul", ["emb", "mask"], ["masked"]),
+             helper.make_node("RMSNormalization", ["masked", "scale"], ["norm"], axis=-1),
+             helper.make_node("MatMul", ["norm", "fc.w"], ["fc"]),
+             helper.make_node("Add", ["fc", "fc.b"], ["fcb"]),
+             helper.make_node("Relu", ["fcb"], ["r"]),
+             helper.make_node("ReduceMean", ["r", "tokens"], ["pool"], keepdims=0),
+             helper.make_node("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
+    consts = {"positions": np.arange(4, dtype=np.int64), "zero": np.array(0, np.int64),
+              "last": np.array([-1], np.int64), "tokens": np.array([1], np.int64)}
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v, k) for k, v in {**weights, **consts}.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_constant_positions_a_token_mask_and_the_rmsnormalization_op_merge_exactly():
+    """A position table looked up by constant indices is an embedding too; a mask of one value per token scales
+    every channel alike; RMSNormalization (opset 23) carries the stream with its per-channel scale."""
+    rng = np.random.RandomState(4)
+    d, h = 8, 12
+    w = {"word": rng.randn(20, d), "pos": rng.randn(6, d), "scale": rng.uniform(0.6, 1.4, d),
+         "fc.w": rng.randn(d, h) / np.sqrt(d), "fc.b": rng.uniform(0, 0.2, h), "head.w": rng.randn(h, 5) / np.sqrt(h),
+         "head.b": rng.uniform(0, 0.2, 5)}
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    ps, ph = rng.permutation(d), rng.permutation(h)
+    twin = {"word": w["word"][:, ps], "pos": w["pos"][:, ps], "scale": w["scale"][ps], "fc.w": w["fc.w"][ps][:, ph],
+            "fc.b": w["fc.b"][ph], "head.w": w["head.w"][ph], "head.b": w["head.b"]}
+    a, b = token_model(w), token_model(twin)
+    an = analyse(a)
+    graph = an.model.graph
+    assert [graph.node[i].op_type for i in an.weighted] == ["Gather", "Gather", "MatMul", "Gemm"]
+    stream = an.tensor_spaces["norm"].space
+    assert an.tensor_spaces["we"].space == an.tensor_spaces["pe"].space == an.tensor_spaces["masked"].space == stream
+    assert an.spaces[an.tensor_spaces["mask"].space].identity
+    x = {"ids": rng.randint(0, 20, (64, 4)).astype(np.int64)}
+    want = run(a, x)["logits"]
+    assert np.abs(run(b, x)["logits"] - want).max() < 1e-5
+    for refit in ("ls", "none"):
+        res = onnxzip.merge(a, b, {"ids": rng.randint(0, 20, (256, 4)).astype(np.int64)}, method="permute",
+                            refit=refit)
+        assert res.card["trunk"]["weighted_layers_zipped"] == 3 and not res.card["unmerged"]
+        got = run(res.model, x)
+        for head in ("a", "b"):
+            assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), (refit, head)
