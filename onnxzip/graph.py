@@ -98,6 +98,21 @@ class FeatureSpace:
 
 
 @dataclass
+class BlockFamily:
+    """Spaces whose blocks correspond position by position through grouped convolutions (output group g reads input
+    block g only): a model's blocks may be matched to another model's in any order, as long as every space of the
+    family uses the same order, so that each merged group still reads one merged block. `movable` False (with
+    `why`) where the blocks must stay in place: a grouped layer reads the shared input, a view or a packed
+    projection reads a space of the family, or a space is split into other blocks as well."""
+
+    spaces: tuple  # space ids, each split into `blocks` contiguous equal blocks
+    blocks: int
+    layers: tuple  # node indices of the grouped layers linking them
+    movable: bool = True
+    why: str = ""
+
+
+@dataclass
 class NodeInfo:
     index: int
     name: str
@@ -132,6 +147,7 @@ class Analysis:
     # (mean beta, std |gamma|), which the paper's BN reset restores after merging
     batchnorm_params: dict = field(default_factory=dict)
     ranks: dict = field(default_factory=dict)  # tensor name -> rank where known (also where some dims are not)
+    block_families: list = field(default_factory=list)  # BlockFamily: grouped layers' spaces, whose blocks move together
 
     @property
     def weighted(self) -> list:
@@ -462,6 +478,7 @@ class _Walk:
         self.partitions: dict = {}  # space id -> block label of each channel (matching stays inside blocks)
         self.views: dict = {}  # view space id -> [(space id, channel), ...] over spaces that are not derived
         self.alike: list = []  # ([(space, channel), ...], [(space, channel), ...]): matched alike, pair by pair
+        self.group_links: list = []  # (input space or None: the shared input, output space, groups, node index)
         self.readers: dict = {}  # tensor name -> nodes reading it
         self.producers: dict = {}  # tensor name -> (node index, node) writing it
         for i, node in enumerate(self.graph.node):
@@ -651,10 +668,12 @@ def _conv(w: _Walk, node):
         raise _Unsupported(f"grouped convolution with one input channel per group (group={group}) and "
                            f"{weight.shape[0] // group} outputs per group: its input channels cannot be matched")
     # grouped: output group g reads input block g only. Both spaces are split into `group` blocks and matched
-    # block by block, so the merged layer keeps its groups (exact for permutations inside the groups)
+    # block by block, so the merged layer keeps its groups; the link lets whole groups be matched across positions
+    # (one order for both spaces: `BlockFamily`)
     w.split_into_blocks(x.space, group)
     out = w.new_space(weight.shape[0])
     w.split_into_blocks(out, group)
+    w.group_links.append((x.space, out, group, w.node_index))
     w.add_weight(1, 0, out, "out")
     w.add_weight(1, 1, x.space, "in", groups=group)
     if len(node.input) > 2 and node.input[2]:
@@ -1480,6 +1499,7 @@ def _weighted_output_space(w: _Walk, node, shared_input: bool) -> TensorSpace | 
     sid = w.new_space(weight.shape[out_axis])
     if group > 1:  # output group g reads input group g only: merge its output channels inside their group
         w.split_into_blocks(sid, group)
+        w.group_links.append((None, sid, group, w.node_index))
     w.add_weight(1, out_axis, sid, "out")
     if bias is not None and bias.size > 1:
         w.add_weight(2, bias.ndim - 1, sid, "out")
@@ -1700,10 +1720,55 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
     analysis = Analysis(model, infos, spaces, tensor_spaces, w.static, w.opaque, weights, w.initializers,
                         w.shapes, producer, consumers)
     analysis.ranks = w.ranks
+    analysis.block_families = _block_families(w, spaces)
     analysis.folded_batchnorms = batchnorms - sum(n.op_type == "BatchNormalization" for n in graph.node)
     analysis.batchnorm_params = batchnorm_params
     _find_heads_and_blocked(analysis)
     return analysis
+
+
+def _block_families(w: _Walk, spaces: dict) -> list:
+    """Group the spaces linked by grouped layers (input block g <-> output block g) into `BlockFamily`s, and say
+    which may have their blocks matched across positions."""
+    parent: dict = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    links = [(None if i is None else w.find(i), w.find(o), g, node) for i, o, g, node in w.group_links]
+    for i, o, _, _ in links:
+        if i is not None:
+            parent[find(i)] = find(o)
+        find(o)
+    viewed = {sp for v in spaces.values() for sp, _ in v.view or []}
+    families: dict = {}
+    for i, o, g, node in links:
+        fam = families.setdefault(find(o), {"spaces": set(), "groups": set(), "layers": set(), "why": []})
+        fam["spaces"].update(x for x in (i, o) if x is not None)
+        fam["groups"].add(g)
+        fam["layers"].add(node)
+        if i is None:
+            fam["why"].append(f"grouped layer '{w.graph.node[node].name}' reads the shared input")
+    out = []
+    for fam in families.values():
+        why = fam["why"]
+        if len(fam["groups"]) > 1:
+            why.append(f"its grouped layers have different group counts ({sorted(fam['groups'])})")
+        blocks = max(fam["groups"])
+        for sid in sorted(fam["spaces"]):
+            space = spaces[sid]
+            labels = np.asarray(space.partition if space.partition is not None else np.zeros(space.width), np.int64)
+            if sid in viewed:
+                why.append(f"a slice, split or shuffle reads space {sid}")
+            elif space.alike:
+                why.append(f"space {sid} holds queries and keys matched alike")
+            elif not np.array_equal(labels, np.arange(space.width) // (space.width // blocks)):
+                why.append(f"space {sid} is split into other blocks as well")
+        out.append(BlockFamily(tuple(sorted(fam["spaces"])), blocks, tuple(sorted(fam["layers"])), not why,
+                               "; ".join(why)))
+    return sorted(out, key=lambda f: f.layers)
 
 
 def descendants(analysis: Analysis, roots) -> set:

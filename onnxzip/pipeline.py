@@ -43,7 +43,7 @@ from .onnx_io import check_model
 from .refit import REFIT_METHODS, refit as refit_layers, target_row_requests
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
 from .runtime import onnxruntime_errors
-from .solver import block_labels, matching_from_clusters, solve_blocks
+from .solver import block_labels, match_blocks, matching_from_clusters, solve_blocks
 from .surgery import ZipPlan, build, merge_points, why_nothing_zipped, zipped_spaces
 
 log = logging.getLogger("onnxzip")
@@ -891,6 +891,21 @@ def _contiguous_blocks(a: Analysis, sid: int) -> int | None:
     return groups
 
 
+def _block_orders(a: Analysis, trunk: set, correlations: dict, n: int) -> dict:
+    """Per space of a grouped layer's family (graph.BlockFamily) that may move: the order in which every model's
+    groups are matched to model 0's (solver.match_blocks, from the family's summed block scores), the same for every
+    space of the family. Only with correlations (zip, permute), and where the family's spaces are all zipped and its
+    grouped layers all in the trunk (a grouped layer after the trunk reads its blocks in place)."""
+    orders = {}
+    for family in a.block_families:
+        if not correlations or not family.movable or not set(family.spaces) <= set(correlations) \
+                or not set(family.layers) <= trunk:
+            continue
+        order = match_blocks([(correlations[sid], a.spaces[sid].width) for sid in family.spaces], family.blocks, n)
+        orders.update({sid: order for sid in family.spaces})
+    return orders
+
+
 @dataclass
 class Zipped:
     """One configuration merged: its plan (trunk, matchings), the surgery's model, and what was done."""
@@ -912,16 +927,21 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run
     spaces = zipped_spaces(a, trunk)
     points = merge_points(a, trunk)
     fixed = fixed_width_spaces(a) if width != 1.0 else {}
+    correlations = {sid: _similarity(run.stats[_space_key(sid, points[sid])]) for sid in spaces} \
+        if opts.method in ("zip", "permute") else {}
+    orders = _block_orders(a, trunk, correlations, n)
     card_spaces = []
     for sid in spaces:
         f = a.spaces[sid].width
         target = merged_width(a, sid, width, fixed)
         key = _space_key(sid, points[sid])
-        correlation = _similarity(run.stats[key]) if opts.method in ("zip", "permute") else None
-        matching = solve_blocks(opts.method, correlation, f, a.spaces[sid].partition or 1, n, opts.alpha, opts.beta,
-                                target_width=None if target == f else target, alike=a.spaces[sid].alike)
+        matching = solve_blocks(opts.method, correlations.get(sid), f, a.spaces[sid].partition or 1, n, opts.alpha,
+                                opts.beta, target_width=None if target == f else target, alike=a.spaces[sid].alike,
+                                block_order=orders.get(sid))
         plan.matchings[sid] = matching
         entry = {"space": sid, "width": f, "blocks": a.spaces[sid].blocks, "merge_points": list(points[sid])}
+        if sid in orders:
+            entry["block_order"] = orders[sid].tolist()
         if target != f:
             entry["merged_width"] = int(matching.merged_width)
         elif width != 1.0:

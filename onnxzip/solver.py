@@ -151,14 +151,15 @@ def solve_blocks(
     beta: float = 0.125,
     target_width: int | None = None,
     alike=(),
+    block_order=None,
 ) -> Matching:
     """Match a space whose F features are partitioned into blocks (`block_labels`: a grouped convolution's groups,
     the channels a Slice keeps): block b of every model is matched on its own, from its own rows and columns of
     the stacked correlation, and its merged features take the positions of its source features (block b's merged
     features are numbered by the positions block b holds in the space). No cluster spans two blocks, every merged
     feature sits at a position of its own block, so a grouped layer stays grouped and a slice of whole blocks holds
-    exactly its own merged features; a permutation inside each block is found exactly as for a whole space. Blocks
-    are not re-matched across positions (block b of one model is never matched with block c != b of another).
+    exactly its own merged features; a permutation inside each block is found exactly as for a whole space. By
+    default block b of one model is matched with block b of the others (`block_order` changes that).
 
     target_width (zip only; default F): the number of merged features. With blocks it must split evenly over
     contiguous equal blocks (a grouped layer's groups): block b's merged features are then numbered
@@ -167,9 +168,15 @@ def solve_blocks(
     `alike`: pairs (p, q) of position lists whose features must be matched alike, feature p[i] as feature q[i] (the
     queries and keys of one attention head cut from one packed projection: their dot product must survive). Each
     block they touch must map onto a whole block; blocks so linked are solved once, from the mean of their
-    correlations, and share that matching position for position (at the space's full width)."""
+    correlations, and share that matching position for position (at the space's full width).
+
+    `block_order` (N × B, from `match_blocks`; not with `alike`): block b of model 0 is matched with block
+    block_order[m][b] of model m, whose features take block b's merged positions (a grouped layer's groups matched
+    as wholes across positions). Default: block b with block b."""
     labels = block_labels(width, blocks)
     target = width if target_width is None else target_width
+    if block_order is not None:
+        return _solve_ordered_blocks(method, corr, width, labels, num_models, alpha, beta, target, block_order)
     if len(np.unique(labels)) == 1 and not alike:
         return solve(method, corr, width, num_models, alpha, beta, target_width=target_width)
     num_models = _check_num_models(num_models)
@@ -205,6 +212,74 @@ def solve_blocks(
     return matching_from_clusters(clusters, num_models, target, cross_merges=cross,
                                   within_merges=[int(x) for x in within], forced_merges=forced,
                                   mean_merge_correlation=float(np.mean(values)) if values else float("nan"))
+
+
+def _solve_ordered_blocks(method, corr, width, labels, num_models, alpha, beta, target, block_order) -> Matching:
+    """`solve_blocks` with block b of model 0 matched to block block_order[m][b] of model m: contiguous equal blocks
+    (a grouped layer's groups); merged block b is numbered by model 0's block b (or b·T/G … at target width T)."""
+    num_models = _check_num_models(num_models)
+    c = None if corr is None else _check_corr(corr, num_models, width)
+    groups = len(np.unique(labels))
+    order = np.asarray(block_order, dtype=np.int64)
+    if order.shape != (num_models, groups) or any(sorted(row) != list(range(groups)) for row in order.tolist()):
+        raise ValueError(f"block_order must hold one permutation of the {groups} blocks per model")
+    if width % groups or not np.array_equal(labels, np.arange(width) // (width // groups)) or target % groups:
+        raise ValueError("blocks matched in another order must be contiguous and equal, and the target width split "
+                         "over them")
+    size, per_block = width // groups, target // groups
+    clusters = np.empty(num_models * width, dtype=np.int64)
+    values, cross, within, forced = [], 0, np.zeros(num_models, dtype=np.int64), 0
+    for b in range(groups):
+        positions = [order[m, b] * size + np.arange(size) for m in range(num_models)]
+        index = np.concatenate([m * width + positions[m] for m in range(num_models)])
+        sub = None if c is None else c[np.ix_(index, index)]
+        part = solve(method, sub, size, num_models, alpha, beta, target_width=None if target == width else per_block)
+        numbering = b * per_block + np.arange(part.merged_width)
+        for m in range(num_models):
+            clusters[m * width + positions[m]] = numbering[part.clusters[m * size:(m + 1) * size]]
+        cross += part.cross_merges
+        within += np.asarray(part.within_merges, dtype=np.int64)
+        forced += part.forced_merges
+        if np.isfinite(part.mean_merge_correlation):
+            values.append(part.mean_merge_correlation)
+    return matching_from_clusters(clusters, num_models, target, cross_merges=cross,
+                                  within_merges=[int(x) for x in within], forced_merges=forced,
+                                  mean_merge_correlation=float(np.mean(values)) if values else float("nan"))
+
+
+def block_scores(corr: np.ndarray, width: int, blocks: int, num_models: int, m: int) -> np.ndarray:
+    """B × B: how well block b of model 0 matches block c of model m, as the total correlation of the best
+    one-to-one matching of their features (a linear assignment per pair of blocks: the score the permute method
+    would reach inside them). Blocks are contiguous and equal."""
+    from scipy.optimize import linear_sum_assignment  # imported when used: scipy.optimize takes a second to load
+
+    c = _check_corr(corr, num_models, width)
+    size = width // blocks
+    cross = c[:width, m * width:(m + 1) * width]
+    cross = np.where(np.isfinite(cross), cross, 0.0)
+    scores = np.empty((blocks, blocks))
+    for b in range(blocks):
+        for k in range(blocks):
+            sub = cross[b * size:(b + 1) * size, k * size:(k + 1) * size]
+            rows, cols = linear_sum_assignment(sub, maximize=True)
+            scores[b, k] = sub[rows, cols].sum()
+    return scores
+
+
+def match_blocks(spaces: list, blocks: int, num_models: int = 2) -> np.ndarray:
+    """Which block of every model goes with each block of model 0, for spaces whose blocks move together (a grouped
+    layer's input and output): `spaces` lists (stacked correlation, width) per space; model m's blocks are assigned
+    to model 0's by linear assignment on the summed `block_scores` of the spaces. Returns N × B, row 0 the
+    identity (the permute method's star start, model by model to model 0)."""
+    from scipy.optimize import linear_sum_assignment
+
+    num_models = _check_num_models(num_models)
+    order = np.tile(np.arange(blocks), (num_models, 1))
+    for m in range(1, num_models):
+        total = sum(block_scores(corr, width, blocks, num_models, m) for corr, width in spaces)
+        rows, cols = linear_sum_assignment(total, maximize=True)
+        order[m, rows] = cols
+    return order
 
 
 def _alike_groups(labels: np.ndarray, alike) -> list:

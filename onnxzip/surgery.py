@@ -157,30 +157,41 @@ def _derived(a: Analysis, name: str) -> bool:
 def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray, groups: int = 1) -> np.ndarray:
     """Contract `axis` of `value` (size F*expand, channel-major) with `matrix` (F' x F) -> size F'*expand.
 
-    `groups` > 1: a grouped Conv's weight, whose output-channel group g (along axis 0) holds only the F/groups
-    input channels of block g on `axis`; `matrix` must be block-diagonal over the groups, and each group's slice is
-    contracted with its own diagonal block."""
+    `groups` > 1: a grouped Conv's weight, whose output-channel group g (along axis 0, already in merged order) holds
+    only the F/groups input channels of one input block on `axis`; `matrix` must map each source block into one
+    block of merged channels (`block_map`), and group g's slice is contracted with the part of `matrix` that fills
+    merged block g: block g of the matrix's diagonal, or, where a model's groups were matched across positions
+    (solver.match_blocks), the block its group came from."""
     if groups > 1:
         f_out, f_in = matrix.shape
         if f_out % groups or f_in % groups:
             raise ValueError(f"a {f_out}x{f_in} matrix does not split into {groups} groups")
         bo, bi = f_out // groups, f_in // groups
-        diagonal = np.zeros_like(matrix)
         chunks = np.split(np.asarray(value, dtype=np.float64), groups, axis=0)
-        out = []
-        for g, chunk in enumerate(chunks):
-            block = matrix[g * bo:(g + 1) * bo, g * bi:(g + 1) * bi]
-            diagonal[g * bo:(g + 1) * bo, g * bi:(g + 1) * bi] = block
-            out.append(transform_axis(chunk, axis, expand, block))
-        if not np.array_equal(diagonal, matrix):  # graph analysis split the space into these blocks: a bug if not
-            raise ValueError(f"the matching of a grouped layer's input is not block-diagonal over {groups} groups")
-        return np.concatenate(out, axis=0)
+        source = block_map(matrix, groups)
+        return np.concatenate([transform_axis(chunk, axis, expand, matrix[g * bo:(g + 1) * bo,
+                                                                          source[g] * bi:(source[g] + 1) * bi])
+                               for g, chunk in enumerate(chunks)], axis=0)
     x = np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0)
     rest = x.shape[1:]
     f_out, f_in = matrix.shape
     x = x.reshape(f_in, expand, -1)
     y = np.einsum("gf,fer->ger", matrix, x).reshape((f_out * expand,) + rest)
     return np.moveaxis(y, 0, axis)
+
+
+def block_map(matrix: np.ndarray, groups: int) -> list:
+    """For a matrix (F' x F) between spaces split into `groups` contiguous equal blocks: the source block each
+    block of rows reads, which must be one block, a different one for every row block (a permutation of the blocks).
+    Graph analysis split the spaces into these blocks and linked them: a bug if not."""
+    f_out, f_in = matrix.shape
+    bo, bi = f_out // groups, f_in // groups
+    reads = np.abs(matrix).reshape(groups, bo, groups, bi).sum(axis=(1, 3)) > 0
+    source = [int(np.flatnonzero(row)[0]) if row.sum() == 1 else -1 for row in reads]
+    if -1 in source or sorted(source) != list(range(groups)):
+        raise ValueError(f"the matching of a grouped layer's input does not map its {groups} groups onto "
+                         "merged groups one to one")
+    return source
 
 
 def _merge_matrix(plan: ZipPlan, space: int, m: int) -> np.ndarray:
@@ -202,6 +213,13 @@ def trunk_weight(plan: ZipPlan, node: int, j: int) -> np.ndarray:
     total = None
     for m in range(len(plan.analyses)):
         value = _const(plan, m, node, j)
+        grouped = [wa for wa in axes if wa.groups > 1]
+        if grouped:  # each merged group takes a whole group of model m: its outputs and the block its inputs read
+            out, = [wa for wa in axes if wa.role == "out"]
+            if block_map(_merge_matrix(plan, out.space, m), grouped[0].groups) != \
+                    block_map(_unmerge_matrix(plan, grouped[0].space, m).T, grouped[0].groups):
+                raise ValueError(f"{plan.a.describe_node(node)}: model {m}'s groups are merged in another order "
+                                 "than the blocks they read")
         for wa in axes:
             if wa.role == "out":
                 value = transform_axis(value, wa.axis, wa.expand, _merge_matrix(plan, wa.space, m))
@@ -223,7 +241,12 @@ def branch_weight(plan: ZipPlan, m: int, node: int, j: int) -> np.ndarray | None
         return None
     value = _const(plan, m, node, j)
     for wa in axes:
-        value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T, wa.groups)
+        matrix = _unmerge_matrix(plan, wa.space, m).T
+        if wa.groups > 1 and block_map(matrix, wa.groups) != list(range(wa.groups)):
+            # model m's group g reads merged block g only if its blocks were not matched across positions
+            raise ValueError(f"{plan.a.describe_node(node)}: a grouped layer after the trunk reads blocks matched in "
+                             "another order")
+        value = transform_axis(value, wa.axis, wa.expand, matrix, wa.groups)
     return value
 
 

@@ -539,3 +539,102 @@ def test_unrelated_grouped_models_merge_into_a_grouped_model(method):
               if n.op_type == "Conv" and n.name.startswith("zip/")]
     assert groups == [2, 1, 4, 1]
     assert all(np.isfinite(y).all() for y in run(res.model, RNG.randn(8, *in_shape).astype(np.float32)))
+
+
+def swap_groups(blocks, n, order):
+    """A permutation of n channels whose block k is block order[k], its channels permuted inside."""
+    size = n // blocks
+    return np.concatenate([order[k] * size + RNG.permutation(size) for k in range(blocks)])
+
+
+def grouped_swapped_twin(w):
+    """grouped_model's twin with the grouped conv's groups in another order: its output groups and the blocks of
+    c1's output they read move together (g's new group k is its old group s[k], reading c1's old block s[k]); the
+    stem's groups stay in place (its grouped conv reads the input)."""
+    order = np.array([2, 0, 3, 1])
+    p0, p1, p2 = permute_within(2, 8), swap_groups(4, 8, order), swap_groups(4, 8, order)
+    g = w["g.w"][p2]
+    g = np.concatenate([g[2 * k:2 * k + 2][:, p1[2 * k:2 * k + 2] - 2 * order[k]] for k in range(4)])
+    return dict(w, **{"c0.w": w["c0.w"][p0], "c0.b": w["c0.b"][p0], "c1.w": w["c1.w"][p1][:, p0],
+                      "c1.b": w["c1.b"][p1], "g.w": g, "g.b": w["g.b"][p2], "c3.w": w["c3.w"][p0][:, p2],
+                      "c3.b": w["c3.b"][p0], "fc.w": w["fc.w"][:, p0]}), order
+
+
+def test_grouped_layers_link_their_spaces_into_block_families():
+    nodes, w, _, in_shape, _ = grouped_model()
+    an = analyse(make(nodes, w, in_shape, 5))
+    stem, bottleneck = an.block_families
+    assert stem.layers == (0,) and not stem.movable and "reads the shared input" in stem.why
+    assert stem.spaces == (an.tensor_spaces["x0"].space,) and stem.blocks == 2
+    assert bottleneck.layers == (4,) and bottleneck.movable and bottleneck.blocks == 4
+    assert bottleneck.spaces == tuple(sorted(an.tensor_spaces[t].space for t in ("r1", "r2")))
+
+
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_a_twin_with_its_groups_in_another_order_merges_exactly(method):
+    """Groups are matched as wholes first (summed correlation of the linked spaces), then features inside them."""
+    nodes, w, _, in_shape, _ = grouped_model()
+    twin, order = grouped_swapped_twin(w)
+    a, b = make(nodes, w, in_shape, 5), make(nodes, twin, in_shape, 5)
+    x = RNG.randn(64, *in_shape).astype(np.float32)
+    (want,) = run(a, x)
+    np.testing.assert_allclose(run(b, x)[0], want, atol=1e-5)  # the fixture is a twin
+    res = onnxzip.merge(a, b, RNG.randn(256, *in_shape).astype(np.float32), method=method, beta=0.0)
+    for got in run(res.model, x):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    moved = [s for s in res.card["spaces"] if "block_order" in s]
+    assert len(moved) == 2 and all(s["blocks"] == 4 for s in moved)
+    # A's group k is B's group j with order[j] = k
+    assert all(np.array_equal(order[np.array(s["block_order"][1])], np.arange(4)) for s in moved)
+    groups = [next((x.i for x in n.attribute if x.name == "group"), 1) for n in res.model.graph.node
+              if n.op_type == "Conv" and n.name.startswith("zip/")]
+    assert groups == [2, 1, 4, 1], "the merged layer keeps its groups"
+
+
+def test_groups_read_after_the_trunk_stay_in_place():
+    """Stopping before the grouped conv: it reads c1's merged blocks from a branch, in place, so c1's space is
+    matched block for block at its positions (no block order), and the merge runs."""
+    nodes, w, _, in_shape, _ = grouped_model()
+    twin, _ = grouped_swapped_twin(w)
+    a, b = make(nodes, w, in_shape, 5), make(nodes, twin, in_shape, 5)
+    res = onnxzip.merge(a, b, RNG.randn(256, *in_shape).astype(np.float32), method="permute", stop_at=2)
+    assert res.card["trunk"]["weighted_layers_zipped"] == 2
+    assert not any("block_order" in s for s in res.card["spaces"])
+    assert all(np.isfinite(y).all() for y in run(res.model, RNG.randn(8, *in_shape).astype(np.float32)))
+
+
+def test_groups_a_slice_reads_stay_in_place():
+    """A Split of a grouped conv's output reads fixed positions: its family keeps its blocks in place."""
+    n = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "g.w", "g.b"], ["g"], pads=[1] * 4, group=2),
+         helper.make_node("Relu", ["g"], ["r2"]),
+         helper.make_node("Split", ["r2"], ["h1", "h2"], axis=1, num_outputs=2),
+         helper.make_node("Concat", ["h2", "h1"], ["s"], axis=1)]
+    w = {"c1.w": conv_w(8, 3), "c1.b": bias(8), "g.w": conv_w(8, 8, groups=2), "g.b": bias(8)}
+    head(n, w, "s", 8)
+    an = analyse(make(n, w, (3, 8, 8), 5, opset=18))
+    assert not unsupported_report(an)
+    (family,) = an.block_families
+    assert not family.movable and "a slice, split or shuffle reads" in family.why
+
+
+def test_transform_axis_follows_groups_matched_in_another_order():
+    """A grouped weight whose groups were merged in another order: each merged group's slice is contracted with the
+    block of the matrix it reads; a matrix that mixes two blocks into one is refused."""
+    from onnxzip.surgery import block_map, transform_axis
+
+    groups, size = 3, 2
+    weight = RNG.randn(groups * 4, size, 1, 1)  # 4 outputs per group, 2 inputs per group
+    order = [2, 0, 1]  # merged block k takes the model's block order[k]
+    matrix = np.zeros((6, 6))
+    for k, src in enumerate(order):
+        matrix[k * size:(k + 1) * size, src * size:(src + 1) * size] = RNG.randn(size, size)
+    assert block_map(matrix, groups) == order
+    got = transform_axis(weight, 1, 1, matrix, groups)
+    for k, src in enumerate(order):
+        block = matrix[k * size:(k + 1) * size, src * size:(src + 1) * size]
+        np.testing.assert_allclose(got[k * 4:(k + 1) * 4, :, 0, 0], weight[k * 4:(k + 1) * 4, :, 0, 0] @ block.T)
+    matrix[0, 2] = 1.0  # merged block 0 now also reads block 1
+    with pytest.raises(ValueError, match="one to one"):
+        transform_axis(weight, 1, 1, matrix, groups)

@@ -455,3 +455,64 @@ def test_permute_many_recovers_planted_permutations_and_beats_the_star_start():
             solver.PERMUTE_ROUNDS = rounds
         assert _within_cluster_total(c, got.clusters, n) >= _within_cluster_total(c, star.clusters, n) - 1e-12
         assert np.array_equal(got.unmerge_index(0), np.arange(6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole blocks matched across positions (a grouped layer's groups)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _block_swapped_copy(seed, width, blocks, samples=600):
+    """Model B is model A with its blocks in another order (`order`: B's block k is A's block order[k]) and the
+    features inside every block permuted: b[:, k] = a[:, perm[k]]."""
+    rng = np.random.default_rng(seed)
+    a = _features(rng, samples, width)
+    size = width // blocks
+    order = rng.permutation(blocks)
+    while np.array_equal(order, np.arange(blocks)):
+        order = rng.permutation(blocks)
+    perm = np.concatenate([order[k] * size + rng.permutation(size) for k in range(blocks)])
+    return a, a[:, perm], order, perm
+
+
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_match_blocks_recovers_swapped_blocks_and_solve_blocks_then_the_features(method):
+    from onnxzip.solver import match_blocks, solve_blocks
+
+    width, blocks = 16, 4
+    a, b, order, perm = _block_swapped_copy(0, width, blocks)
+    corr = _stacked_corr(a, b)
+    found = match_blocks([(corr, width)], blocks)
+    # block k of A is matched with the block of B that holds it: B's block j with order[j] = k
+    assert np.array_equal(found[0], np.arange(blocks)) and np.array_equal(order[found[1]], np.arange(blocks))
+    labels = np.arange(width) // (width // blocks)
+    m = solve_blocks(method, corr, width, labels, beta=0.0, block_order=found)
+    # B's feature k is A's feature perm[k]: both land in A's feature's cluster
+    assert np.array_equal(m.unmerge_index(1), m.unmerge_index(0)[perm])
+    assert np.array_equal(m.unmerge_index(0) // 4, labels), "merged block k holds A's block k"
+    # position by position (the default), the same correlation cannot be matched exactly
+    plain = solve_blocks(method, corr, width, labels, beta=0.0)
+    assert not np.array_equal(plain.unmerge_index(1), plain.unmerge_index(0)[perm])
+
+
+def test_match_blocks_sums_linked_spaces_and_matches_every_model_to_model_zero():
+    from onnxzip.solver import match_blocks
+
+    width, blocks = 12, 3
+    rng = np.random.default_rng(5)
+    a1, a2 = _features(rng, 500, width), _features(rng, 500, width)
+    order = np.array([2, 0, 1])
+    size = width // blocks
+    perm = np.concatenate([order[k] * size + np.arange(size) for k in range(blocks)])
+    # one space says nothing (B's features are noise there), the linked one carries the match
+    noise = _features(rng, 500, width)
+    spaces = [(_stacked_corr(a1, noise, a1[:, perm]), width), (_stacked_corr(a2, a2[:, perm], a2[:, perm]), width)]
+    found = match_blocks(spaces, blocks, num_models=3)
+    assert np.array_equal(found[0], np.arange(blocks))
+    assert np.array_equal(order[found[1]], np.arange(blocks)) and np.array_equal(order[found[2]], np.arange(blocks))
+
+
+def test_solve_blocks_refuses_a_block_order_that_is_no_permutation():
+    from onnxzip.solver import solve_blocks
+
+    with pytest.raises(ValueError, match="one permutation"):
+        solve_blocks("permute", np.eye(16), 8, np.arange(8) // 4, block_order=[[0, 1], [1, 1]])

@@ -340,9 +340,10 @@ class GroupedCNN(nn.Module):
     width, groups = 16, 4
     expected = (4, "conv0 (tied by the residual Add with conv3), conv1, gconv, fc head")
 
-    def __init__(self, classes=5):
+    def __init__(self, classes=5, swap_groups=False):
         super().__init__()
         c, g = self.width, self.groups
+        self.swap_groups = swap_groups
         self.conv0, self.bn0 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
         self.conv1, self.bn1 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
         self.gconv, self.bn2 = nn.Conv2d(c, c, 3, padding=1, groups=g), nn.BatchNorm2d(c)
@@ -360,9 +361,32 @@ class GroupedCNN(nn.Module):
     def spaces(self):
         c, g = self.width, self.groups
         # gconv's input axis (c/g wide) is permuted group by group in torch_twin
-        return {"conv0": (c, 1, conv_out("conv0", "bn0") + conv_out("conv3", "bn3") + conv_in("conv1") + conv_in("fc")),
-                "conv1": (c, g, conv_out("conv1", "bn1"), "in place"),
+        stream = {"conv0": (c, 1, conv_out("conv0", "bn0") + conv_out("conv3", "bn3") + conv_in("conv1") + conv_in("fc"))}
+        if self.swap_groups:  # conv1 and gconv: permute_groups
+            return stream
+        return {**stream, "conv1": (c, g, conv_out("conv1", "bn1"), "in place"),
                 "gconv": (c, g, conv_out("gconv", "bn2") + conv_in("conv3"), "in place")}
+
+    def permute_groups(self, state, rng):
+        """The groups of conv1's and gconv's outputs permuted as wholes by one permutation (gconv's new group k is
+        its old group s[k], reading conv1's old block s[k], which is now block k), and the channels inside every
+        group of each by their own permutations: B computes A, with its groups in another order."""
+        c, g = self.width, self.groups
+        size = c // g
+        order = rng.permutation(g)
+        while np.array_equal(order, np.arange(g)):
+            order = rng.permutation(g)
+        p1, p2 = (torch.as_tensor(np.concatenate([order[k] * size + rng.permutation(size) for k in range(g)]))
+                  for _ in range(2))
+        for name, p in (("conv1", p1), ("bn1", p1), ("gconv", p2), ("bn2", p2)):
+            for param in ("weight", "bias", "running_mean", "running_var"):
+                key = f"{name}.{param}"
+                if key in state and not (name == "gconv" and param == "weight"):
+                    state[key] = state[key].index_select(0, p)
+        w = state["gconv.weight"].index_select(0, p2)
+        state["gconv.weight"] = torch.cat([w[k * size:(k + 1) * size].index_select(
+            1, p1[k * size:(k + 1) * size] - int(order[k]) * size) for k in range(g)])
+        state["conv3.weight"] = state["conv3.weight"].index_select(1, p2)
 
 
 def channel_shuffle(x, groups):
@@ -678,7 +702,11 @@ def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
         sd = twin.state_dict()
         model.permute_heads(sd, rng)
         twin.load_state_dict(sd)
-    if isinstance(model, GroupedCNN):
+    if isinstance(model, GroupedCNN) and model.swap_groups:
+        sd = twin.state_dict()
+        model.permute_groups(sd, rng)
+        twin.load_state_dict(sd)
+    elif isinstance(model, GroupedCNN):
         # gconv's output group g reads conv1's block g only: permute each group's inputs by its block's
         # permutation (conv1's keeps every block in place)
         sd = twin.state_dict()
@@ -951,6 +979,13 @@ FIXTURES = {
                                          "ResNeXt bottleneck: Conv with group=4 on 16 channels (4 per group, BN "
                                          "folded). The twin permutes conv1's and gconv's channels inside each group "
                                          "of 4 (every group in its place), conv0's freely."),
+    "grouped_swap": lambda out: torch_fixture(out, "grouped_swap", GroupedCNN, "ts", 14,
+                                              "ResNeXt/RegNet bottleneck: Conv with group=4 on 16 channels (BN "
+                                              "folded). The twin permutes conv1's and gconv's groups as wholes (one "
+                                              "permutation of the 4 groups for both, so gconv's group k still reads "
+                                              "conv1's block k) and the channels inside every group, conv0's "
+                                              "freely: matching groups position by position cannot find it.",
+                                              swap_groups=True),
     **{f"vit_{attention}_{how}": (lambda out, attention=attention, how=how: torch_fixture(
         out, f"vit_{attention}_{how}", TinyViT, how, 20 + i,
         "Transformer: " + {"packed": "packed qkv Linear, reshape (N, T, 3, H, d), permute (2, 0, 3, 1, 4), unbind, "
