@@ -100,8 +100,11 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
 
     The batch dimension (axis 0) of every graph input is set to 1 where it is symbolic. `input_shapes` maps an
     input name to a full shape and overrides this (needed when other axes are symbolic). If an input's batch
-    dimension is fixed at B > 1, the total is divided by B. Nodes whose shapes cannot be inferred are skipped
-    with a warning.
+    dimension is fixed at B > 1, the total is divided by B. Where ONNX's shape inference stops (TorchScript computes
+    attention's Reshape targets from `Shape` through `Div`, which its data propagation does not evaluate), the small
+    computations on shapes and constants are evaluated as graph analysis does (`graph.infer_shapes_folding`), so the
+    attention MatMuls of exported and merged transformers are counted. Nodes whose shapes still cannot be inferred
+    are skipped with a warning.
     """
     m, _ = without_weights(model)  # shapes only: models of any size
     input_shapes = dict(input_shapes or {})
@@ -125,26 +128,25 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
     if input_shapes:
         raise UsageError(f"input_shapes names {sorted(input_shapes)}, which are not inputs of the model")
     try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception as e:
         raise ModelError(f"ONNX shape inference failed, cannot count MACs: {e}") from e
+    from .graph import infer_shapes_folding, known_shapes
 
-    shapes = {}
-    for v in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    for init in m.graph.initializer:
-        shapes[init.name] = list(init.dims)
+    layers = [node for node in m.graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    shapes = known_shapes(inferred)
+    if any(name not in shapes for node in layers for name in (node.input[0], node.input[1], node.output[0])):
+        try:
+            shapes = known_shapes(infer_shapes_folding(inferred)[0])
+        except ModelError as e:
+            log.warning("count_macs: evaluating the shape computations failed (%s); counting what is known", e)
 
     def known(name):
         s = shapes.get(name)
-        return s if s is not None and all(d is not None for d in s) else None
+        return list(s) if s is not None else None
 
     total = 0
-    for node in m.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            continue
+    for node in layers:
         x = known(node.input[0])
         w = known(node.input[1])
         y = known(node.output[0])

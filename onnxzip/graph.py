@@ -321,14 +321,26 @@ def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict, dict, dict]:
                 d.ClearField("dim_param")
                 d.dim_value = 1
     del m.graph.value_info[:]
-    m = _infer_shapes(m)
+    m, values = infer_shapes_folding(_infer_shapes(m))
+    return _collect_shapes(m) + (values,)
+
+
+def infer_shapes_folding(m: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """Rounds of `_fold_shape_computations` and shape inference on `m` (already shape-inferred, inputs of concrete
+    shape, weights possibly stripped to their shapes) until nothing more folds: the model whose value infos hold
+    every shape that small computations on shapes and constants decide, and the values so computed."""
     values = {}
     for _ in range(_FOLD_ROUNDS):
         folded = _fold_shape_computations(m, _collect_shapes(m)[0], values)
         if folded is None:
             break
         m = _infer_shapes(folded)
-    return _collect_shapes(m) + (values,)
+    return m, values
+
+
+def known_shapes(m: onnx.ModelProto) -> dict:
+    """Tensor name -> shape, for every tensor of `m` whose shape is fully known (value infos and initializers)."""
+    return _collect_shapes(m)[0]
 
 
 # rounds of folding and inference at most: each round can resolve the Reshapes whose output shapes the next
@@ -395,9 +407,9 @@ def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict) -> o
             folded[node.output[0]] = values[node.output[0]] = value
             continue
         inputs = [n for n in node.input if n]
-        if not inputs or node.op_type in ("Constant", "RandomNormal", "RandomUniform", "RandomNormalLike",
-                                          "RandomUniformLike", "Multinomial", "Bernoulli"):
-            continue
+        if (not inputs and node.op_type != "Constant") or node.op_type in (
+                "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"):
+            continue  # a Constant node (a model not normalised: count_macs) is a small constant like any other
         if not all(n in values for n in inputs) or any(o in values for o in node.output if o):
             continue
         try:

@@ -235,3 +235,31 @@ def test_load_eval_data_bad_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not numpy")
     with pytest.raises(CalibrationDataError, match="not a readable"):
         load_eval_data(tmp_path / "junk.npz")
+
+
+def _vit_macs():
+    """By hand, for tools/make_fixtures.py's TinyViT: 8x8 image, 4x4 patches -> 4 tokens + the class token (T = 5),
+    D = 16, 2 heads of d = 8, 2 blocks, MLP 16-32-16, 5 classes."""
+    t, d, heads, depth = 5, 16, 2, 2
+    patch = (d * 2 * 2) * (1 * 4 * 4)  # each of the 16x2x2 outputs: 1 channel x 4x4 kernel
+    qkv, proj = t * d * 3 * d, t * d * d
+    scores = values = heads * t * t * (d // heads)  # Q Kᵀ and P V, per head
+    mlp = 2 * t * d * 2 * d
+    return patch + depth * (qkv + scores + values + proj + mlp) + d * 5
+
+
+@pytest.mark.parametrize("name", ["vit_packed_ts", "vit_packed_dynamo", "vit_mha_ts", "vit_separate_ts"])
+def test_macs_of_exported_and_merged_vits_count_the_attention_matmuls(name):
+    """TorchScript computes the attention Reshape targets from shapes (through Div, which ONNX's data propagation
+    does not evaluate), so the attention MatMuls' shapes, in the export and in the merged model, are only known once
+    those computations are evaluated. A twin merge shares everything but the head: one more head's Gemm."""
+    import os
+
+    import onnxzip
+
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
+    a, b = (onnx.load(os.path.join(data, f"{w}.onnx")) for w in ("a", "b"))
+    assert count_macs(a) == _vit_macs() == 23184
+    x = np.random.RandomState(0).randn(64, 1, 8, 8).astype(np.float32)
+    merged = onnxzip.merge(a, b, {a.graph.input[0].name: x}, method="permute", refit="none").model
+    assert count_macs(merged) == _vit_macs() + 16 * 5
