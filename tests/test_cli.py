@@ -313,7 +313,7 @@ def test_save_model_atomic(tmp_path):
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
-@pytest.mark.parametrize("external, fail_in", [(False, "replace"), (True, "save_model"), (True, "replace")])
+@pytest.mark.parametrize("external, fail_in", [(False, "replace"), (True, "_write_external"), (True, "replace")])
 def test_save_model_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch, exc, external, fail_in):
     model = _tiny(big=True)
     before = model.SerializeToString()
@@ -325,7 +325,7 @@ def test_save_model_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch, exc,
 
     if external:
         monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 0)
-    monkeypatch.setattr(onnx_io.onnx if fail_in == "save_model" else onnx_io.os, fail_in, fail)
+    monkeypatch.setattr(onnx_io if fail_in == "_write_external" else onnx_io.os, fail_in, fail)
     with pytest.raises(type(exc)):
         save_model_atomic(model, old, force=True)
     assert sorted(os.listdir(tmp_path)) == ["out.onnx"]  # no temporary file or folder left
