@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import MismatchError, ModelError
-from .onnx_io import without_weights
+from .onnx_io import tensor_array, without_weights
 
 IDENTITY = "identity"  # a space both models share as it is (the graph input): matched to itself
 
@@ -187,7 +187,7 @@ def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True, batchnorms: d
     graph = model.graph
     kept = []
     outputs = {o.name for o in graph.output}
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants = {t.name: tensor_array(t) for t in graph.initializer}
     for i, node in enumerate(graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
@@ -259,11 +259,11 @@ def _fold_batchnorms(model: onnx.ModelProto) -> int:
         if any(name not in inits for name in bn.input[1:5]):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
-        weight = numpy_helper.to_array(inits[layer.input[1]])
+        weight = tensor_array(inits[layer.input[1]])
         if weight.dtype.kind != "f" or (layer.op_type == "Gemm" and (attrs.get("transA", 0) or weight.ndim != 2)):
             continue
         out_axis = 0 if layer.op_type == "Conv" or attrs.get("transB", 0) else 1
-        scale, shift, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        scale, shift, mean, var = (tensor_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
         width = weight.shape[out_axis]
         if any(v.shape != (width,) for v in (scale, shift, mean, var)):
             continue
@@ -271,7 +271,7 @@ def _fold_batchnorms(model: onnx.ModelProto) -> int:
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         factor = scale / np.sqrt(var + eps)
-        bias = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float64) if has_bias else np.zeros(width)
+        bias = tensor_array(inits[layer.input[2]]).astype(np.float64) if has_bias else np.zeros(width)
         if bias.shape != (width,):
             continue
         shape = [1] * weight.ndim
@@ -386,7 +386,7 @@ def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict) -> o
         if size > _FOLD_MAX_ELEMENTS:
             continue
         try:
-            value = numpy_helper.to_array(t)
+            value = tensor_array(t)
         except Exception:  # noqa: BLE001 - a weight stripped to its shape by without_weights
             continue
         if value.size == size:
@@ -477,7 +477,7 @@ class _Walk:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
-        self.initializers = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.initializers = {t.name: tensor_array(t) for t in self.graph.initializer}
         self.shapes, self.types, self.ranks, self.values = _concrete_shapes(model)
         self.tensor_spaces: dict = {}
         self.static: set = set(self.initializers)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from . import __version__
 from .calibration import (CalibrationData, FeatureRequest, SourceRun, StatsSampling, calibration_from_arrays,
@@ -377,23 +376,43 @@ def _same_file(p: str, q: str) -> bool:
         return os.path.realpath(p) == os.path.realpath(q)
 
 
-def _load(model, what: str) -> tuple:
-    """(checked ModelProto, path or None, sha256 of the file or of the serialised model)."""
-    from .onnx_io import file_sha256, load_model, model_sha256
+def _load(model, what: str, weights) -> tuple:
+    """(checked ModelProto, path or None, sha256 of the file or of the serialised model). A model stored with
+    external data keeps its weights in their file (mapped); a larger one than MAPPED_THRESHOLD has its weights
+    written to a file of `weights` (an `onnx_io.WeightFolder`) and mapped from there."""
+    from .onnx_io import (MAPPED_THRESHOLD, file_sha256, has_mapped_weights, load_model, map_weights, model_sha256,
+                          weight_bytes)
     if isinstance(model, onnx.ModelProto):
         try:
             check_model(model)
         except Exception as exc:  # noqa: BLE001 - the checker raises several types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{what} (an in-memory ModelProto) fails the ONNX checker: {first}") from exc
-        return model, None, model_sha256(model)
+        sha = model_sha256(model)
+        if weight_bytes(model) > MAPPED_THRESHOLD:
+            model = map_weights(model, weights.new_file(what.replace(" ", "-")))
+        return model, None, sha
     path = _as_path(model, what, ModelError)
-    loaded = load_model(path, what)
+    loaded = load_model(path, what, mapped=True)
     try:
         sha = file_sha256(path)
     except OSError as exc:
         raise ModelError(f"{what} {path!r} cannot be read: {exc.strerror or exc}") from exc
+    if not has_mapped_weights(loaded) and weight_bytes(loaded) > MAPPED_THRESHOLD:
+        loaded = map_weights(loaded, weights.new_file(what.replace(" ", "-")))  # the protobuf copy is dropped here
     return loaded, path, sha
+
+
+def _count_bad(value: np.ndarray) -> tuple:
+    """(NaN count, infinite count) of a float array, a slice at a time (a mapped weight is never copied whole)."""
+    flat = value.reshape(-1)
+    nan = inf = 0
+    step = 1 << 24
+    for lo in range(0, flat.size, step):
+        part = flat[lo:lo + step]
+        nan += int(np.isnan(part).sum())
+        inf += int(np.isinf(part).sum())
+    return nan, inf
 
 
 def _check_weights(analysis: Analysis, label: str) -> bool:
@@ -402,11 +421,11 @@ def _check_weights(analysis: Analysis, label: str) -> bool:
     for name, value in analysis.initializers.items():
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "fc":
             continue
-        nan = int(np.isnan(value).sum())
+        nan, inf = _count_bad(value)
         if nan:
             raise ModelError(f"{label}: initializer '{name}' holds {nan} NaN value(s); "
                              "a model with NaN weights cannot be merged")
-        has_inf = has_inf or not np.isfinite(value).all()
+        has_inf = has_inf or inf > 0
     return has_inf
 
 
@@ -539,7 +558,18 @@ def merge_models(models, data, output=None, *, method: str = "zip", alpha: float
                                 fold_batchnorm=fold_batchnorm, refit=refit, repair_targets=repair_targets, fp16=fp16,
                                 progress=progress, ray=ray, ray_workers=ray_workers)
     output = _check_output(output, opts.force)
-    sources = read_models(models, data, output, opts)
+    from .onnx_io import WeightFolder
+    # the weight files of large models go beside the output (the disk it is written to), else to the temporary folder
+    weights = WeightFolder(os.path.dirname(os.path.abspath(output)) if output is not None else None)
+    try:
+        return _merge(models, data, output, opts, logger, times, t0, weights)
+    finally:
+        weights.close()
+
+
+def _merge(models: list, data, output, opts: MergeOptions, logger, times: dict, t0: float, weights) -> MergeResult:
+    """The stages of `merge_models`, its options and output path checked; `weights`: the merge's WeightFolder."""
+    sources = read_models(models, data, output, opts, weights)
     unmerged = _check_structure(sources, opts, logger)
     samples = _read_samples(data, sources, opts, logger)
     plans = [(opts.stop_at, opts.width)]
@@ -594,6 +624,9 @@ def merge_models(models, data, output=None, *, method: str = "zip", alpha: float
         from .deploy import check_fp16, to_fp16
 
         t = time.perf_counter()
+        if sources.mapped:
+            from .onnx_io import materialise
+            merged = materialise(merged)  # onnxconverter-common converts protobuf weights
         half = to_fp16(merged)
         check_data = samples.held or samples.fit
         arrays = {k: np.asarray(v) for k, v in check_data.arrays.items()}
@@ -611,6 +644,10 @@ def merge_models(models, data, output=None, *, method: str = "zip", alpha: float
     card["seconds"] = {k: round(v, 3) for k, v in times.items()}
     if output is not None:
         _write(merged, json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + "\n", output, opts.force)
+    if sources.mapped:
+        # the result must outlive the merge's weight files: its weights are then those of the written file
+        from .onnx_io import materialise, written_model
+        merged = written_model(merged, output) if output is not None else materialise(merged)
     return MergeResult(merged, output, card)
 
 
@@ -635,6 +672,13 @@ class Sources:
     correspondences: list  # per model, graph.Correspondence of its names onto model 0's (None for model 0)
     run_models: list  # what runs: model 0, and every other model with its inputs renamed to model 0's
     has_inf: bool  # some original weight is infinite (a -inf mask): the merged model may hold inf too
+    weights: object = None  # onnx_io.WeightFolder of the merge where its weights are mapped, else None
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the models' weights are mapped from files (and so the merged model's too)."""
+        from .onnx_io import has_mapped_weights
+        return any(has_mapped_weights(model) for model in self.models)
 
     @property
     def a(self) -> Analysis:
@@ -645,9 +689,12 @@ class Sources:
         return len(self.models)
 
 
-def read_models(models: list, data, output: str | None, opts: MergeOptions) -> Sources:
-    """Load every model, refuse NaN weights, check each matches model 0 node for node (naming the one at fault)."""
-    loaded = [_load(model, model_label(m)) for m, model in enumerate(models)]
+def read_models(models: list, data, output: str | None, opts: MergeOptions, weights=None) -> Sources:
+    """Load every model, refuse NaN weights, check each matches model 0 node for node (naming the one at fault).
+    `weights`: the `onnx_io.WeightFolder` for the weights of large models (default: one in the temporary folder)."""
+    from .onnx_io import WeightFolder
+    weights = weights if weights is not None else WeightFolder()
+    loaded = [_load(model, model_label(m), weights) for m, model in enumerate(models)]
     if output is not None:
         where = [(path, model_label(m)) for m, (_, path, _) in enumerate(loaded)]
         if isinstance(data, (str, bytes, os.PathLike)):
@@ -665,7 +712,7 @@ def read_models(models: list, data, output: str | None, opts: MergeOptions) -> S
     run_models = [analyses[0].model] + [_rename_inputs(analyses[m].model, correspondences[m].inputs)
                                         for m in range(1, len(analyses))]
     return Sources([x[0] for x in loaded], [x[1] for x in loaded], [x[2] for x in loaded], labels, analyses,
-                   correspondences, run_models, has_inf)
+                   correspondences, run_models, has_inf, weights)
 
 
 def _check_structure(sources: Sources, opts: MergeOptions, logger) -> list:
@@ -963,7 +1010,7 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run
     times["solve"] = times.get("solve", 0.0) + time.perf_counter() - t
 
     t = time.perf_counter()
-    surgery = build(plan)
+    surgery = build(plan, sources.weights.new_file("merged") if sources.mapped else None)
     times["surgery"] = times.get("surgery", 0.0) + time.perf_counter() - t
     repair_summary = {"applied": False}
     if opts.repair and opts.refit != "none":
@@ -1179,12 +1226,11 @@ def _card(sources: Sources, samples: Samples, opts: MergeOptions, zipped: Zipped
 
 def _check_merged_weights(model: onnx.ModelProto, allow_inf: bool) -> None:
     """No NaN can reach a weight; inf only where an original holds inf too (a -inf mask, an unbounded Clip)."""
+    from .onnx_io import tensor_array
     for init in model.graph.initializer:
         if init.data_type not in _FLOAT_TYPES:
             continue
-        value = numpy_helper.to_array(init)
-        nan = int(np.isnan(value).sum())
-        inf = int(np.isinf(value).sum())
+        nan, inf = _count_bad(tensor_array(init))
         if nan or (inf and not allow_inf):
             raise VerificationError(f"internal error: weight '{init.name}' of the merged model holds {nan} NaN and "
                                     f"{inf} infinite value(s); nothing was written (please report this)")
@@ -1310,7 +1356,7 @@ def _write(model: onnx.ModelProto, card_text: str, output: str, force: bool) -> 
     (KeyboardInterrupt included), the temporary files are removed, a file this run put in place is removed, and a
     file that `force` was replacing is restored from a hard link kept until both renames are done.
     """
-    from .onnx_io import EXTERNAL_DATA_THRESHOLD, save_model_atomic
+    from .onnx_io import EXTERNAL_DATA_THRESHOLD, save_model_atomic, weight_bytes
     folder, name = os.path.split(os.path.abspath(output))
     card_path = output + ".json"
     temps, backups, placed = [], {}, []
@@ -1322,7 +1368,7 @@ def _write(model: onnx.ModelProto, card_text: str, output: str, force: bool) -> 
                 f.write(card_text)
                 f.flush()
                 os.fsync(f.fileno())
-            if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
                 # The weights go to a side file named after the model, so save_model_atomic writes the model under
                 # its final name (atomically); only the card is renamed after it.
                 existed = os.path.lexists(output)

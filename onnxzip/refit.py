@@ -35,7 +35,7 @@ from .calibration import (CalibrationData, RowRequest, SourceRun, _progress_repo
                           make_session, select_rows, subset_of_rows)
 from .errors import VerificationError
 from .graph import Analysis, TensorSpace
-from .onnx_io import without_weights
+from .onnx_io import MAPPED_MIN_BYTES, tensor_array, without_weights
 from .repair import _chain  # the layer, then its bias Add / BatchNorm: the same chain the repair corrects
 from .surgery import Surgery, ZipPlan, zipped_spaces
 
@@ -381,15 +381,16 @@ class _Layout:
         node = merged_nodes[layer.merged_node]
         self.node = node
         self.inits = inits
+        self.weights = surgery.weights  # where large fitted weights go (a mapped merge), None: into the protobuf
         self.op = layer.op
-        self.weight = numpy_helper.to_array(inits[node.input[1]])
+        self.weight = tensor_array(inits[node.input[1]])
         self.alpha = float(_attr(node, "alpha", 1.0)) if layer.op == "Gemm" else 1.0
         self.beta = float(_attr(node, "beta", 1.0)) if layer.op == "Gemm" else 1.0
         self.trans_b = int(_attr(node, "transB", 0)) if layer.op == "Gemm" else 0
         self.group = int(_attr(node, "group", 1)) if layer.op == "Conv" else 1
         self.bias = None  # the layer's own bias (Conv, Gemm)
         if layer.op in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-            self.bias = numpy_helper.to_array(inits[node.input[2]])
+            self.bias = tensor_array(inits[node.input[2]])
         self.adds = []  # (node, input index, value) of constant bias Adds after the layer
         self.batchnorm = None
         for i in layer.chain[1:]:
@@ -401,7 +402,7 @@ class _Layout:
                 self.batchnorm = chained
             elif chained.op_type == "Add":
                 k = next(k for k, t in enumerate(chained.input) if t in inits)
-                self.adds.append((chained, k, numpy_helper.to_array(inits[chained.input[k]])))
+                self.adds.append((chained, k, tensor_array(inits[chained.input[k]])))
         if layer.op == "Conv":
             self.out_channels = self.weight.shape[0]
         elif layer.op == "Gemm":
@@ -419,7 +420,7 @@ class _Layout:
 
     def _batchnorm_affine(self) -> tuple:
         node = self.batchnorm
-        scale, bias, mean, var = (numpy_helper.to_array(self.inits[node.input[j]]).astype(np.float64)
+        scale, bias, mean, var = (tensor_array(self.inits[node.input[j]]).astype(np.float64)
                                   for j in range(1, 5))
         s = scale / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))
         return s, bias - s * mean
@@ -463,7 +464,8 @@ class _Layout:
             weight = weight if self.trans_b else weight.T
         else:
             weight = weights[0].T
-        _set_input(model, inits, self.node, 1, weight.astype(self.weight.dtype), f"{self.node.name}/refit/weight")
+        _set_input(model, inits, self.node, 1, weight.astype(self.weight.dtype), f"{self.node.name}/refit/weight",
+                   self.weights)
         if not self.has_bias:
             return
         bias = np.concatenate([m[:, -1] for m in mats])
@@ -486,12 +488,15 @@ class _Layout:
             _set_input(model, inits, node, j, value.reshape(shape).astype(old.dtype), f"{node.name}/refit/bias")
 
 
-def _set_input(model, inits, node, j, value, name) -> None:
+def _set_input(model, inits, node, j, value, name, weights=None) -> None:
     base, k = name, 1
     while name in inits:
         name = f"{base}#{k}"
         k += 1
-    tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+    if weights is not None and value.nbytes >= MAPPED_MIN_BYTES:
+        tensor = weights.add(name, value)
+    else:
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
     model.graph.initializer.append(tensor)
     inits[name] = tensor
     node.input[j] = name
@@ -500,7 +505,7 @@ def _set_input(model, inits, node, j, value, name) -> None:
 def _shift_batchnorm(model, inits, node, bias: np.ndarray) -> None:
     """Make a kept BatchNormalization y = x + bias (the fitted layer before it writes the normalised output)."""
     eps = float(_attr(node, "epsilon", 1e-5))
-    scale = numpy_helper.to_array(inits[node.input[1]])
+    scale = tensor_array(inits[node.input[1]])
     c, dtype = scale.shape[0], scale.dtype
     values = [np.ones(c), bias, np.zeros(c), np.full(c, 1.0 - eps)]
     for j, value in zip(range(1, 5), values):

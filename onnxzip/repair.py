@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from .calibration import CalibrationData, FeatureRequest, collect_stats, make_session
 from .graph import Analysis, TensorSpace, weight_input
+from .onnx_io import MAPPED_MIN_BYTES, tensor_array
 from .surgery import Surgery, ZipPlan, zipped_spaces
 
 log = logging.getLogger("onnxzip")
@@ -115,16 +116,21 @@ def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     raise KeyError(name)
 
 
-def _scale_initializer(model, name, axis, scale, shift=None):
-    """value * scale (+ shift) along `axis`, written back in place."""
+def _scale_initializer(model, name, axis, scale, shift=None, weights=None):
+    """value * scale (+ shift) along `axis`, written back in place (a large one into `weights`, the merged model's
+    WeightFile, where it has one)."""
     init = _initializer(model, name)
-    value = numpy_helper.to_array(init).astype(np.float64)
+    value = tensor_array(init).astype(np.float64)
     shape = [1] * value.ndim
     shape[axis] = -1
     value = value * scale.reshape(shape)
     if shift is not None:
         value = value + shift.reshape(shape)
-    init.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(init).dtype), name))
+    value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    if weights is not None and value.nbytes >= MAPPED_MIN_BYTES:
+        init.CopyFrom(weights.add(name, value))
+    else:
+        init.CopyFrom(numpy_helper.from_array(value, name))
 
 
 def merged_tensor(plan: ZipPlan, surgery: Surgery, point: RepairPoint) -> str:
@@ -147,8 +153,8 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
     model = surgery.model
     last = point.chain[-1]
     if a.nodes[last].op_type == "BatchNormalization":
-        _scale_initializer(model, _input(surgery, point, last, 1), 0, scale)
-        _scale_initializer(model, _input(surgery, point, last, 2), 0, scale, shift)
+        _scale_initializer(model, _input(surgery, point, last, 1), 0, scale, weights=surgery.weights)
+        _scale_initializer(model, _input(surgery, point, last, 2), 0, scale, shift, weights=surgery.weights)
         return True
     space = point.space.space
     layer = point.layer
@@ -156,7 +162,7 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
     node = model.graph.node[[n.name for n in model.graph.node].index(node_name)]
     k_weight = weight_input(a.nodes[layer].op_type)
     (wa,) = [w for w in a.weight_axes(layer, k_weight) if w.role == "out"]
-    _scale_initializer(model, _input(surgery, point, layer, k_weight), wa.axis, scale)
+    _scale_initializer(model, _input(surgery, point, layer, k_weight), wa.axis, scale, weights=surgery.weights)
     biases = []  # (node index, input index, axis) of per-channel additive constants along the chain
     for i in point.chain:
         for k in range(len(a.model.graph.node[i].input)):
@@ -167,13 +173,15 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
                     biases.append((i, k, w.axis))
     for n, (i, k, axis) in enumerate(biases):
         last_bias = n == len(biases) - 1
-        _scale_initializer(model, _input(surgery, point, i, k), axis, scale, shift if last_bias else None)
+        _scale_initializer(model, _input(surgery, point, i, k), axis, scale, shift if last_bias else None,
+                           weights=surgery.weights)
     if biases:
         return True
     op = a.nodes[layer].op_type
     if op == "Gather":
         # an embedding table: each output is one row of it, so the shift folds into every row exactly
-        _scale_initializer(model, _input(surgery, point, layer, k_weight), wa.axis, np.ones_like(scale), shift)
+        _scale_initializer(model, _input(surgery, point, layer, k_weight), wa.axis, np.ones_like(scale), shift,
+                           weights=surgery.weights)
         return True
     if op in ("Conv", "Gemm"):
         # no bias to absorb the shift: give the layer one
@@ -181,7 +189,7 @@ def fold_correction(plan: ZipPlan, surgery: Surgery, point: RepairPoint, scale: 
         for attr in node.attribute:
             if attr.name == "beta":
                 beta = attr.f
-        dtype = numpy_helper.to_array(_initializer(model, _input(surgery, point, layer, 1))).dtype
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(_initializer(model, _input(surgery, point, layer, 1)).data_type)
         name = f"{node_name}/repair_bias"
         model.graph.initializer.append(numpy_helper.from_array((shift / beta).astype(dtype), name))
         while len(node.input) < 3:

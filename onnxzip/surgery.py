@@ -5,6 +5,11 @@ Trunk nodes are emitted once, from model A's graph, with weights
 emitted once per model under the model's name (``a/...``, ``b/...``) with that model's own weights. Where a branch
 node reads a trunk tensor, the unmerge U_m is folded into its weights when it is a weighted layer reading its
 data input, and applied by a ``Gather`` along the channel axis otherwise (U is a 0/1 copy matrix).
+
+With a `WeightFile` (models whose weights are mapped, see `onnxzip.onnx_io`), every large weight of the merged
+model is written to it and mapped instead of held as protobuf bytes; a weight larger than CHUNK_BYTES (as float64)
+is computed a slice at a time straight into the file, and a weight copied unchanged from a mapped source model
+names the source's bytes (nothing is copied).
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import Analysis, descendants
+from .onnx_io import MAPPED_MIN_BYTES, WeightFile, is_mapped, tensor_array
 from .solver import Matching, concat_matchings, identity_match, view_matching
 
 TRUNK_PREFIX = "zip"
+# A merged weight whose float64 working copy would exceed this is computed a slice at a time (of about this size),
+# with BLAS instead of einsum (equal to float64 rounding); smaller ones are computed whole, as they always were.
+CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Surgery:
     """The merged model and where each piece of the trunk ended up (statistics repair needs it)."""
 
     model: onnx.ModelProto
+    weights: WeightFile | None = None  # where its large weights are written (mapped models), None: in memory
     trunk_tensors: dict = field(default_factory=dict)  # A tensor name -> merged tensor name
     trunk_inputs: dict = field(default_factory=dict)  # (node index, input index) -> merged initializer name
     trunk_nodes: dict = field(default_factory=dict)  # node index -> merged node name
@@ -207,24 +217,49 @@ def _const(plan: ZipPlan, m: int, node: int, j: int) -> np.ndarray:
     return analysis.initializers[analysis.model.graph.node[node].input[j]]
 
 
+def _transforms(plan: ZipPlan, node: int, j: int, m: int, trunk: bool) -> list:
+    """(axis, expand, matrix, groups) applied to model m's constant: M on `out` axes and Uᵀ on `in` axes for a
+    trunk node; for a branch node Uᵀ on the `in` axes that read the trunk."""
+    out = []
+    for wa in plan.a.weight_axes(node, j):
+        if wa.role == "out":
+            if trunk:
+                out.append((wa.axis, wa.expand, _merge_matrix(plan, wa.space, m), 1))
+        elif trunk or not plan.a.spaces[wa.space].identity:
+            out.append((wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T, wa.groups))
+    return out
+
+
+def _check_groups(plan: ZipPlan, node: int, j: int, m: int, trunk: bool) -> None:
+    """A grouped layer's groups of model m are merged whole, in the order of the blocks they read (graph analysis
+    and the solver make it so: a bug if not)."""
+    axes = plan.a.weight_axes(node, j)
+    grouped = [wa for wa in axes if wa.groups > 1]
+    if not grouped:
+        return
+    if trunk:  # each merged group takes a whole group of model m: its outputs and the block its inputs read
+        out, = [wa for wa in axes if wa.role == "out"]
+        if block_map(_merge_matrix(plan, out.space, m), grouped[0].groups) != \
+                block_map(_unmerge_matrix(plan, grouped[0].space, m).T, grouped[0].groups):
+            raise ValueError(f"{plan.a.describe_node(node)}: model {m}'s groups are merged in another order "
+                             "than the blocks they read")
+        return
+    for wa in grouped:
+        if wa.role == "in" and not plan.a.spaces[wa.space].identity and \
+                block_map(_unmerge_matrix(plan, wa.space, m).T, wa.groups) != list(range(wa.groups)):
+            # model m's group g reads merged block g only if its blocks were not matched across positions
+            raise ValueError(f"{plan.a.describe_node(node)}: a grouped layer after the trunk reads blocks matched in "
+                             "another order")
+
+
 def trunk_weight(plan: ZipPlan, node: int, j: int) -> np.ndarray:
     """Sum over models of M_m(out) . W_m . U_m(in) for one constant input of a trunk node."""
-    axes = plan.a.weight_axes(node, j)
     total = None
     for m in range(len(plan.analyses)):
         value = _const(plan, m, node, j)
-        grouped = [wa for wa in axes if wa.groups > 1]
-        if grouped:  # each merged group takes a whole group of model m: its outputs and the block its inputs read
-            out, = [wa for wa in axes if wa.role == "out"]
-            if block_map(_merge_matrix(plan, out.space, m), grouped[0].groups) != \
-                    block_map(_unmerge_matrix(plan, grouped[0].space, m).T, grouped[0].groups):
-                raise ValueError(f"{plan.a.describe_node(node)}: model {m}'s groups are merged in another order "
-                                 "than the blocks they read")
-        for wa in axes:
-            if wa.role == "out":
-                value = transform_axis(value, wa.axis, wa.expand, _merge_matrix(plan, wa.space, m))
-            else:
-                value = transform_axis(value, wa.axis, wa.expand, _unmerge_matrix(plan, wa.space, m).T, wa.groups)
+        _check_groups(plan, node, j, m, True)
+        for axis, expand, matrix, groups in _transforms(plan, node, j, m, True):
+            value = transform_axis(value, axis, expand, matrix, groups)
         total = value if total is None else total + value
     return total
 
@@ -236,18 +271,81 @@ def branch_weight(plan: ZipPlan, m: int, node: int, j: int) -> np.ndarray | None
     info = plan.a.nodes[node]
     if info.kind != "weighted" or not is_trunk_tensor(plan.a, plan.trunk, info.data_input):
         return None
-    axes = [wa for wa in plan.a.weight_axes(node, j) if wa.role == "in" and not plan.a.spaces[wa.space].identity]
-    if not axes:
+    transforms = _transforms(plan, node, j, m, False)
+    if not transforms:
         return None
     value = _const(plan, m, node, j)
-    for wa in axes:
-        matrix = _unmerge_matrix(plan, wa.space, m).T
-        if wa.groups > 1 and block_map(matrix, wa.groups) != list(range(wa.groups)):
-            # model m's group g reads merged block g only if its blocks were not matched across positions
-            raise ValueError(f"{plan.a.describe_node(node)}: a grouped layer after the trunk reads blocks matched in "
-                             "another order")
-        value = transform_axis(value, wa.axis, wa.expand, matrix, wa.groups)
+    _check_groups(plan, node, j, m, False)
+    for axis, expand, matrix, groups in transforms:
+        value = transform_axis(value, axis, expand, matrix, groups)
     return value
+
+
+def _changes(plan: ZipPlan, m: int, node: int, j: int) -> bool:
+    """Whether `branch_weight` changes model m's constant (without computing it)."""
+    info = plan.a.nodes[node]
+    return (info.kind == "weighted" and is_trunk_tensor(plan.a, plan.trunk, info.data_input)
+            and bool(_transforms(plan, node, j, m, False)))
+
+
+def _transformed_shape(shape: tuple, transforms: list) -> tuple:
+    shape = list(shape)
+    for axis, expand, matrix, groups in transforms:
+        shape[axis] = matrix.shape[0] // groups * expand  # a grouped layer's input axis holds one group
+    return tuple(shape)
+
+
+def _chunk_plan(shape: tuple, per_model: list) -> tuple | None:
+    """(axis, unit, bounds): slices of the output along one axis, each about CHUNK_BYTES as float64 (None when the
+    whole fits, or no axis can be cut). The axis is the longest that each model transforms at most once; a
+    transformed axis is cut in whole channels (`unit` = its expand). With a grouped layer's weight only an axis no
+    matrix touches, other than the groups' axis 0, is cut."""
+    total = int(np.prod(shape, dtype=np.int64)) * 8
+    if total <= CHUNK_BYTES:
+        return None
+    grouped = any(t[3] > 1 for ts in per_model for t in ts)
+    best = None
+    for axis, size in enumerate(shape):
+        counts = [sum(1 for t in ts if t[0] == axis) for ts in per_model]
+        if max(counts) > 1 or (grouped and (axis == 0 or max(counts))):
+            continue
+        unit = next((t[1] for ts in per_model for t in ts if t[0] == axis), 1)
+        if best is None or size // unit > shape[best[0]] // best[1]:
+            best = (axis, unit)
+    if best is None:
+        return None
+    axis, unit = best
+    units = shape[axis] // unit
+    pieces = min(units, -(-total // CHUNK_BYTES))
+    edges = np.linspace(0, units, pieces + 1).round().astype(int)
+    return axis, unit, [(int(lo) * unit, int(hi) * unit) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+def _contract(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray) -> np.ndarray:
+    """`transform_axis` (groups 1) by one BLAS product."""
+    x = np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0)
+    rest = x.shape[1:]
+    y = matrix @ x.reshape(matrix.shape[1], -1)
+    return np.moveaxis(y.reshape((matrix.shape[0] * expand,) + rest), 0, axis)
+
+
+def _fill_chunked(out: np.ndarray, values: list, per_model: list, chunks: tuple) -> None:
+    """out = Σ_m (transforms of model m applied to values[m]), a slice along the chunk axis at a time. A slice of
+    a transformed axis is that matrix's rows, applied first (matrices on different axes commute), so that no
+    intermediate is larger than the slice."""
+    axis, unit, bounds = chunks
+    for lo, hi in bounds:
+        total = None
+        for value, transforms in zip(values, per_model):
+            on_axis = [t for t in transforms if t[0] == axis]
+            part = value if on_axis else value[(slice(None),) * axis + (slice(lo, hi),)]
+            for t_axis, expand, matrix, groups in on_axis + [t for t in transforms if t[0] != axis]:
+                if t_axis == axis:
+                    matrix = matrix[lo // unit:hi // unit]
+                part = (transform_axis(part, t_axis, expand, matrix, groups) if groups > 1
+                        else _contract(part, t_axis, expand, matrix))
+            total = part if total is None else total + part
+        out[(slice(None),) * axis + (slice(lo, hi),)] = total
 
 
 def unmerge_indices(matching: Matching, m: int, expand: int) -> np.ndarray:
@@ -259,24 +357,73 @@ def unmerge_indices(matching: Matching, m: int, expand: int) -> np.ndarray:
 
 
 class _Emitter:
-    def __init__(self, plan: ZipPlan):
+    def __init__(self, plan: ZipPlan, weights: WeightFile | None = None):
         self.plan = plan
+        self.weights = weights
         self.nodes = []
         self.initializers = {}
         self.unmerged = {}  # (A tensor, model) -> merged-graph name
         self.surgery = None
+        self.sources = [{t.name: t for t in analysis.model.graph.initializer} for analysis in plan.analyses]
 
-    def init(self, name: str, value: np.ndarray, like: np.ndarray) -> str:
-        array = np.asarray(value).astype(like.dtype)
+    def _name(self, name: str, array=None) -> str | None:
+        """`name`, or a free variant of it; None when `name` already holds `array`."""
         if name in self.initializers:
-            if np.array_equal(numpy_helper.to_array(self.initializers[name]), array):
-                return name
+            if array is not None and np.array_equal(tensor_array(self.initializers[name]), array):
+                return None
             k = 1
             while f"{name}#{k}" in self.initializers:
                 k += 1
             name = f"{name}#{k}"
-        self.initializers[name] = numpy_helper.from_array(array, name)
         return name
+
+    def _mapped(self, array: np.ndarray) -> bool:
+        return self.weights is not None and array.dtype.kind == "f" and array.nbytes >= MAPPED_MIN_BYTES
+
+    def init(self, name: str, value: np.ndarray, like: np.ndarray, source: onnx.TensorProto | None = None) -> str:
+        """An initializer holding `value` in `like`'s dtype. `source`: the source model's tensor that `value` is,
+        unchanged (a mapped one is named, not copied)."""
+        if source is not None and is_mapped(source) and np.asarray(value).dtype == like.dtype:
+            free = self._name(name, value)
+            if free is None:
+                return name
+            stub = onnx.TensorProto()
+            stub.CopyFrom(source)
+            stub.name = free
+            self.initializers[free] = stub
+            return free
+        array = np.asarray(value).astype(like.dtype)
+        free = self._name(name, array)
+        if free is None:
+            return name
+        self.initializers[free] = (self.weights.add(free, array) if self._mapped(array)
+                                   else numpy_helper.from_array(array, free))
+        return free
+
+    def computed(self, name: str, node: int, j: int, like: np.ndarray, models: list, trunk: bool) -> str:
+        """The initializer Σ over `models` of their transformed constants (a trunk weight: every model; a branch
+        weight with U folded in: one), computed a slice at a time into the weight file when it is large."""
+        plan = self.plan
+        per_model = [_transforms(plan, node, j, m, trunk) for m in models]
+        shape = _transformed_shape(like.shape, per_model[0])
+        chunks = _chunk_plan(shape, per_model)
+        if chunks is None:
+            value = trunk_weight(plan, node, j) if trunk else branch_weight(plan, models[0], node, j)
+            return self.init(name, value, like)
+        for m in models:
+            _check_groups(plan, node, j, m, trunk)
+        free = self._name(name)
+        if self.weights is not None:
+            stub, out = self.weights.allocate(free, shape, like.dtype)
+            _fill_chunked(out, [_const(plan, m, node, j) for m in models], per_model, chunks)
+            out.flush()
+            del out
+            self.initializers[free] = stub
+        else:
+            out = np.empty(shape, like.dtype)
+            _fill_chunked(out, [_const(plan, m, node, j) for m in models], per_model, chunks)
+            self.initializers[free] = numpy_helper.from_array(out, free)
+        return free
 
     def unmerge(self, tensor_a: str, m: int) -> str:
         """A trunk tensor seen in model m's own feature basis."""
@@ -296,11 +443,12 @@ class _Emitter:
         return self.unmerged[key]
 
 
-def build(plan: ZipPlan) -> Surgery:
-    """Emit the merged model: shared inputs, trunk, one branch per model, outputs named <name>/<output>."""
+def build(plan: ZipPlan, weights: WeightFile | None = None) -> Surgery:
+    """Emit the merged model: shared inputs, trunk, one branch per model, outputs named <name>/<output>. With
+    `weights`, its large weights are written there and mapped (see the module's docstring)."""
     a = plan.a
-    em = _Emitter(plan)
-    surgery = Surgery(model=None)
+    em = _Emitter(plan, weights)
+    surgery = Surgery(model=None, weights=weights)
     em.surgery = surgery
     for name in a.input_names:
         surgery.trunk_tensors[name] = name
@@ -315,10 +463,11 @@ def build(plan: ZipPlan) -> Surgery:
                     inputs.append("")
                 elif name in a.initializers and name not in a.producer:
                     if a.weight_axes(i, j):
-                        merged = em.init(f"{TRUNK_PREFIX}/{node.name}/{j}", trunk_weight(plan, i, j),
-                                         a.initializers[name])
+                        merged = em.computed(f"{TRUNK_PREFIX}/{node.name}/{j}", i, j, a.initializers[name],
+                                             list(range(plan.num_models)), trunk=True)
                     else:
-                        merged = em.init(f"{TRUNK_PREFIX}/{name}", a.initializers[name], a.initializers[name])
+                        merged = em.init(f"{TRUNK_PREFIX}/{name}", a.initializers[name], a.initializers[name],
+                                         em.sources[0].get(name))
                     surgery.trunk_inputs[(i, j)] = merged
                     inputs.append(merged)
                 else:
@@ -343,14 +492,13 @@ def build(plan: ZipPlan) -> Surgery:
                     inputs.append("")
                     continue
                 if name in analysis.initializers and name not in analysis.producer:
-                    value = branch_weight(plan, m, i, j)
-                    if value is None and not a.weight_axes(i, j):
-                        merged = em.init(f"{prefix}/{name}", analysis.initializers[name],
-                                         analysis.initializers[name])
+                    value, source = analysis.initializers[name], em.sources[m].get(name)
+                    if _changes(plan, m, i, j):  # a weight of this node alone: repair may rescale it in place
+                        merged = em.computed(f"{prefix}/{node.name}/{j}", i, j, value, [m], trunk=False)
+                    elif not a.weight_axes(i, j):
+                        merged = em.init(f"{prefix}/{name}", value, value, source)
                     else:  # a weight of this node alone: statistics repair may rescale it in place
-                        merged = em.init(f"{prefix}/{node.name}/{j}",
-                                         analysis.initializers[name] if value is None else value,
-                                         analysis.initializers[name])
+                        merged = em.init(f"{prefix}/{node.name}/{j}", value, value, source)
                     surgery.branch_inputs[(m, i, j)] = merged
                     inputs.append(merged)
                     continue

@@ -469,8 +469,8 @@ def _sabotage(monkeypatch, how, which="a/"):
                 return
         raise AssertionError(f"no branch weight under {which!r}")
 
-    def build(plan):
-        surgery = real_build(plan)
+    def build(plan, *args, **kw):
+        surgery = real_build(plan, *args, **kw)
         corrupt(surgery.model)
         return surgery
 
