@@ -115,8 +115,10 @@ class MergeResult:
         if fitted:
             held = sorted(x["r2_held_back"] for x in fitted if x.get("r2_held_back") is not None)
             r2 = f", median held-back R² {held[len(held) // 2]:.3f}" if held else ""
-            lines.append(f"refitted {len(fitted)} layer(s) by least squares in {c['refit']['passes']} onnxruntime "
-                         f"pass(es){r2}")
+            large = sum(1 for x in fitted if str(x.get("skipped", "")).startswith("too large"))
+            kept = f"; {large} too large to refit kept surgery's weights (see the card)" if large else ""
+            lines.append(f"refitted {len(fitted) - large} layer(s) by least squares in {c['refit']['passes']} "
+                         f"onnxruntime pass(es){r2}{kept}")
         verification = c.get("verification") or {}
         if verification.get("heads"):
             held = "held-back" if verification.get("held_back") else "calibration"

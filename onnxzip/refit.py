@@ -15,7 +15,8 @@ channel's mean and spread. Once the matchings are fixed, each merged layer can i
 - solve: ridge regression towards the current weights, ``W = (XᵀT + λ W0ᵀ)ᵀ (XᵀX + λI)⁻¹``, in float64 from
   streamed sums (XᵀX, XᵀT), so memory is O(d²) per layer whatever the number of samples. λ is chosen per layer
   from a grid by the layer's error on held-back samples (no labels); the current weights are kept where no λ
-  beats them there.
+  beats them there. A layer whose sums alone would exceed MAX_SUMS_BYTES (a head of millions of classes) is left
+  as surgery made it.
 
 Layers are grouped into levels (a layer's input and residual partner depend only on earlier levels); one
 onnxruntime pass per level runs only the part of the merged graph that level needs. The source models run once,
@@ -56,6 +57,12 @@ ROW_CACHE_BYTES = 1 << 30
 CACHE_BYTES = 2 << 30
 # A Gram matrix whose smallest eigenvalue is below this fraction of its largest is called singular in the card.
 SINGULAR_RCOND = 1e-10
+# A layer whose regression sums (XᵀX and XᵀT in float64, calibration and held-back) would take more than this is
+# not refitted: it keeps the weights surgery gave it, and the card says why. Its targets and its solve take up to
+# about twice as much again, so this bounds the refit's memory per layer whatever the layer's size (a
+# 2-million-class head: 8 GiB of sums), above every layer of ResNet-50, ConvNeXt-T and ViT-B/16 (at most 0.38 GB:
+# ResNet-50's 3x3 convolutions of 512 channels).
+MAX_SUMS_BYTES = 512 << 20
 
 
 @dataclass
@@ -181,6 +188,12 @@ def _fraction(regressors: int, num_samples: int, positions: int) -> float:
     return min(1.0, max(MIN_ROWS, ROWS_PER_REGRESSOR * regressors) / max(num_samples * positions, 1))
 
 
+def sums_bytes(regressors: int, outputs: int, groups: int, held: bool) -> int:
+    """Bytes of a layer's streamed sums: per group XᵀX (d × d) and XᵀT (d × its outputs), float64, for the
+    calibration samples and (with `held`) the held-back ones. Above MAX_SUMS_BYTES the layer is not refitted."""
+    return (2 if held else 1) * groups * (regressors * regressors + regressors * (outputs // groups)) * 8
+
+
 def target_row_requests(plans: list, num_samples: int, held_samples: int, width: float,
                         budget_bytes: int | None = None) -> list:
     """What the calibration pass keeps of the source models for the refit's targets (`calibration.RowRequest`),
@@ -201,6 +214,9 @@ def target_row_requests(plans: list, num_samples: int, held_samples: int, width:
                 if key in requests or shape is None:
                     continue
                 axis = _channel_axis(a, i, end)
+                groups = int(_attr(a.model.graph.node[i], "group", 1))
+                if sums_bytes(d, shape[axis], groups, held_samples > 0) > MAX_SUMS_BYTES:
+                    continue  # too large to refit even at width 1 (with its bias column, larger still)
                 positions = _positions(shape, axis)
                 fraction = _fraction(upper, num_samples, positions)
                 nbytes = int(fraction * (num_samples + held_samples) * positions) * shape[axis] * 4 * len(plan.analyses)
@@ -416,7 +432,18 @@ class _Layout:
 
     @property
     def regressors(self) -> int:
-        return self.matrices()[0].shape[1]
+        """Columns of each group's regression (`matrices()[0].shape[1]`), from the weight's shape alone."""
+        shape = self.weight.shape
+        if self.op == "Conv":
+            d = int(np.prod(shape[1:], dtype=np.int64))
+        elif self.op == "Gemm":
+            d = shape[1] if self.trans_b else shape[0]
+        else:
+            d = shape[0]
+        return int(d) + int(self.has_bias)
+
+    def sums_bytes(self, held: bool) -> int:
+        return sums_bytes(self.regressors, self.out_channels, self.group, held)
 
     def _batchnorm_affine(self) -> tuple:
         node = self.batchnorm
@@ -648,9 +675,21 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
 
     fractions = {}  # share of each layer's rows kept
     merged_nodes = _node_by_name(model)
+    too_large = []
     for layer in layers:
-        d = _Layout(layer, merged_nodes, inits, plan, surgery).regressors
-        fractions[layer.key] = _fraction(d, calib.num_samples, _output_positions(layer, a))
+        layout = _Layout(layer, merged_nodes, inits, plan, surgery)
+        if layout.sums_bytes(use_held) > MAX_SUMS_BYTES:
+            why = (f"too large to refit: its sums would take {layout.sums_bytes(use_held) / 2**30:.1f} GiB, more "
+                   f"than refit.MAX_SUMS_BYTES ({MAX_SUMS_BYTES / 2**30:g} GiB); it keeps surgery's weights")
+            too_large.append({"layer": layer.describe(plan), "op": layer.op, "level": layer.level,
+                              "residual": layer.partner is not None, "skipped": why})
+            logger.warning("refit: %s is %s", too_large[-1]["layer"], why)
+            continue
+        fractions[layer.key] = _fraction(layout.regressors, calib.num_samples, _output_positions(layer, a))
+    layers = [layer for layer in layers if layer.key in fractions]
+    if not layers:
+        summary["layers"] = too_large
+        return summary
     # targets: from the rows the calibration pass kept where it kept enough, else from a source pass of our own
     kept = source_rows.rows if source_rows is not None and source_rows.seed == seed else {}
     cached = [layer for layer in layers if layer.rows_key in kept
@@ -694,6 +733,7 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
     finally:
         close()
     summary["passes"] += passes.count
+    summary["layers"] += too_large
     singular = [x["layer"] for x in summary["layers"] if x.get("singular")]
     if singular:
         logger.warning("refit: the input of %d layer(s) is rank-deficient (dead or constant channels, or fewer "
@@ -864,15 +904,16 @@ def _solve_and_write(layer, layout, sums, model, plan, use_held) -> dict:
         singular |= s.rows < d or e[0] <= SINGULAR_RCOND * max(e[-1], 1e-300)
         scale = max(float(e.mean()), 1e-300)
         r, r0 = v.T @ cross, v.T @ w0.T
-        candidates = []
+        best = None  # (score, λ, W): the first of the least score, as min() over the grid would pick
         for rel in (LAMBDA_GRID if use_held else (DEFAULT_LAMBDA,)):
             lam = rel * scale
             w = (v @ ((r + lam * r0) / (e + lam)[:, None])).T
             if not np.isfinite(w).all():
                 continue
             score = _error(w, h_gram, s.h_cross, s.h_t_sq) if use_held else 0.0
-            candidates.append((score, rel, w))
-        best = min(candidates, key=lambda c: c[0]) if candidates else None
+            if best is None or score < best[0]:
+                best = (score, rel, w)
+            del w  # only the best W is kept (each is as large as the layer, in float64)
         if best is None or (use_held and _error(w0, h_gram, s.h_cross, s.h_t_sq) <= best[0]):
             fitted.append(w0)  # nothing beats the weights as they are on the held-back samples: keep them
             lambdas.append(None)

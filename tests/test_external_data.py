@@ -172,3 +172,19 @@ def test_single_file_writes_stream_mapped_weights(tmp_path):
     for t, u in zip(again.graph.initializer, a.graph.initializer):
         np.testing.assert_array_equal(onnx_io.tensor_array(t), onnx.numpy_helper.to_array(u))
 
+
+def test_refit_leaves_layers_over_its_memory_budget(monkeypatch):
+    """A layer whose regression sums would exceed refit.MAX_SUMS_BYTES keeps surgery's weights, and the card says
+    why (a 2-million-class head would need 8 GiB of sums)."""
+    from onnxzip import refit
+
+    a, pa = F.mlp()
+    b, _ = F.permuted_twin(pa)
+    monkeypatch.setattr(refit, "MAX_SUMS_BYTES", 0)
+    res = onnxzip.merge(a, b, F.calib(a, 256), method="permute")
+    layers = res.card["refit"]["layers"]
+    assert layers and all(x["skipped"].startswith("too large to refit") for x in layers)
+    assert any("too large to refit kept surgery's weights" in line for line in res.summary_lines())
+    x = F.calib(a, 32, seed=9)
+    out = F.run(res.model, x)
+    np.testing.assert_allclose(out["a/logits"], F.run(a, x)["logits"], atol=1e-4)
