@@ -1075,14 +1075,14 @@ def _shape_matching(a: Analysis, sid: int, target: int, n: int):
 
 def configuration_cost(sources: Sources, trunk: set, width: float, kind: str, input_shapes: dict) -> int:
     """The cost (parameters, or MACs per sample) of the merged model with this trunk and width, from the graph
-    surgery builds (no statistics are needed: the cost depends only on the widths)."""
+    surgery builds (no statistics are needed, nor the weights' values: the cost depends only on the widths)."""
     a = sources.a
     plan = ZipPlan(sources.analyses, sources.correspondences, trunk, {}, default_names(sources.num_models))
     fixed = fixed_width_spaces(a)
     for sid in zipped_spaces(a, trunk):
         target = merged_width(a, sid, width, fixed)
         plan.matchings[sid] = _shape_matching(a, sid, target, sources.num_models)
-    return model_cost(build(plan).model, kind, input_shapes)
+    return model_cost(build(plan, shapes_only=True).model, kind, input_shapes)
 
 
 def budget_frontier(sources: Sources, opts: MergeOptions, input_shapes: dict) -> tuple:

@@ -357,9 +357,10 @@ def unmerge_indices(matching: Matching, m: int, expand: int) -> np.ndarray:
 
 
 class _Emitter:
-    def __init__(self, plan: ZipPlan, weights: WeightFile | None = None):
+    def __init__(self, plan: ZipPlan, weights: WeightFile | None = None, shapes_only: bool = False):
         self.plan = plan
         self.weights = weights
+        self.shapes_only = shapes_only
         self.nodes = []
         self.initializers = {}
         self.unmerged = {}  # (A tensor, model) -> merged-graph name
@@ -406,6 +407,11 @@ class _Emitter:
         plan = self.plan
         per_model = [_transforms(plan, node, j, m, trunk) for m in models]
         shape = _transformed_shape(like.shape, per_model[0])
+        if self.shapes_only:  # type and shape, no data: all that counting parameters and MACs reads
+            free = self._name(name)
+            self.initializers[free] = onnx.TensorProto(
+                name=free, data_type=helper.np_dtype_to_tensor_dtype(like.dtype), dims=shape)
+            return free
         chunks = _chunk_plan(shape, per_model)
         if chunks is None:
             value = trunk_weight(plan, node, j) if trunk else branch_weight(plan, models[0], node, j)
@@ -443,11 +449,12 @@ class _Emitter:
         return self.unmerged[key]
 
 
-def build(plan: ZipPlan, weights: WeightFile | None = None) -> Surgery:
+def build(plan: ZipPlan, weights: WeightFile | None = None, shapes_only: bool = False) -> Surgery:
     """Emit the merged model: shared inputs, trunk, one branch per model, outputs named <name>/<output>. With
-    `weights`, its large weights are written there and mapped (see the module's docstring)."""
+    `weights`, its large weights are written there and mapped (see the module's docstring). `shapes_only`: the
+    weights that surgery computes get their type and shape but no values (a graph to count, not to run)."""
     a = plan.a
-    em = _Emitter(plan, weights)
+    em = _Emitter(plan, weights, shapes_only)
     surgery = Surgery(model=None, weights=weights)
     em.surgery = surgery
     for name in a.input_names:
