@@ -1,15 +1,20 @@
-"""Merge two real models above protobuf's 2 GiB limit, end to end (issue 4: models stored with external data).
+"""Merge two real models above protobuf's 2 GiB limit, end to end (issue 4: models stored with external data; issue
+12: peak memory).
 
 Unit tests lower onnxzip's size limits to push small models through the large-model path; this script runs that
 path at full size once. It builds model A, an MLP whose last layer (the task head) is wide enough to make the
 file larger than `--gb` GB, and model B, A with every hidden unit permuted (a twin: it computes A's function),
-stores both as `.onnx` + `.onnx.data`, merges them with `onnxzip merge --method permute` and checks that the
-merged model (written with external data, about twice the size) loads with `onnxzip.onnx_io.load_model` and
-gives A's outputs on both heads. Prints sizes, wall times and the peak resident memory.
+stores both as `.onnx` + `.onnx.data`, merges them with `onnxzip merge --method permute` (or `--method zip`) and
+checks that the merged model (written with external data, about twice the size) loads with
+`onnxzip.onnx_io.load_model` and gives A's outputs on both heads. Prints sizes, wall times and the merge's peak
+resident memory, also as a multiple of the two models' size.
 
     python3 tools/large_model_check.py --gb 2.2 --workdir /tmp/onnxzip-large
 
-Needs about 4.5× the model size in free disk space and roughly 8× in memory. Deletes its files unless --keep.
+Needs about 6x the model size in free disk space (A, B, the merged model and the merge's own weight file beside
+it) and about 4.5x in memory (2x the two models plus a working set: one batch of the head's outputs per running
+model, and the held-back samples' outputs kept for verification, `--samples` / 5 of them). Deletes its files
+unless --keep.
 """
 from __future__ import annotations
 
@@ -27,13 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import onnx  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
 
 HIDDEN = 256
 IN = 64
 
 
-def build(weights: dict, classes: int) -> onnx.ModelProto:
+def build(initializers: list, classes: int) -> onnx.ModelProto:
     nodes = [helper.make_node("Gemm", ["input", "l1.w", "l1.b"], ["h1"], transB=1),
              helper.make_node("Relu", ["h1"], ["r1"]),
              helper.make_node("Gemm", ["r1", "l2.w", "l2.b"], ["h2"], transB=1),
@@ -41,22 +46,39 @@ def build(weights: dict, classes: int) -> onnx.ModelProto:
              helper.make_node("MatMul", ["r2", "head.w"], ["logits"])]
     graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", IN])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     return model
 
 
-def save(model, path):
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=os.path.basename(path) + ".data", size_threshold=1024)
+def save(weights: dict, classes: int, path: str) -> None:
+    """`path` + `path.data`, every weight in the data file, written from the arrays (a tensor above 2 GiB cannot be a
+    protobuf message, so onnx.save_model cannot take it)."""
+    location = os.path.basename(path) + ".data"
+    stubs = []
+    with open(path + ".data", "wb") as f:
+        for name, value in weights.items():
+            f.write(b"\0" * (-f.tell() % 4096))
+            offset = f.tell()
+            np.ascontiguousarray(value, dtype=np.float32).tofile(f)
+            stub = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=value.shape)
+            stub.data_location = TensorProto.EXTERNAL
+            for key, v in (("location", location), ("offset", offset), ("length", value.nbytes)):
+                stub.external_data.add(key=key, value=str(v))
+            stubs.append(stub)
+    onnx.save_model(build(stubs, classes), path)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gb", type=float, default=2.2, help="size of each input model in GB (10^9 bytes)")
     p.add_argument("--workdir", default="/tmp/onnxzip-large")
-    p.add_argument("--samples", type=int, default=1000, help="calibration samples")
+    p.add_argument("--samples", type=int, default=200,
+                   help="calibration samples (a fifth held back to verify: their outputs, 8.6 MB a sample at "
+                        "2.2 GB, are kept)")
+    p.add_argument("--method", choices=("permute", "zip"), default="permute",
+                   help="merge method (zip: onnxzip's default, with the least-squares refit)")
     p.add_argument("--keep", action="store_true", help="keep the files")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
@@ -70,11 +92,11 @@ def main(argv=None):
          "head.w": (rng.standard_normal((HIDDEN, classes), dtype=np.float32) / 16)}
     p1, p2 = rng.permutation(HIDDEN), rng.permutation(HIDDEN)
     paths = {k: os.path.join(args.workdir, f"{k}.onnx") for k in "ab"}
-    save(build(w, classes), paths["a"])
+    save(w, classes, paths["a"])
     twin = {"l1.w": w["l1.w"][p1], "l1.b": w["l1.b"][p1], "l2.w": w["l2.w"][p2][:, p1], "l2.b": w["l2.b"][p2]}
     w["head.w"] = w["head.w"][p2]  # reuse the name: only one 2 GB head in memory at a time
     twin["head.w"] = w.pop("head.w")
-    save(build(twin, classes), paths["b"])
+    save(twin, classes, paths["b"])
     del twin
     sizes = {k: os.path.getsize(v) + os.path.getsize(v + ".data") for k, v in paths.items()}
     print(f"built A and B: {classes} head outputs, {sizes['a'] / 1e9:.2f} GB and {sizes['b'] / 1e9:.2f} GB on disk "
@@ -89,11 +111,13 @@ def main(argv=None):
             os.remove(f)
     t0 = time.time()
     cmd = [sys.executable, "-m", "onnxzip", "merge", paths["a"], paths["b"], "--data", calib, "-o", out,
-           "--method", "permute", "--num-samples", str(args.samples)]
+           "--method", args.method, "--num-samples", str(args.samples)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     merge_s = time.time() - t0
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-    print(f"onnxzip merge: exit {proc.returncode}, {merge_s:.0f} s, peak RSS {child_rss:.1f} GB", flush=True)
+    pair = (sizes["a"] + sizes["b"]) / 1e9
+    print(f"onnxzip merge --method {args.method}: exit {proc.returncode}, {merge_s:.0f} s, peak RSS "
+          f"{child_rss:.2f} GB ({child_rss / pair:.2f}x the two models' {pair:.2f} GB)", flush=True)
     if proc.returncode != 0:
         print(proc.stderr[-3000:])
         return 1
@@ -106,11 +130,12 @@ def main(argv=None):
     from onnxzip.onnx_io import inference_session, load_model
     import onnxruntime as ort
     t0 = time.time()
-    merged = load_model(out, "merged model")
+    # mapped: the weights stay in their files, and the sessions use them there
+    merged = load_model(out, "merged model", mapped=True)
     session = inference_session(merged, ort.SessionOptions(), ["CPUExecutionProvider"])
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x[:8]})))
     del session, merged
-    a = load_model(paths["a"], "model A")
+    a = load_model(paths["a"], "model A", mapped=True)
     want = inference_session(a, ort.SessionOptions(), ["CPUExecutionProvider"]).run(None, {"input": x[:8]})[0]
     err = max(float(np.abs(got[f"{k}/logits"] - want).max()) for k in "ab")
     print(f"reloaded and ran the merged model: max |merged - A| over both heads {err:.2e} ({time.time() - t0:.0f} s); "
