@@ -63,6 +63,9 @@ SINGULAR_RCOND = 1e-10
 # 2-million-class head: 8 GiB of sums), above every layer of ResNet-50, ConvNeXt-T and ViT-B/16 (at most 0.38 GB:
 # ResNet-50's 3x3 convolutions of 512 channels).
 MAX_SUMS_BYTES = 512 << 20
+# A group whose fitted W (outputs x regressors, float64) is larger than this is solved a block of outputs at a time
+# (the λ scores summed block by block): its solve holds W0 and W, not half a dozen copies of the layer.
+SOLVE_BLOCK_BYTES = 32 << 20
 
 
 @dataclass
@@ -903,6 +906,17 @@ def _solve_and_write(layer, layout, sums, model, plan, use_held) -> dict:
         e = np.maximum(e, 0.0)
         singular |= s.rows < d or e[0] <= SINGULAR_RCOND * max(e[-1], 1e-300)
         scale = max(float(e.mean()), 1e-300)
+        if w0.nbytes > SOLVE_BLOCK_BYTES:
+            w, rel, e_cal, e_h = _solve_in_blocks(s, w0, gram, h_gram, e, v, scale, use_held)
+            fitted.append(w)
+            lambdas.append(rel)
+            kept += rel is None
+            err_cal += e_cal
+            ss_cal += s.t_sq - float(np.sum(s.t_sum ** 2)) / max(s.rows, 1)
+            if use_held:
+                err_h += e_h
+                ss_h += s.h_t_sq - float(np.sum(s.h_t_sum ** 2)) / max(s.h_rows, 1)
+            continue
         r, r0 = v.T @ cross, v.T @ w0.T
         best = None  # (score, λ, W): the first of the least score, as min() over the grid would pick
         for rel in (LAMBDA_GRID if use_held else (DEFAULT_LAMBDA,)):
@@ -934,6 +948,42 @@ def _solve_and_write(layer, layout, sums, model, plan, use_held) -> dict:
                    "kept_groups": kept, "singular": bool(singular),
                    "r2_calibration": _r2(err_cal, ss_cal), "r2_held_back": _r2(err_h, ss_h) if use_held else None})
     return record
+
+
+def _solve_in_blocks(s, w0, gram, h_gram, e, v, scale, use_held) -> tuple:
+    """`_solve_and_write`'s solve of one large group, SOLVE_BLOCK_BYTES of W's rows (outputs) at a time: every
+    output's fit is its own, and the errors that choose λ are sums over outputs. Returns (W, λ or None where W0 is
+    kept, calibration error, held-back error)."""
+    f, d = w0.shape
+    step = max(1, SOLVE_BLOCK_BYTES // (8 * d))
+    blocks = [slice(lo, min(f, lo + step)) for lo in range(0, f, step)]
+    grid = LAMBDA_GRID if use_held else (DEFAULT_LAMBDA,)
+    scores, finite, keep_score = np.zeros(len(grid)), np.ones(len(grid), dtype=bool), 0.0
+
+    def fit(b, lam, r, r0):
+        return (v @ ((r + lam * r0) / (e + lam)[:, None])).T
+
+    for b in blocks:
+        r, r0 = v.T @ s.cross[:, b], v.T @ w0[b].T
+        for k, rel in enumerate(grid):
+            w = fit(b, rel * scale, r, r0)
+            finite[k] &= bool(np.isfinite(w).all())
+            if use_held:
+                scores[k] += _error(w, h_gram, s.h_cross[:, b], 0.0)
+        if use_held:
+            keep_score += _error(w0[b], h_gram, s.h_cross[:, b], 0.0)
+    valid = [k for k in range(len(grid)) if finite[k]]
+    best = min(valid, key=lambda k: scores[k]) if valid else None  # the first of the least, as in the whole solve
+    if best is None or (use_held and keep_score <= scores[best]):
+        w, rel = w0, None  # nothing beats the weights as they are on the held-back samples: keep them
+    else:
+        rel = grid[best]
+        w = np.empty_like(w0)
+        for b in blocks:
+            w[b] = fit(b, rel * scale, v.T @ s.cross[:, b], v.T @ w0[b].T)
+    err_cal = sum(_error(w[b], gram, s.cross[:, b], 0.0) for b in blocks) + s.t_sq
+    err_h = sum(_error(w[b], h_gram, s.h_cross[:, b], 0.0) for b in blocks) + s.h_t_sq if use_held else 0.0
+    return w, rel, err_cal, err_h
 
 
 def _r2(err: float, ss: float):
