@@ -693,7 +693,8 @@ class Sources:
 
 def read_models(models: list, data, output: str | None, opts: MergeOptions, weights=None) -> Sources:
     """Load every model, refuse NaN weights, check each matches model 0 node for node (naming the one at fault).
-    `weights`: the `onnx_io.WeightFolder` for the weights of large models (default: one in the temporary folder)."""
+    `weights`: the `onnx_io.WeightFolder` for the weights of large models (default: a new one in the temporary
+    folder, `Sources.weights`, which the caller closes)."""
     from .onnx_io import WeightFolder
     weights = weights if weights is not None else WeightFolder()
     loaded = [_load(model, model_label(m), weights) for m, model in enumerate(models)]
