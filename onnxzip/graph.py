@@ -1232,11 +1232,7 @@ def _split(w: _Walk, node):
         sizes = _split_sizes(w, node, size, len(outputs))
         if sum(sizes) != size or len(sizes) != len(outputs):
             raise _Unsupported(f"splits {size} heads into {list(sizes)}")
-        start = 0
-        for o, n in zip(outputs, sizes):
-            if o:
-                w.set_space(o, _select_part(w, x, axis, list(range(start, start + n)), keep_axis=True))
-            start += n
+        _set_parts(w, outputs, sizes, lambda lo, hi: _select_part(w, x, axis, list(range(lo, hi)), keep_axis=True))
         return "carrier", None, x, None
     if axis != x.axis:
         for o in outputs:
@@ -1247,12 +1243,17 @@ def _split(w: _Walk, node):
     sizes = _split_sizes(w, node, size, len(outputs))
     if sum(sizes) != size or len(sizes) != len(outputs):
         raise _Unsupported(f"splits {size} channels into {list(sizes)}")
+    _set_parts(w, outputs, sizes, lambda lo, hi: _channel_range(w, x, lo, hi))
+    return "carrier", None, x, None
+
+
+def _set_parts(w, outputs: list, sizes: list, part) -> None:
+    """Each (present) output of a Split gets `part(start, stop)` of the consecutive ranges `sizes` cut."""
     start = 0
     for o, n in zip(outputs, sizes):
         if o:
-            w.set_space(o, _channel_range(w, x, start, start + n))
+            w.set_space(o, part(start, start + n))
         start += n
-    return "carrier", None, x, None
 
 
 def _squeeze(w: _Walk, node):

@@ -188,7 +188,7 @@ def solve_blocks(
                          + ("" if contiguous else " (its blocks are not contiguous and equal)"))
     per_block = target // groups
     clusters = np.empty(num_models * width, dtype=np.int64)
-    values, cross, within, forced = [], 0, np.zeros(num_models, dtype=np.int64), 0
+    parts = []
     if target != width and alike:
         raise ValueError("features matched alike (queries and keys cut from one projection) keep their space's width")
     for b, members in enumerate(_alike_groups(labels, alike)):
@@ -204,13 +204,18 @@ def solve_blocks(
             numbering = positions if target == width else b * per_block + np.arange(per_block)
             for m in range(num_models):
                 clusters[m * width + positions] = numbering[part.clusters[m * size:(m + 1) * size]]
-            cross += part.cross_merges
-            within += np.asarray(part.within_merges, dtype=np.int64)
-            forced += part.forced_merges
-            if np.isfinite(part.mean_merge_correlation):
-                values.append(part.mean_merge_correlation)
-    return matching_from_clusters(clusters, num_models, target, cross_merges=cross,
-                                  within_merges=[int(x) for x in within], forced_merges=forced,
+            parts.append(part)
+    return _from_parts(clusters, num_models, target, parts)
+
+
+def _from_parts(clusters: np.ndarray, num_models: int, target: int, parts: list) -> Matching:
+    """The matching of a whole space from its clusters, with the merge counts of the blocks' matchings summed."""
+    values = [p.mean_merge_correlation for p in parts if np.isfinite(p.mean_merge_correlation)]
+    within = np.sum([np.asarray(p.within_merges, dtype=np.int64) for p in parts], axis=0) if parts else \
+        np.zeros(num_models, dtype=np.int64)
+    return matching_from_clusters(clusters, num_models, target, cross_merges=sum(p.cross_merges for p in parts),
+                                  within_merges=[int(x) for x in within],
+                                  forced_merges=sum(p.forced_merges for p in parts),
                                   mean_merge_correlation=float(np.mean(values)) if values else float("nan"))
 
 
@@ -228,7 +233,7 @@ def _solve_ordered_blocks(method, corr, width, labels, num_models, alpha, beta, 
                          "over them")
     size, per_block = width // groups, target // groups
     clusters = np.empty(num_models * width, dtype=np.int64)
-    values, cross, within, forced = [], 0, np.zeros(num_models, dtype=np.int64), 0
+    parts = []
     for b in range(groups):
         positions = [order[m, b] * size + np.arange(size) for m in range(num_models)]
         index = np.concatenate([m * width + positions[m] for m in range(num_models)])
@@ -237,14 +242,8 @@ def _solve_ordered_blocks(method, corr, width, labels, num_models, alpha, beta, 
         numbering = b * per_block + np.arange(part.merged_width)
         for m in range(num_models):
             clusters[m * width + positions[m]] = numbering[part.clusters[m * size:(m + 1) * size]]
-        cross += part.cross_merges
-        within += np.asarray(part.within_merges, dtype=np.int64)
-        forced += part.forced_merges
-        if np.isfinite(part.mean_merge_correlation):
-            values.append(part.mean_merge_correlation)
-    return matching_from_clusters(clusters, num_models, target, cross_merges=cross,
-                                  within_merges=[int(x) for x in within], forced_merges=forced,
-                                  mean_merge_correlation=float(np.mean(values)) if values else float("nan"))
+        parts.append(part)
+    return _from_parts(clusters, num_models, target, parts)
 
 
 def block_scores(corr: np.ndarray, width: int, blocks: int, num_models: int, m: int) -> np.ndarray:

@@ -329,6 +329,17 @@ def input_shape(model, n):
     return tuple(d.dim_value if d.HasField("dim_value") else n for d in dims)
 
 
+def perturb(model, scale, rng):
+    """Add noise of `scale` times each float weight's std to every float weight (of more than one value) in place:
+    a model like `model` but not its twin."""
+    for t in model.graph.initializer:
+        v = onnx.numpy_helper.to_array(t)
+        if v.dtype == np.float32 and v.size > 1:
+            t.CopyFrom(onnx.numpy_helper.from_array((v + scale * v.std() * rng.randn(*v.shape)).astype(np.float32),
+                                                    t.name))
+    return model
+
+
 def calib(model, n=256, seed=0):
     """Random normal float32 inputs of the model's input shape, n samples."""
     return np.random.RandomState(seed).randn(*input_shape(model, n)).astype(np.float32)

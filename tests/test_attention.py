@@ -18,6 +18,8 @@ from onnxzip.inspect import format_report, inspect_models
 from onnxzip.solver import solve_blocks
 from onnxzip.surgery import zipped_spaces
 
+import fixtures as F
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 with open(os.path.join(DATA, "manifest.json")) as _f:
     MANIFEST = json.load(_f)["fixtures"]
@@ -159,11 +161,7 @@ def test_a_real_merge_of_two_unrelated_transformers_runs_and_zips_everything_but
     a = load("vit_packed_ts")
     b = load("vit_packed_ts", "b")
     rng = np.random.RandomState(1)
-    for t in b.graph.initializer:
-        v = onnx.numpy_helper.to_array(t)
-        if v.dtype == np.float32 and v.size > 1:
-            t.CopyFrom(onnx.numpy_helper.from_array((v + 0.3 * v.std() * rng.randn(*v.shape)).astype(np.float32),
-                                                    t.name))
+    F.perturb(b, 0.3, rng)
     x = np.random.RandomState(0).randn(256, 1, 8, 8).astype(np.float32)
     res = onnxzip.merge(a, b, {"input": x})
     assert not res.card["unmerged"] and not res.card["zipped_nothing"]
