@@ -531,12 +531,13 @@ def select_rows(key: int, held: bool, lo: int, count: int, fraction: float, seed
     return np.flatnonzero(rng.random(count) < fraction)
 
 
-def subset_of_rows(key: int, held: bool, lo: int, count: int, kept: float, wanted: float, seed: int) -> np.ndarray:
-    """Where the rows `select_rows` draws at fraction `wanted` sit among those it draws at `kept` >= `wanted`."""
-    if wanted >= 1.0 or kept <= wanted:
-        return np.arange(len(select_rows(key, held, lo, count, kept, seed)))
+def subset_of_rows(key: int, held: bool, lo: int, count: int, kept: float, wanted: float, seed: int):
+    """Where the rows `select_rows` draws at fraction `wanted` sit among those it draws at `kept` >= `wanted` (an
+    index array, or a slice of all of them when the two are the same rows: no draws needed)."""
+    if wanted >= kept:
+        return slice(None)
     u = np.random.default_rng([seed, key, int(held), lo]).random(count)
-    return np.flatnonzero(u[u < kept] < wanted) if kept < 1.0 else np.flatnonzero(u < wanted)
+    return np.flatnonzero((u[u < kept] if kept < 1.0 else u) < wanted)
 
 
 def as_rows(value: np.ndarray, axis: int, rows: np.ndarray | None = None) -> np.ndarray:

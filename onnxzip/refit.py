@@ -177,13 +177,18 @@ def _source_regressors(a: Analysis, i: int) -> tuple:
     return weight.size // weight.shape[out_axis], kernel
 
 
-def row_key(a: Analysis, i: int, join: bool) -> int:
-    """The seed of the rows drawn for layer i's target (the sum at its residual join, or its own output): the same
-    in every plan and pass, and in every export of the model (from the layer's place among the layers with
-    constant weights, not from tensor names)."""
+def layer_places(a: Analysis) -> dict:
+    """Each layer with constant weights (node index) -> its place among them, in graph order."""
     order = [j for j, node in enumerate(a.model.graph.node) if node.op_type in ("Conv", "Gemm", "MatMul")
              and len(node.input) > 1 and node.input[1] in a.initializers]
-    return 2 * order.index(i) + int(join)
+    return {j: k for k, j in enumerate(order)}
+
+
+def row_key(places: dict, i: int, join: bool) -> int:
+    """The seed of the rows drawn for layer i's target (the sum at its residual join, or its own output): the same
+    in every plan and pass, and in every export of the model (from the layer's place among the layers with
+    constant weights, `layer_places`, not from tensor names)."""
+    return 2 * places[i] + int(join)
 
 
 def _fraction(regressors: int, num_samples: int, positions: int) -> float:
@@ -207,12 +212,13 @@ def target_row_requests(plans: list, num_samples: int, held_samples: int, width:
     requests, size = {}, 0
     for plan in plans:
         a = plan.a
+        places = layer_places(a)
         for i, owners, chain, end, join in _candidates(plan):
             d, kernel = _source_regressors(a, i)
             # merged input channels per group <= round(W x C): at most ceil(W x d) + one kernel, + the bias column
             upper = int(np.ceil(width * d)) + (kernel if width > 1 else 0) + 1
             for target in ([a.model.graph.node[join[0]].output[0]] if join else []) + [end]:
-                key = row_key(a, i, target != end)
+                key = row_key(places, i, target != end)
                 shape = a.shapes.get(target)
                 if key in requests or shape is None:
                     continue
@@ -256,10 +262,11 @@ def refit_layers(plan: ZipPlan, surgery: Surgery) -> list:
                                      [_source_name(plan, end, k) for k in range(len(plan.analyses))], space,
                                      _channel_axis(a, i, end), partner, output, _source_regressors(a, i)[0]))
     _levels(surgery.model, layers)
+    places = layer_places(plan.a)
     for k, layer in enumerate(layers):
         layer.key = k
         # rows are drawn by layer and target alone, so the calibration pass can keep them beforehand
-        layer.rows_key = row_key(plan.a, layer.node, layer.target != layer.end)
+        layer.rows_key = row_key(places, layer.node, layer.target != layer.end)
     return layers
 
 

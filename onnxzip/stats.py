@@ -84,12 +84,11 @@ class FeatureStats:
         # deviations from the batch mean; their own mean `s` (what rounding leaves) is taken out of the co-moment
         xc = x - batch_mean
         s = xc.sum(axis=0) / n
-        batch_m2_diag = np.einsum("sd,sd->d", xc, xc) - n * s * s
         if self.full:
             batch_m2 = xc.T @ xc - n * np.outer(s, s)
-            self._combine(n, batch_mean, batch_m2_diag, batch_m2)
+            self._combine(n, batch_mean, np.diag(batch_m2).copy(), batch_m2)
         else:
-            self._combine(n, batch_mean, batch_m2_diag, None)
+            self._combine(n, batch_mean, np.einsum("sd,sd->d", xc, xc) - n * s * s, None)
         return self
 
     def _combine(self, n: int, mean: np.ndarray, m2_diag: np.ndarray, m2: np.ndarray | None) -> None:
