@@ -84,6 +84,13 @@ def test_merge_on_ray_equals_the_single_process_merge(cluster, pair):
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
 
 
+def test_cuda_on_a_cluster_without_a_gpu_is_refused(cluster, pair):
+    a, b = pair
+    data = _data(a, 40, 0)
+    with pytest.raises(UsageError, match="has no GPU"):
+        run_sources_sharded(cluster, 2, [a, b], [FeatureRequest("s", [_hidden(a)[0]] * 2, 1)], data, 16, "cuda")
+
+
 def test_ray_options_are_checked(monkeypatch, pair):
     a, b = pair
     data = F.calib(a, 40, seed=2)
@@ -91,6 +98,8 @@ def test_ray_options_are_checked(monkeypatch, pair):
         onnxzip.merge(a, b, data, ray_workers=2)
     with pytest.raises(UsageError, match="--ray-workers"):
         onnxzip.merge(a, b, data, ray="local", ray_workers=0)
+    with pytest.raises(UsageError, match="--ray must be"):
+        onnxzip.merge(a, b, data, ray="  ")
     import builtins
 
     real_import = builtins.__import__
