@@ -464,13 +464,14 @@ def _similarity(stats) -> np.ndarray:
     (constants of different values keep 0). Rounded to CORRELATION_DECIMALS for determinism.
     """
     corr = stats.correlation()
-    var, second = stats.variance(), stats.second_moment()
-    # the rule of FeatureStats.correlation: std <= 1e-8, or a variance lost in float64 cancellation noise
-    constant = np.flatnonzero((var <= 1e-16) | (var <= 1e-10 * second))
+    constant = np.flatnonzero(stats.constant())
     if constant.size > 1:
+        # equal to 1e-6 of the larger value or of the space's rms, whichever is larger: no absolute floor, so that
+        # a space of tiny features (std 1e-9 in a randomly initialised deep network) is not one of equal constants
         mean = stats.mean[constant]
-        same = np.abs(mean[:, None] - mean[None, :]) <= 1e-6 * np.maximum(1.0, np.maximum(np.abs(mean)[:, None],
-                                                                                          np.abs(mean)[None, :]))
+        scale = float(np.sqrt(np.mean(stats.second_moment())))
+        size = np.maximum(np.maximum(np.abs(mean)[:, None], np.abs(mean)[None, :]), scale)
+        same = np.abs(mean[:, None] - mean[None, :]) <= 1e-6 * size
         corr[np.ix_(constant, constant)] = np.where(same, 1.0, corr[np.ix_(constant, constant)])
     return np.round(corr, CORRELATION_DECIMALS)
 

@@ -151,16 +151,24 @@ class FeatureStats:
         np.fill_diagonal(cov, np.maximum(np.diag(cov), 0.0))
         return cov
 
-    def correlation(self, eps: float = 1e-8) -> np.ndarray:
+    def constant(self, var: np.ndarray | None = None) -> np.ndarray:
+        """(D,) bool: the features `correlation` treats as constant (variance zero or below 1e-10 of E[x²])."""
+        var = self.variance() if var is None else var
+        return (var <= 0.0) | (var <= _RELATIVE_VARIANCE_FLOOR * (var + self.mean ** 2))
+
+    def correlation(self) -> np.ndarray:
         """(D, D) Pearson correlation cov[i, j] / (std_i std_j), as ZIPIT.md "Statistics" defines it.
 
-        A feature is treated as constant when its std is at most ``eps`` or its variance is lost in float64
-        cancellation noise (below 1e-10 of its E[x²]). A constant feature has correlation 0 with every other
-        feature and 1 with itself, so the result is always finite, symmetric, in [-1, 1] with a unit diagonal.
+        A feature is treated as constant when its variance is zero or lost in float64 cancellation noise (below
+        1e-10 of its E[x²]). The guard is relative, never an absolute floor on the std: the correlation of
+        features of any scale is that of the same features scaled to 1 (randomly initialised deep networks carry
+        features of std 1e-8 and less, which an absolute floor of 1e-8 called constant and merged at random).
+        A constant feature has correlation 0 with every other feature and 1 with itself, so the result is always
+        finite, symmetric, in [-1, 1] with a unit diagonal.
         """
         cov = self.covariance()
         var = np.diag(cov).copy()
-        constant = (var <= eps * eps) | (var <= _RELATIVE_VARIANCE_FLOOR * self.second_moment())
+        constant = self.constant(var)
         std = np.sqrt(np.where(constant, 1.0, var))
         corr = cov / np.outer(std, std)
         corr[constant, :] = 0.0

@@ -104,6 +104,14 @@ def test_constant_feature_gives_finite_correlation(constant):
     np.testing.assert_allclose(corr[np.ix_(keep, keep)], np.corrcoef(x[:, keep], rowvar=False), atol=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1e-12, 1e-6, 1e6])
+def test_correlation_does_not_depend_on_the_features_scale(scale):
+    # randomly initialised deep networks carry features of std 1e-8 and less: they are not constants
+    x = _random_features(seed=5, width=6).astype(np.float64)
+    np.testing.assert_allclose(_fed_in_batches(x * scale).correlation(), _fed_in_batches(x).correlation(),
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_identical_features_correlate_exactly_one():
     rng = np.random.default_rng(4)
     a = rng.normal(size=(500, 1))

@@ -165,6 +165,30 @@ def test_twin_merge_is_exact(twins, arch, method, refit, repair):
     assert_close(yb, want, ATOL, f"{arch} {method} repair={repair} b/logits")
 
 
+@pytest.mark.parametrize("refit,repair", [("ls", True), ("none", True), ("none", False)],
+                         ids=["refit", "repair", "norepair"])
+def test_twins_with_tiny_features_merge_exactly(refit, repair):
+    # hidden features of std ~1e-9 (as deep in a randomly initialised network): the same function as the fixture
+    # (ReLU is positively homogeneous), and zip at its default beta must still pair each feature with its twin
+    _, pa = F.mlp(seed=11)
+    w = dict(pa["w"])
+    for name in ("fc1.weight", "fc1.bias", "fc2.bias"):
+        w[name] = (w[name] * 1e-9).astype(np.float32)
+    w["fc3.weight"] = (w["fc3.weight"] * 1e9).astype(np.float32)
+    tiny = dict(pa, w=w)
+    a = F.build(tiny)
+    b, _ = F.permuted_twin(tiny, np.random.RandomState(5))
+    hidden = F.hidden_activations(a, F.calib(a, 64, seed=1))
+    assert max(np.abs(hidden[k]).max() for k in ("relu1.out", "relu2.out")) < 1e-7
+    result = merge(a, b, F.calib(a, 256, seed=0), method="zip", refit=refit, repair=repair)
+    assert all(s["within_model_merges"] == [0, 0] for s in result.card["spaces"]), result.card["spaces"]
+    x = held_out(a)
+    want = F.run(a, x)["logits"]
+    ya, yb = outputs(result.model, x)
+    assert_close(ya, want, ATOL, f"tiny twin refit={refit} repair={repair} a/logits")
+    assert_close(yb, want, ATOL, f"tiny twin refit={refit} repair={repair} b/logits")
+
+
 @pytest.mark.parametrize("method", ["zip", "permute", "average"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_self_merge_gives_back_the_model(twins, arch, method):
