@@ -15,6 +15,10 @@ run (these machines are shared and noisy: read the ratios, not the seconds):
 Calibration samples are the first N Fashion-MNIST training images (normalised like models/data/calib.npy), written
 to a temporary .npy. The card's stage times (`seconds`) are kept for each merge. Prints one line per case and, with
 --out, writes JSON. Not part of the package.
+
+`--torchvision resnet50 convnext_tiny vit_b_16` measures ImageNet-size torchvision models instead (random weights,
+seeds 0 and 1, 10 classes, TorchScript export at `--size` 224, `tools/torchvision_check.py`'s export) on N seeded
+standard-normal images of that size: the cost of a merge does not depend on what the weights learned.
 """
 
 from __future__ import annotations
@@ -65,8 +69,21 @@ def merge_seconds(a: str, b: str, calib: str, out: str, extra: list) -> tuple:
     return seconds, card
 
 
+def torchvision_pair(name: str, size: int, work: str) -> str:
+    """Export torchvision model `name` (seeds 0 and 1) as `work`/`name`/a.onnx, b.onnx; the folder."""
+    import torchvision_check as tvc
+
+    folder = os.path.join(work, name)
+    os.makedirs(folder, exist_ok=True)
+    tv = tvc.import_torchvision()
+    for seed, tag in ((0, "a"), (1, "b")):
+        tvc.export(tvc.build(tv, name, seed, size), os.path.join(folder, f"{tag}.onnx"), "torchscript", size)
+    return folder
+
+
 def measure(pair: str, models: str, calib: str, data: np.ndarray, repeats: int, extra: list, work: str) -> dict:
-    folder = os.path.join(models, pair)
+    folder = pair if os.path.isabs(pair) else os.path.join(models, pair)
+    pair = os.path.basename(folder)
     a, b = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
     out = os.path.join(work, f"{pair}.onnx")
     floors, merges, card = [], [], None
@@ -91,18 +108,27 @@ def main(argv=None) -> int:
     p.add_argument("--samples", nargs="+", type=int, default=[1000, 4000])
     p.add_argument("--models", default=os.path.join(ROOT, "models"))
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--torchvision", nargs="+", metavar="NAME",
+                   help="torchvision models (random weights) instead of the bundled pairs")
+    p.add_argument("--size", type=int, default=224, help="with --torchvision: the image size")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
-    import fmnist
-
-    images, _ = fmnist.load_split("train")
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxzip-cost-") as work:
+        if args.torchvision:
+            pairs = [torchvision_pair(name, args.size, work) for name in args.torchvision]
+        else:
+            import fmnist
+            images, _ = fmnist.load_split("train")
+            pairs = args.pairs
         for n in args.samples:
-            data = fmnist.normalize(images[:n])
+            if args.torchvision:
+                data = np.random.default_rng(0).standard_normal((n, 3, args.size, args.size)).astype(np.float32)
+            else:
+                data = fmnist.normalize(images[:n])
             calib = os.path.join(work, f"calib{n}.npy")
             np.save(calib, data)
-            for pair in args.pairs:
+            for pair in pairs:
                 row = measure(pair, args.models, calib, data, args.repeats, extra, work)
                 rows.append(row)
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items() if k != "total")
@@ -110,7 +136,8 @@ def main(argv=None) -> int:
                       f"{statistics.median(row['merge_seconds']):.2f} s: {row['ratio']:.1f}x ({stages})", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "load": os.getloadavg(),
+            json.dump({"command": " ".join(sys.argv), "size": args.size if args.torchvision else None,
+                       "cpu_count": os.cpu_count(), "load": os.getloadavg(),
                        "extra_options": extra, "rows": rows}, f, indent=2)
     return 0
 

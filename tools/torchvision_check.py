@@ -8,8 +8,8 @@ most `--max-params` parameters, built with `num_classes=10` and random weights:
    `dynamo=True`), at the smallest of `--sizes` at which the export runs in onnxruntime; a batch axis is dynamic;
 2. `onnxzip inspect A B --json`: how many of the learned feature spaces outside the task heads are zipped by
    default;
-3. `onnxzip merge A A --refit none` (twins: the same model twice, zip; `--twin-options`): the merged model's heads
-   against A on the calibration samples (max relative error, both heads);
+3. `onnxzip merge A A` (twins: the same model twice, defaults: zip, least-squares refit; `--twin-options` adds
+   options): the merged model's heads against A on the calibration samples (max relative error, both heads);
 4. `onnxzip merge A B` (two initialisations, defaults: zip, least-squares refit): the outcome and the card's
    verification.
 
@@ -76,10 +76,12 @@ def import_torchvision():
     return torchvision
 
 
-def build(tv, name, seed):
+def build(tv, name, seed, size=None):
     import torch
     torch.manual_seed(seed)
     kwargs = {"weights": None, "num_classes": 10}
+    if name.startswith("vit_") and size:
+        kwargs["image_size"] = size  # the class token and position embeddings are sized for it
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)
     with warnings.catch_warnings():
@@ -120,7 +122,7 @@ def exported_pair(tv, name, exporter, sizes, folder, log):
     for size in sizes:
         try:
             for seed, tag in ((0, "a"), (1, "b")):
-                model = build(tv, name, seed)
+                model = build(tv, name, seed, size)
                 path = os.path.join(folder, f"{tag}.onnx")
                 export(model, path, exporter, size)
                 x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(7))
@@ -173,48 +175,53 @@ def check_model(tv, name, exporter, args, log):
             row.update(outcome="export failed", error=error)
             return row
         row["size"] = size
-        a, b = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
         data = np.random.default_rng(0).standard_normal((args.samples, 3, size, size)).astype(np.float32)
-        calib = os.path.join(folder, "calib.npy")
-        np.save(calib, data)
+        merge_checks(row, folder, data, args)
+    return row
 
-        outcome, code, tail, seconds = onnxzip(["inspect", "--json", a, b], args.timeout)
-        row["inspect"] = {"outcome": outcome, "exit": code, "seconds": seconds}
-        if outcome == "merged":  # exit 0
-            proc = subprocess.run([sys.executable, "-m", "onnxzip", "inspect", "--json", a, b],
-                                  capture_output=True, text=True, cwd=ROOT)
-            report = json.loads(proc.stdout)
-            row["spaces_zipped"] = report["a"]["spaces_zipped"]
-            row["match"] = report["match"]["ok"]
-        else:
-            row["inspect"]["error"] = tail
 
-        common = ["--data", calib, "--num-samples", str(args.samples), "--force", "-q"]
-        merged = os.path.join(folder, "twins.onnx")
-        outcome, code, tail, seconds = onnxzip(["merge", a, a, "-o", merged, *common, *args.twin_options],
-                                               args.timeout)
-        row["twins"] = {"outcome": outcome, "exit": code, "seconds": seconds}
-        if outcome == "merged":
-            row["twins"]["relative_error"] = twin_error(merged, a, data[:64])
-            row["twins"]["exact"] = row["twins"]["relative_error"] <= TWIN_RTOL
-        else:
-            row["twins"]["error"] = tail
+def merge_checks(row, folder, data, args):
+    """Steps 2-4 on `folder`/a.onnx and b.onnx with calibration inputs `data` (one input); fills `row`."""
+    a, b = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
+    calib = os.path.join(folder, "calib.npy")
+    np.save(calib, data)
 
-        merged = os.path.join(folder, "pair.onnx")
-        outcome, code, tail, seconds = onnxzip(["merge", a, b, "-o", merged, *common], args.timeout)
-        row["pair"] = {"outcome": outcome, "exit": code, "seconds": seconds}
-        if outcome == "merged":
-            with open(merged + ".json") as f:
-                card = json.load(f)
-            row["pair"]["verification"] = [
-                {k: h[k] for k in ("output", "relative_error", "top1_agreement")} for h in card["verification"]["heads"]]
-            row["pair"]["zipped_nothing"] = card["zipped_nothing"]
-            row["pair"]["unmerged"] = len(card["unmerged"])
-        else:
-            row["pair"]["error"] = tail
+    outcome, code, tail, seconds = onnxzip(["inspect", "--json", a, b], args.timeout)
+    row["inspect"] = {"outcome": outcome, "exit": code, "seconds": seconds}
+    if outcome == "merged":  # exit 0
+        proc = subprocess.run([sys.executable, "-m", "onnxzip", "inspect", "--json", a, b],
+                              capture_output=True, text=True, cwd=ROOT)
+        report = json.loads(proc.stdout)
+        row["spaces_zipped"] = report["a"]["spaces_zipped"]
+        row["match"] = report["match"]["ok"]
+    else:
+        row["inspect"]["error"] = tail
+
+    common = ["--data", calib, "--num-samples", str(args.samples), "--force", "-q"]
+    merged = os.path.join(folder, "twins.onnx")
+    outcome, code, tail, seconds = onnxzip(["merge", a, a, "-o", merged, *common, *args.twin_options],
+                                           args.timeout)
+    row["twins"] = {"outcome": outcome, "exit": code, "seconds": seconds, "options": list(args.twin_options)}
+    if outcome == "merged":
+        row["twins"]["relative_error"] = twin_error(merged, a, data[:64])
+        row["twins"]["exact"] = row["twins"]["relative_error"] <= TWIN_RTOL
+    else:
+        row["twins"]["error"] = tail
+
+    merged = os.path.join(folder, "pair.onnx")
+    outcome, code, tail, seconds = onnxzip(["merge", a, b, "-o", merged, *common], args.timeout)
+    row["pair"] = {"outcome": outcome, "exit": code, "seconds": seconds}
+    if outcome == "merged":
+        with open(merged + ".json") as f:
+            card = json.load(f)
+        row["pair"]["verification"] = [
+            {k: h[k] for k in ("output", "relative_error", "top1_agreement")} for h in card["verification"]["heads"]]
+        row["pair"]["zipped_nothing"] = card["zipped_nothing"]
+        row["pair"]["unmerged"] = len(card["unmerged"])
+    else:
+        row["pair"]["error"] = tail
     outcomes = [row["inspect"]["outcome"], row["twins"]["outcome"], row["pair"]["outcome"]]
     row["outcome"] = next((o for o in ("crash", "timeout", "refused") if o in outcomes), "merged")
-    return row
 
 
 def model_names(tv, max_params, only):
@@ -222,11 +229,11 @@ def model_names(tv, max_params, only):
     names = only or tv.models.list_models(module=tv.models)
     keep = []
     for name in names:
-        with torch.device("meta"):
-            try:
+        try:
+            with torch.device("meta"):  # counts parameters without allocating them
                 model = build(tv, name, 0)
-            except Exception:
-                continue
+        except Exception:  # some initialisers read their tensors back (RegNet): build for real
+            model = build(tv, name, 0)
         params = sum(p.numel() for p in model.parameters())
         if only or params <= max_params:
             keep.append((name, params))
@@ -245,6 +252,23 @@ def summary_line(row):
             f"pair head err {'-' if head_err is None else f'{head_err:.3f}'}")
 
 
+def markdown(rows) -> str:
+    """The rows as a Markdown table (README, docs)."""
+    lines = ["| model | exporter | input | outcome | spaces zipped by default | twins: rel. error | pair: head rel. "
+             "error (max) | pair merge s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        z = r.get("spaces_zipped")
+        zipped = f"{z['zipped']} / {z['of']}" if z else "-"
+        twins, pair = r.get("twins", {}), r.get("pair", {})
+        err = twins.get("relative_error")
+        head = max((h["relative_error"] for h in pair.get("verification", [])), default=None)
+        outcome = r["outcome"] if r["outcome"] != "export failed" else "export failed (torch)"
+        lines.append(f"| {r['model']} | {r['exporter']} | {r.get('size', '-')} | {outcome} | {zipped} | "
+                     f"{'-' if err is None else f'{err:.1e}'} | {'-' if head is None else f'{head:.3f}'} | "
+                     f"{pair.get('seconds', '-')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", help="torchvision model names (default: every classification model "
@@ -254,11 +278,17 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     p.add_argument("--samples", type=int, default=80)
     p.add_argument("--timeout", type=int, default=900, help="seconds per onnxzip command")
-    p.add_argument("--twin-options", nargs="*", default=["--refit", "none"],
-                   help="extra `onnxzip merge` options for the twin merge (default: --refit none, the matching and "
-                        "surgery alone; the refit of a twin pair is checked in tests/)")
+    p.add_argument("--twin-options", nargs="*", default=[],
+                   help="extra `onnxzip merge` options for the twin merge (default: none, the user's path: zip and "
+                        "the least-squares refit)")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
+    p.add_argument("--render-only", action="store_true", help="print the Markdown table of --out and stop")
     args = p.parse_args(argv)
+    if args.render_only:
+        with open(args.out) as f:
+            print(markdown(json.load(f)["rows"]))
+        return
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
     import logging
@@ -302,6 +332,8 @@ def main(argv=None):
             os.replace(args.out + ".tmp", args.out)
     for row in results.get("rows", []):
         print(summary_line(row))
+    if args.markdown:
+        print(markdown(results.get("rows", [])))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""Merge Hugging Face text classifiers, as a new user would (issue 13): BERT, DistilBERT, RoBERTa, GPT-2, Llama.
+
+Each model is a `<Arch>ForSequenceClassification` from `transformers` with a small configuration (hidden 64,
+2 layers, 4 heads, vocabulary 1000, 10 labels) and random weights: seed 0 and seed 1 (two initialisations). Both
+are exported (`torchscript`: `torch.onnx.export(dynamo=False, opset_version=17)`; `dynamo`: `dynamo=True`) with
+one input, `input_ids` (int64, batch x 16; no attention mask: every token attends), and checked against torch in
+onnxruntime. Then, as `tools/torchvision_check.py` does: `onnxzip inspect A B --json` (spaces zipped by default),
+`onnxzip merge A A` (twins: max relative error of both heads against A) and `onnxzip merge A B`
+(defaults), each outcome `merged`, `refused` (exit 2-9 with an `error:` line), `crash` or `timeout`.
+
+Calibration data: seeded uniform token ids in [0, vocabulary), `--samples` sequences.
+
+Usage (from the repository root; needs torch, transformers, onnxscript for dynamo):
+
+    python3 tools/transformers_check.py
+    python3 tools/transformers_check.py --models bert llama --exporters torchscript
+
+Writes `docs/results/transformers.json` (merged with what is there) and prints a table.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
+sys.path.insert(0, TOOLS)
+import torchvision_check as tvc  # noqa: E402  (the merge checks and the table)
+
+RESULTS = os.path.join(ROOT, "docs", "results", "transformers.json")
+VOCAB, SEQ, LABELS = 1000, 16, 10
+SMALL = dict(vocab_size=VOCAB, num_labels=LABELS)
+
+
+def configs():
+    """name -> (config class, model class, config keyword arguments)."""
+    import transformers as t
+    return {
+        "bert": (t.BertConfig, t.BertForSequenceClassification,
+                 dict(SMALL, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      max_position_embeddings=64)),
+        "distilbert": (t.DistilBertConfig, t.DistilBertForSequenceClassification,
+                       dict(SMALL, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64)),
+        "roberta": (t.RobertaConfig, t.RobertaForSequenceClassification,
+                    dict(SMALL, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                         max_position_embeddings=64 + 2)),
+        "gpt2": (t.GPT2Config, t.GPT2ForSequenceClassification,
+                 dict(SMALL, n_embd=64, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)),
+        "llama": (t.LlamaConfig, t.LlamaForSequenceClassification,
+                  dict(SMALL, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       intermediate_size=128, max_position_embeddings=64, pad_token_id=0)),
+    }
+
+
+class _Logits:
+    """The model's logits only (a plain tensor output for the exporters)."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids):
+                return self.inner(input_ids=input_ids).logits
+
+        return Wrapped(model).eval()
+
+
+def build(name, seed):
+    import torch
+    config_class, model_class, kwargs = configs()[name]
+    torch.manual_seed(seed)
+    config = config_class(**kwargs)
+    config._attn_implementation = "eager"  # the plain MatMul/Softmax/MatMul attention, as most exports carry
+    return _Logits(model_class(config).eval())
+
+
+def export(model, path, exporter):
+    import torch
+    ids = torch.randint(1, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(model, (ids,), path, dynamo=False, opset_version=17, input_names=["input_ids"],
+                              output_names=["logits"],
+                              dynamic_axes={"input_ids": {0: "batch"}, "logits": {0: "batch"}})
+        else:
+            torch.onnx.export(model, (ids,), path, dynamo=True, input_names=["input_ids"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+
+
+def check(name, exporter, args, log):
+    import torch
+    row = {"model": name, "exporter": exporter}
+    with tempfile.TemporaryDirectory(prefix="hfcheck-") as folder:
+        t0 = time.perf_counter()
+        try:
+            for seed, tag in ((0, "a"), (1, "b")):
+                model = build(name, seed)
+                path = os.path.join(folder, f"{tag}.onnx")
+                export(model, path, exporter)
+                ids = torch.randint(1, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(7))
+                with torch.no_grad():
+                    ref = model(ids).numpy()
+                got = tvc.run_onnx(path, ids.numpy())["logits"]
+                if not np.allclose(got, ref, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(ref).max()))):
+                    raise RuntimeError(f"onnxruntime differs from torch by {np.abs(got - ref).max():.3g}")
+        except Exception as e:
+            row.update(outcome="export failed", error=f"{type(e).__name__}: {str(e).strip()[:300]}")
+            return row
+        row["export_seconds"] = round(time.perf_counter() - t0, 1)
+        row["size"] = SEQ
+        data = np.random.default_rng(0).integers(0, VOCAB, (args.samples, SEQ), dtype=np.int64)
+        tvc.merge_checks(row, folder, data, args)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["bert", "distilbert", "roberta", "gpt2", "llama"])
+    p.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"], choices=["torchscript", "dynamo"])
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--timeout", type=int, default=900, help="seconds per onnxzip command")
+    p.add_argument("--twin-options", nargs="*", default=[])
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args(argv)
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    import logging
+
+    import importlib.util
+
+    import torch
+    if importlib.util.find_spec("torchvision"):
+        tvc.import_torchvision()  # transformers imports it when it is installed
+    import transformers
+    for logger in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+    results = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    rows = {(r["model"], r["exporter"]): r for r in results.get("rows", [])}
+    for name in args.models:
+        for exporter in args.exporters:
+            log(f"{name} {exporter}")
+            t0 = time.perf_counter()
+            try:
+                row = check(name, exporter, args, log)
+            except Exception as e:  # the tool itself; recorded, never hidden
+                row = {"model": name, "exporter": exporter, "outcome": "tool error", "error": repr(e)[:300]}
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows[(name, exporter)] = row
+            log("  " + tvc.summary_line(row))
+            results = {
+                "command": "python3 tools/transformers_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "date": datetime.date.today().isoformat(),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                "samples": args.samples,
+                "twin_rtol": tvc.TWIN_RTOL,
+                "rows": sorted(rows.values(), key=lambda r: (r["model"], r["exporter"])),
+            }
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+            with open(args.out + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(args.out + ".tmp", args.out)
+    for row in results.get("rows", []):
+        print(tvc.summary_line(row))
+
+
+if __name__ == "__main__":
+    main()
