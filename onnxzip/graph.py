@@ -542,6 +542,15 @@ class _Walk:
         """Features of space `sid` may only be matched inside the blocks of `labels` (and of earlier partitions)."""
         self.partitions[sid] = refine_partition(self.partitions.get(sid), labels)
 
+    def pin(self, sid: int) -> None:
+        """Every feature of space `sid` (of the spaces it is a view of) is matched only at its own place: feature j
+        of model 0 with feature j of each other model. Rotary position embeddings (RoPE) rotate feature pairs of a
+        head by angles that differ per feature: a merge commutes with them only when it keeps every feature in
+        place."""
+        for space in {sp for sp, _ in self.channels(sid)}:
+            if self.find(space) not in self.identity:
+                self.refine(space, np.arange(self.widths[space]))
+
     def channels(self, sid: int) -> list:
         """Channel j of space `sid` as (space, channel) of a space that is not derived (a Concat's parts, a view's
         sources, followed down)."""
@@ -895,23 +904,80 @@ def _per_position(w: _Walk, node, i: int, ts: TensorSpace, learned: tuple, out_r
 
 
 def _elementwise_heads(w: _Walk, node, spaced: list, out_rank: int):
-    """An element-wise op on a tensor split into heads by one value for every entry (the 1/sqrt(d) scaling of
-    queries and keys, as a constant or computed from shapes): it carries the split."""
-    (i, x), = spaced if len(spaced) == 1 else [(None, None)]
-    if x is None:
+    """An element-wise op on a tensor split into heads by a tensor the same in every model and every head (a
+    constant, or computed from shapes or the input): by one value for every entry (the 1/sqrt(d) scaling of queries
+    and keys) it carries the split; `Mul` or `Div` by values that differ along the features inside a head (RoPE's
+    cos and sin) pins the features in place (`_Walk.pin`). Two tensors split alike into heads whose features are
+    all pinned, from one space (RoPE's q·cos + rotate_half(q)·sin), combine into the first one's space: every
+    feature is merged with the same weights in place, so the combination commutes with the merge."""
+    heads = [(i, ts) for i, ts in spaced if ts.heads and w.find(ts.space) not in w.identity]
+    if len(heads) == 2 and node.op_type in ("Add", "Sub") and len(spaced) == 2:
+        return _combine_pinned_heads(w, node, heads, out_rank)
+    if len(heads) != 1:
         raise _Unsupported("combines two tensors split into attention heads")
+    (i, x), = heads
+    shift = out_rank - w.rank(node.input[i])
+    out_parts = [(ax + shift, n) for ax, n in _parts(x)]
+    pin = False
     for j, name in enumerate(node.input):
         if j == i or not name:
             continue
         value = w.value(name)
         shape = np.shape(value) if value is not None else w.shape(name)
-        if shape is None or int(np.prod(shape, dtype=np.int64)) != 1:
+        if shape is None:
+            raise _Unsupported(f"the shape of input '{name}' is unknown")
+        if int(np.prod(shape, dtype=np.int64)) == 1:
+            continue
+        full = (1,) * (out_rank - len(shape)) + tuple(shape)
+        per_position = all(full[ax] == 1 for ax, _ in out_parts)
+        per_feature = (all(full[ax] == 1 for ax, _ in out_parts[:-1]) and full[out_parts[-1][0]] == out_parts[-1][1]
+                       and (node.op_type == "Mul" or (node.op_type == "Div" and j == 1)))
+        if w.space_of(name) is not None and w.find(w.space_of(name).space) not in w.identity:
+            raise _Unsupported(f"input '{name}' is learned features, not one value for every entry")
+        if per_feature:
+            pin = True
+        elif not per_position:
             raise _Unsupported(f"input '{name}' is not one value for every entry of a tensor split into attention "
-                               "heads")
-    shift = out_rank - w.rank(node.input[i])
-    out = _split_space(x.space, [(ax + shift, n) for ax, n in _parts(x)])
+                               "heads, nor one per feature the same in every head")
+    if pin:
+        w.pin(x.space)
+    out = _split_space(x.space, out_parts)
     w.set_space(node.output[0], out)
     return "carrier", None, x, out
+
+
+def _combine_pinned_heads(w: _Walk, node, heads: list, out_rank: int):
+    (i, x), (j, y) = heads
+    px = [(ax + out_rank - w.rank(node.input[i]), n) for ax, n in _parts(x)]
+    py = [(ax + out_rank - w.rank(node.input[j]), n) for ax, n in _parts(y)]
+    if px != py:
+        raise _Unsupported("combines two tensors split into attention heads that do not line up")
+    cx, cy = w.channels(x.space), w.channels(y.space)
+    if set(cx) != set(cy):
+        raise _Unsupported("combines two tensors split into attention heads from different features")
+    if not (_is_pinned(w, x.space) and _is_pinned(w, y.space)):
+        raise _Unsupported("combines two tensors split into attention heads (features not pinned by a rotary "
+                           "embedding)")
+    out = _split_space(x.space, px)
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _is_pinned(w: _Walk, sid: int) -> bool:
+    """Whether every feature space `sid` reads (itself, or the sources of a view) is pinned: each feature its own
+    block (over the spaces tied to it too), or the shared input."""
+    for space in {w.find(sp) for sp, _ in w.channels(sid)}:
+        if space in w.identity:
+            continue
+        labels = [lab for sp, lab in w.partitions.items() if w.find(sp) == space]
+        if not labels:
+            return False
+        combined = labels[0]
+        for lab in labels[1:]:
+            combined = refine_partition(combined, lab)
+        if len(np.unique(combined)) != w.widths[space]:
+            return False
+    return True
 
 
 def _pool(w: _Walk, node):
@@ -1108,7 +1174,16 @@ def _select_part(w: _Walk, x: TensorSpace, axis: int, indices: list, keep_axis: 
     parts = _parts(x)
     p = [ax for ax, _ in parts].index(axis)
     if p == len(parts) - 1:
-        raise _Unsupported("selects features inside attention heads")
+        # features inside every head (RoPE's rotate_half): only where a rotary embedding pinned them in place
+        if not _is_pinned(w, x.space):
+            raise _Unsupported("selects features inside attention heads")
+        if not keep_axis:
+            raise _Unsupported("selects one feature inside attention heads")
+        d = parts[-1][1]
+        heads = int(np.prod(x.split[:-1]))
+        source = w.channels(x.space)
+        channels = [source[h * d + k] for h in range(heads) for k in indices]
+        return _split_space(w.new_view(channels), parts[:-1] + [(axis, len(indices))])
     order = np.take(np.arange(int(np.prod(x.split))).reshape(x.split), indices, axis=p).reshape(-1)
     space = x.space
     if len(order) != w.width(x) or np.any(order != np.arange(len(order))):
@@ -1378,6 +1453,8 @@ def _concat(w: _Walk, node):
     if any(ts is None for ts in spaced):
         raise _Unsupported("concatenates features with something else")
     on_axis = [ts.axis == axis for ts in spaced]
+    if any(ts.heads for ts in spaced):
+        return _concat_heads(w, node, spaced, axis)
     if not any(on_axis):
         return _elementwise(w, node)
     if not all(on_axis):
@@ -1400,6 +1477,25 @@ def _concat(w: _Walk, node):
     sid = w.new_space(sum(widths), identity=identity)
     w.parts[sid] = parts
     out = TensorSpace(sid, axis, expand)
+    w.set_space(node.output[0], out)
+    return "carrier", None, spaced[0], out
+
+
+def _concat_heads(w: _Walk, node, spaced: list, axis: int):
+    """Concat of tensors split alike into heads, along the features inside the heads, all pinned (RoPE's
+    rotate_half: cat(-x2, x1)): a view whose head h holds each input's features of head h in turn."""
+    outer = [_parts(ts)[:-1] for ts in spaced]
+    if not all(ts.heads and ts.axis == axis for ts in spaced) or any(o != outer[0] for o in outer):
+        raise _Unsupported("concatenates tensors split into attention heads other than along the features of "
+                           "each head")
+    if not all(_is_pinned(w, ts.space) for ts in spaced):
+        raise _Unsupported("concatenates features inside attention heads (not pinned by a rotary embedding)")
+    heads = int(np.prod([n for _, n in outer[0]]))
+    sources = [w.channels(ts.space) for ts in spaced]
+    sizes = [ts.split[-1] for ts in spaced]
+    channels = [sources[k][h * sizes[k] + f] for h in range(heads) for k in range(len(spaced))
+                for f in range(sizes[k])]
+    out = _split_space(w.new_view(channels), outer[0] + [(axis, sum(sizes))])
     w.set_space(node.output[0], out)
     return "carrier", None, spaced[0], out
 
@@ -1607,7 +1703,7 @@ del HANDLERS["Where"]
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # what may read a tensor split into attention heads (each handler follows the parts)
 HEAD_OPS = ("Transpose", "Reshape", "MatMul", "Mul", "Div", "Add", "Sub", "Squeeze", "Unsqueeze", "Slice", "Split",
-            "Gather", "Shape", "Size")
+            "Gather", "Shape", "Size", "Neg", "Concat", "Identity")
 
 
 def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
@@ -1950,17 +2046,24 @@ def trunk_nodes(analysis: Analysis, stop_at=None) -> set:
         k = 0 if stop_at == "input" else int(stop_at)
         limit = weighted[k] if k < len(weighted) else len(analysis.nodes)
     trunk = {i for i in range(limit) if i not in analysis.blocked}
-    # a channel shuffle is in the trunk whole or not at all: the tensors inside it hold the channels over two axes,
-    # which no unmerge into a branch can follow
+    # a channel shuffle or a tensor split into heads is in the trunk whole or not at all: such tensors hold the
+    # channels over several axes, which no unmerge into a branch can follow; and a node whose input is computed
+    # outside the trunk is outside it too (RoPE's halves of the queries, once the queries times cos are not)
+    graph = analysis.model.graph
     changed = True
     while changed:
         changed = False
         for i in sorted(trunk, reverse=True):
-            for name in analysis.model.graph.node[i].output:
+            for name in graph.node[i].output:
                 ts = analysis.tensor_spaces.get(name)
                 if ts is not None and ts.split and any(j not in trunk for j, _ in analysis.consumers.get(name, [])):
                     trunk.discard(i)
                     changed = True
+        for i in sorted(trunk):
+            if any(name in analysis.producer and analysis.producer[name][0] not in trunk
+                   for name in graph.node[i].input if name):
+                trunk.discard(i)
+                changed = True
     return trunk
 
 

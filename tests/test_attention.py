@@ -368,3 +368,75 @@ def test_constant_positions_a_token_mask_and_the_rmsnormalization_op_merge_exact
         got = run(res.model, x)
         for head in ("a", "b"):
             assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), (refit, head)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (Llama): queries and keys pinned in place
+# ---------------------------------------------------------------------------------------------------------------
+
+ROPES = ["llama_rope_dynamo", "llama_rope_ts"]
+
+
+def _rope_projections(an):
+    """(q, k, v) node indices per block of the Llama fixture: the 16-wide MatMuls reading an RMSNorm's output."""
+    graph = an.model.graph
+    out = [i for i in an.weighted if an.spaces[an.nodes[i].out_space.space].width == DIM
+           and graph.node[i].op_type == "MatMul" and "o" not in graph.node[i].input[1].split(".")[-2:-1]]
+    return out
+
+
+@pytest.mark.parametrize("name", ROPES)
+def test_rotary_embeddings_pin_queries_and_keys_and_nothing_else(name):
+    an = analyse(load(name))
+    assert not an.blocked_reasons.keys() - set(an.heads), [an.blocked_reasons[i] for i in an.blocked_reasons]
+    trunk = trunk_nodes(an)
+    assert [i for i in an.weighted if i not in trunk] == an.heads
+    pinned = [s for s in an.spaces.values() if not s.identity and not s.composite and s.view is None
+              and len(set(s.partition or [0])) == s.width]
+    # one q+k space per block, every feature its own block
+    assert len(pinned) == DEPTH and all(s.width == DIM for s in pinned)
+    for s in an.spaces.values():
+        if s.identity or s.composite or s.view is not None or s in pinned:
+            continue
+        # values: their heads; the residual stream and the MLPs: one block
+        assert len(set(s.partition or [0])) in (1, HEADS), (s.id, s.width, s.partition)
+
+
+@pytest.mark.parametrize("name", ROPES)
+def test_a_merge_of_unrelated_rope_models_keeps_queries_and_keys_in_place(name):
+    """Not twins (every weight of B perturbed): zip still pairs feature j of A's queries and keys with feature j of
+    B's, so the rotation by position commutes with the merge."""
+    a, b = load(name), load(name, "b")
+    rng = np.random.RandomState(1)
+    weights = {n.input[0 if n.op_type == "Gather" else 1] for n in b.graph.node if n.op_type in ("MatMul", "Gemm",
+                                                                                                  "Gather")}
+    for init in b.graph.initializer:  # the learned matrices; rotary frequencies and the mask stay the models' own
+        value = onnx.numpy_helper.to_array(init)
+        if init.name in weights and value.ndim == 2 and value.dtype == np.float32:
+            init.CopyFrom(onnx.numpy_helper.from_array(value + 0.3 * value.std() * rng.randn(*value.shape)
+                                                       .astype(np.float32), init.name))
+    x = np.random.RandomState(0).randint(0, 50, (256, 6)).astype(np.int64)
+    res = onnxzip.merge(a, b, {a.graph.input[0].name: x}, refit="none", repair=False)
+    assert not res.card["unmerged"] and not res.card["zipped_nothing"]
+    an = analyse(a)
+    pinned = {s.id for s in an.spaces.values() if not s.identity and not s.composite and s.view is None
+              and len(set(s.partition or [0])) == s.width}
+    assert len(pinned) == DEPTH
+    matchings = {s["space"]: s for s in res.card["spaces"]}
+    for sid in pinned:
+        card = matchings[sid]
+        assert card["cross_model_merges"] == card["width"] and card["within_model_merges"] == [0, 0]
+
+
+@pytest.mark.parametrize("name", ROPES)
+def test_rotary_tables_that_differ_leave_the_attention_unmerged_without_a_crash(name):
+    """Every constant of B perturbed, the rotary frequencies (and dynamo's mask) too: the nodes reading them are
+    left unmerged, and whatever reads the queries' halves with them (surgery once failed on a trunk node reading a
+    branch tensor)."""
+    a, b = load(name), load(name, "b")
+    F.perturb(b, 0.3, np.random.RandomState(1))
+    x = np.random.RandomState(0).randint(0, 50, (256, 6)).astype(np.int64)
+    res = onnxzip.merge(a, b, {a.graph.input[0].name: x})
+    assert res.card["unmerged"]
+    out = F.run(res.model, x[:16])
+    assert all(np.isfinite(v).all() for v in out.values())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import math
 import json
 import os
 import sys
@@ -670,6 +671,97 @@ class TinyBert(models_torch.Bert):
             state[f"{b}.proj.weight"] = state[f"{b}.proj.weight"].index_select(1, pv)
 
 
+def rotate_half(x):
+    """Hugging Face's rotate_half: cat(-x[..., d/2:], x[..., :d/2])."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, dim, heads, hidden):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = models_torch.RMSNorm(dim), models_torch.RMSNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        n, t, dim = x.shape
+        d = dim // self.heads
+        h = self.norm1(x)
+        q, k, v = (f(h).view(n, t, self.heads, d).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d) + mask
+        a = torch.softmax(scores, dim=-1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(n, t, dim))
+        h = self.norm2(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class TinyLlama(nn.Module):
+    """Llama-like decoder on int64 token ids (N, 6), vocabulary 50: word embedding, `depth` pre-norm blocks (RMSNorm
+    written out; q, k, v Linears without bias, 2 heads of 8; rotary position embeddings as Hugging Face writes them,
+    q·cos + rotate_half(q)·sin with cos and sin computed from the positions 0..T-1; causal mask added to the scores;
+    softmax attention written out; output projection; SwiGLU MLP 16-32-16: down(silu(gate(h)) · up(h))), final
+    RMSNorm, the mean over tokens, linear head."""
+
+    input_shape = (6,)
+    vocab, dim, heads, depth, hidden = 50, 16, 2, 2, 32
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.word = nn.Embedding(self.vocab, self.dim)
+        self.blocks = nn.ModuleList(LlamaBlock(self.dim, self.heads, self.hidden) for _ in range(self.depth))
+        self.norm = models_torch.RMSNorm(self.dim)
+        self.head = nn.Linear(self.dim, classes)
+        d = self.dim // self.heads
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)))
+
+    @property
+    def expected(self):
+        return (2 + 3 * self.depth,
+                "the residual stream (the embedding table, every o and down, tied by the residual Adds; the RMSNorms "
+                "carry it), per block: q+k (tied by q kᵀ, every feature pinned in place by the rotary embedding), v, "
+                "gate+up (tied by the Mul); the linear head")
+
+    def post_init(self, x):
+        g = torch.Generator().manual_seed(19)
+        with torch.no_grad():
+            self.word.weight.copy_(torch.randn(self.word.weight.shape, generator=g))
+            for m in self.modules():
+                if isinstance(m, models_torch.RMSNorm):
+                    m.weight.copy_(0.6 + 0.8 * torch.rand(m.weight.shape, generator=g))
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        positions = torch.arange(t, device=ids.device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        mask = torch.triu(torch.full((t, t), -1e4), diagonal=1)
+        x = self.word(ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return self.head(self.norm(x).mean(dim=1))
+
+    def spaces(self):
+        stream = [("word.weight", 1), ("norm.weight", 0), ("head.weight", 1)]
+        out = {}
+        for i in range(self.depth):
+            b = f"blocks.{i}"
+            stream += [(f"{b}.norm1.weight", 0), (f"{b}.norm2.weight", 0), (f"{b}.o.weight", 0),
+                       (f"{b}.down.weight", 0)] + [(f"{b}.{n}.weight", 1) for n in ("q", "k", "v", "gate", "up")]
+            out[f"{b}.mlp"] = (self.hidden, 1, [(f"{b}.gate.weight", 0), (f"{b}.up.weight", 0),
+                                                (f"{b}.down.weight", 1)])
+            # values and the output projection's input: permuted inside each head, heads in place (queries and keys
+            # stay as they are: the rotary embedding pins their features)
+            out[f"{b}.values"] = (self.dim, self.heads, [(f"{b}.v.weight", 0), (f"{b}.o.weight", 1)], "in place")
+        out["stream"] = (self.dim, 1, stream)
+        return out
+
+
 def random_inputs(cls, n: int, seed: int) -> np.ndarray:
     """n random inputs for architecture `cls`: token ids below cls.vocab (int64) for a model that reads them,
     standard normal float32 otherwise."""
@@ -1017,6 +1109,16 @@ FIXTURES = {
         pool=pool, norm=norm))
       for i, (norm, pool, how) in enumerate((n, p, h) for n, p in (("layer", "cls"), ("rms", "mean"))
                                             for h in ("ts", "dynamo"))},
+    **{f"llama_rope_{how}": (lambda out, how=how, i=i: torch_fixture(
+        out, f"llama_rope_{how}", TinyLlama, how, 40 + i,
+        "Llama-like decoder on int64 token ids: rotary position embeddings (q·cos + rotate_half(q)·sin: Slice of "
+        "each head's halves, Neg, Concat, Mul by cos and sin computed from the positions), causal mask, RMSNorm "
+        "written out, SwiGLU MLP; "
+        + {"ts": "TorchScript.", "dynamo": "dynamo."}[how]
+        + " The twin permutes the residual stream (the embedding table's channel axis with it), each MLP's hidden "
+          "features, and inside every head the values with the output projection's input; queries and keys stay "
+          "in place (the rotary embedding pins them)."))
+      for i, how in enumerate(("ts", "dynamo"))},
     "preproc": lambda out: torch_fixture(out, "preproc", PreprocCNN, "ts", 10,
                                          "Sub / Div of the input by per-channel constants (1, 3, 1, 1) before "
                                          "conv1."),
