@@ -1097,6 +1097,12 @@ def _reshape(w: _Walk, node):
         out = TensorSpace(x.space, a, 1, (int(out_shape[a]), int(out_shape[a + 1])))
         w.set_space(node.output[0], out)
         return "carrier", None, x, out
+    if x.expand == 1 and a == len(in_shape) - 1 and len(out_shape) >= 2 and out_shape[-1] == in_shape[-1]:
+        # channels last, and last again: the leading axes merge or split (Hugging Face's Conv1D in GPT-2,
+        # x.view(-1, C) before its addmm, and back); every entry keeps its channel
+        out = TensorSpace(x.space, len(out_shape) - 1)
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
     parts = _channel_split(x, in_shape, out_shape) if x.expand == 1 else None
     if parts is not None:
         # the channel axis split into heads (N, T, D) -> (N, T, H, d), or a packed projection into its parts and
@@ -1449,6 +1455,12 @@ def _concat(w: _Walk, node):
     _absorb_broadcast_constants(w, node)
     rank = w.rank(node.output[0])
     axis = w.attr(node, "axis") % rank
+    # inputs empty along the axis add nothing (a key/value cache with no past: cat([past, k], dim=-2))
+    names = [n for n in node.input if n and not (w.shape(n) is not None and w.shape(n)[axis] == 0)]
+    if len(names) == 1 and w.space_of(names[0]) is not None:
+        x = w.space_of(names[0])
+        w.set_space(node.output[0], x)
+        return "carrier", None, x, x
     spaced = [w.space_of(n) for n in node.input]
     if any(ts is None for ts in spaced):
         raise _Unsupported("concatenates features with something else")

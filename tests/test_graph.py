@@ -638,3 +638,58 @@ def test_transform_axis_follows_groups_matched_in_another_order():
     matrix[0, 2] = 1.0  # merged block 0 now also reads block 1
     with pytest.raises(ValueError, match="one to one"):
         transform_axis(weight, 1, 1, matrix, groups)
+
+
+def test_channels_last_reshapes_of_the_leading_axes_merge_exactly():
+    """Hugging Face's Conv1D (GPT-2) as TorchScript writes it at a fixed batch: x.view(-1, C) -> Gemm -> view back
+    (2, T, C'): the leading axes merge and split while the channels stay last."""
+    shape = lambda *d: np.array(d, dtype=np.int64)  # noqa: E731
+    nodes = [helper.make_node("Reshape", ["input", "flat"], ["x2"]),
+             helper.make_node("Gemm", ["x2", "fc1.w", "fc1.b"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Reshape", ["r", "back"], ["r3"]),
+             helper.make_node("ReduceMean", ["r3"], ["pooled"], axes=[1], keepdims=0),
+             helper.make_node("Gemm", ["pooled", "fc.w", "fc.b"], ["logits"], transB=1)]
+    w = {"flat": shape(-1, 8), "back": shape(2, 4, 16), "fc1.w": (RNG.randn(16, 8) / np.sqrt(8)).astype(np.float32),
+         "fc1.b": bias(16), "fc.w": (RNG.randn(5, 16) / 4).astype(np.float32), "fc.b": bias(5)}
+
+    def build(w):
+        x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 4, 8])
+        y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5])
+        inits = [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in w.items()]
+        model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 10
+        return model
+
+    p = perm(16)
+    a, b = build(w), build(dict(w, **{"fc1.w": w["fc1.w"][p], "fc1.b": w["fc1.b"][p], "fc.w": w["fc.w"][:, p]}))
+    x = RNG.randn(64, 4, 8).astype(np.float32)
+    want = np.concatenate([run(a, x[k:k + 2])[0] for k in range(0, 64, 2)])
+    res = onnxzip.merge(a, b, RNG.randn(256, 4, 8).astype(np.float32), method="zip", beta=0.0)
+    assert not res.card["unmerged"], res.card["unmerged"]
+    assert res.card["trunk"]["weighted_layers_zipped"] == 1
+    got = [np.concatenate([run(res.model, x[k:k + 2])[h] for k in range(0, 64, 2)]) for h in (0, 1)]
+    np.testing.assert_allclose(got[0], want, atol=1e-4)
+    np.testing.assert_allclose(got[1], want, atol=1e-4)
+
+
+def test_a_concat_of_one_tensor_carries_its_space():
+    """TorchScript writes a key/value cache with no past as a Concat of the keys alone (Hugging Face's Llama)."""
+    nodes = [helper.make_node("Flatten", ["input"], ["x"]),
+             helper.make_node("Gemm", ["x", "fc1.w", "fc1.b"], ["h"], transB=1),
+             helper.make_node("Concat", ["h"], ["c"], axis=1),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Gemm", ["r", "fc.w", "fc.b"], ["logits"], transB=1)]
+    w = {"fc1.w": (RNG.randn(16, 12) / np.sqrt(12)).astype(np.float32), "fc1.b": bias(16),
+         "fc.w": (RNG.randn(5, 16) / 4).astype(np.float32), "fc.b": bias(5)}
+    p = perm(16)
+    a = make(nodes, w, (12,), 5)
+    b = make(nodes, dict(w, **{"fc1.w": w["fc1.w"][p], "fc1.b": w["fc1.b"][p], "fc.w": w["fc.w"][:, p]}), (12,), 5)
+    x = RNG.randn(64, 12).astype(np.float32)
+    (want,) = run(a, x)
+    res = onnxzip.merge(a, b, RNG.randn(256, 12).astype(np.float32), method="zip", beta=0.0)
+    assert not res.card["unmerged"], res.card["unmerged"]
+    assert [s.width for s in learned_spaces(a)] == [16, 5]
+    for got in run(res.model, x):
+        np.testing.assert_allclose(got, want, atol=1e-4)

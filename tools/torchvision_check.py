@@ -9,7 +9,9 @@ most `--max-params` parameters, built with `num_classes=10` and random weights:
 2. `onnxzip inspect A B --json`: how many of the learned feature spaces outside the task heads are zipped by
    default;
 3. `onnxzip merge A A` (twins: the same model twice, defaults: zip, least-squares refit; `--twin-options` adds
-   options): the merged model's heads against A on the calibration samples (max relative error, both heads);
+   options): the merged model's heads against A on the calibration samples (max relative error, both heads). Where
+   that is not exact (1e-4) and ZipIt's beta merged features of one model with each other (lossy by design), the
+   twins are merged again with `--beta 0`, which must be exact;
 4. `onnxzip merge A B` (two initialisations, defaults: zip, least-squares refit): the outcome and the card's
    verification.
 
@@ -111,8 +113,10 @@ def run_onnx(path, x):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x}
-    return {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feed))}
+    first = sess.get_inputs()[0]
+    step = first.shape[0] if isinstance(first.shape[0], int) and first.shape[0] > 0 else len(x)  # a fixed batch
+    runs = [sess.run(None, {first.name: x[lo:lo + step]}) for lo in range(0, len(x), step)]
+    return {o.name: np.concatenate([r[k] for r in runs]) for k, o in enumerate(sess.get_outputs())}
 
 
 def exported_pair(tv, name, exporter, sizes, folder, log):
@@ -205,6 +209,18 @@ def merge_checks(row, folder, data, args):
     if outcome == "merged":
         row["twins"]["relative_error"] = twin_error(merged, a, data[:64])
         row["twins"]["exact"] = row["twins"]["relative_error"] <= TWIN_RTOL
+        with open(merged + ".json") as f:
+            row["twins"]["within_model_merges"] = sum(s["within_model_merges"][0]
+                                                      for s in json.load(f)["spaces"])
+        if not row["twins"]["exact"] and row["twins"]["within_model_merges"]:
+            # ZipIt's beta lets each model merge its own features (lossy by design); without them a twin pair
+            # must come back exactly
+            outcome, code, tail, seconds = onnxzip(["merge", a, a, "-o", merged, *common, *args.twin_options,
+                                                    "--beta", "0"], args.timeout)
+            row["twins_beta0"] = {"outcome": outcome, "exit": code, "seconds": seconds}
+            if outcome == "merged":
+                row["twins_beta0"]["relative_error"] = twin_error(merged, a, data[:64])
+                row["twins_beta0"]["exact"] = row["twins_beta0"]["relative_error"] <= TWIN_RTOL
     else:
         row["twins"]["error"] = tail
 
@@ -220,7 +236,8 @@ def merge_checks(row, folder, data, args):
         row["pair"]["unmerged"] = len(card["unmerged"])
     else:
         row["pair"]["error"] = tail
-    outcomes = [row["inspect"]["outcome"], row["twins"]["outcome"], row["pair"]["outcome"]]
+    outcomes = [row["inspect"]["outcome"], row["twins"]["outcome"], row["pair"]["outcome"],
+                row.get("twins_beta0", {}).get("outcome", "merged")]
     row["outcome"] = next((o for o in ("crash", "timeout", "refused") if o in outcomes), "merged")
 
 
@@ -261,10 +278,13 @@ def markdown(rows) -> str:
         zipped = f"{z['zipped']} / {z['of']}" if z else "-"
         twins, pair = r.get("twins", {}), r.get("pair", {})
         err = twins.get("relative_error")
+        err = "-" if err is None else f"{err:.1e}"
+        if "twins_beta0" in r and r["twins_beta0"].get("relative_error") is not None:
+            err += f" ({twins['within_model_merges']} same-model merges); β 0: {r['twins_beta0']['relative_error']:.1e}"
         head = max((h["relative_error"] for h in pair.get("verification", [])), default=None)
         outcome = r["outcome"] if r["outcome"] != "export failed" else "export failed (torch)"
         lines.append(f"| {r['model']} | {r['exporter']} | {r.get('size', '-')} | {outcome} | {zipped} | "
-                     f"{'-' if err is None else f'{err:.1e}'} | {'-' if head is None else f'{head:.3f}'} | "
+                     f"{err} | {'-' if head is None else f'{head:.3f}'} | "
                      f"{pair.get('seconds', '-')} |")
     return "\n".join(lines)
 
