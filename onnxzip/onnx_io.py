@@ -551,6 +551,10 @@ def inference_session(model: onnx.ModelProto, options, providers):
     return session
 
 
+# Mapped weights smaller than this go into a session's graph as ordinary initializers rather than shared arrays.
+SHARED_MIN_BYTES = 16 << 10
+
+
 def _mapped_session(model: onnx.ModelProto, options, providers):
     """A session whose mapped weights are the arrays themselves. onnxruntime copies initializers given by
     `add_external_initializers`, and packs a second copy of MatMul/Gemm weights unless prepacking is off; an
@@ -568,6 +572,11 @@ def _mapped_session(model: onnx.ModelProto, options, providers):
         stub = skeleton.graph.initializer.add()
         stub.CopyFrom(init)
         if not is_mapped(init):
+            continue
+        if _nbytes(init) < SHARED_MIN_BYTES:
+            # small: inline (nothing to save); onnxruntime 1.31 failed to broadcast ConvNeXt's (384, 1, 1) layer
+            # scale, read by nine blocks through Identity nodes, when it came through add_initializer
+            stub.CopyFrom(numpy_helper.from_array(np.array(tensor_array(init)), init.name))
             continue
         path, offset, length = _location(init)
         _set_location(stub, os.path.relpath(path, os.sep), offset, length)
