@@ -1552,7 +1552,7 @@ def _pad(w: _Walk, node):
     rank = w.rank(node.input[0])
     pads = w.attr(node, "pads")
     if pads is None and len(node.input) > 1:
-        value = w.const(node.input[1])
+        value = w.value(node.input[1])  # a constant, or computed from shapes (Swin's window padding)
         pads = None if value is None else value.tolist()
     if pads is None:
         raise _Unsupported("its pads are computed")

@@ -693,3 +693,31 @@ def test_a_concat_of_one_tensor_carries_its_space():
     assert [s.width for s in learned_spaces(a)] == [16, 5]
     for got in run(res.model, x):
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_pads_computed_from_shapes_carry_the_space():
+    """Swin's window padding: Pad whose pads TorchScript computes from the feature map's shape."""
+    ints = lambda *d: np.array(d, dtype=np.int64)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Shape", ["r1"], ["s"]),
+             helper.make_node("Slice", ["s", "two", "four"], ["hw"]),
+             helper.make_node("Div", ["hw", "hw"], ["one"]),
+             helper.make_node("Concat", ["zeros", "one", "zeros", "one"], ["pads"], axis=0),
+             helper.make_node("Pad", ["r1", "pads"], ["p1"]),
+             helper.make_node("Conv", ["p1", "c2.w", "c2.b"], ["c2"]),
+             helper.make_node("Relu", ["c2"], ["r2"])]
+    w = {"c1.w": conv_w(8, 3), "c1.b": bias(8), "two": ints(2), "four": ints(4), "zeros": ints(0, 0),
+         "c2.w": conv_w(6, 8), "c2.b": bias(6)}
+    head(nodes, w, "r2", 6)
+    p1, p2 = perm(8), perm(6)
+    twin = dict(w, **{"c1.w": w["c1.w"][p1], "c1.b": w["c1.b"][p1], "c2.w": w["c2.w"][p2][:, p1],
+                      "c2.b": w["c2.b"][p2], "fc.w": w["fc.w"][:, p2]})
+    a, b = make(nodes, w, (3, 8, 8), 5), make(nodes, twin, (3, 8, 8), 5)
+    assert len(learned_spaces(a)) == 3
+    x = RNG.randn(64, 3, 8, 8).astype(np.float32)
+    (want,) = run(a, x)
+    res = onnxzip.merge(a, b, RNG.randn(256, 3, 8, 8).astype(np.float32), method="permute")
+    assert not res.card["unmerged"], res.card["unmerged"]
+    for got in run(res.model, x):
+        np.testing.assert_allclose(got, want, atol=1e-4)
