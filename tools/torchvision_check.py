@@ -269,6 +269,23 @@ def summary_line(row):
             f"pair head err {'-' if head_err is None else f'{head_err:.3f}'}")
 
 
+def save_results(out, tool, argv, rows, samples, versions) -> dict:
+    """Write the rows so far (sorted by model and exporter) to `out`, atomically; the results."""
+    results = {
+        "command": f"python3 tools/{tool} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "versions": versions,
+        "samples": samples,
+        "twin_rtol": TWIN_RTOL,
+        "rows": sorted(rows.values(), key=lambda r: (r["model"], r["exporter"])),
+    }
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(out + ".tmp", out)
+    return results
+
+
 def markdown(rows) -> str:
     """The rows as a Markdown table (README, docs)."""
     lines = ["| model | exporter | input | outcome | spaces zipped by default | twins: rel. error | pair: head rel. "
@@ -338,18 +355,8 @@ def main(argv=None):
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows[(name, exporter)] = row
             log("  " + summary_line(row))
-            results = {
-                "command": "python3 tools/torchvision_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "date": datetime.date.today().isoformat(),
-                "versions": {"torch": torch.__version__, "torchvision": tv.__version__},
-                "samples": args.samples,
-                "twin_rtol": TWIN_RTOL,
-                "rows": sorted(rows.values(), key=lambda r: (r["model"], r["exporter"])),
-            }
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-            with open(args.out + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(args.out + ".tmp", args.out)
+            results = save_results(args.out, "torchvision_check.py", argv, rows, args.samples,
+                                   {"torch": torch.__version__, "torchvision": tv.__version__})
     for row in results.get("rows", []):
         print(summary_line(row))
     if args.markdown:

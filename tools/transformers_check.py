@@ -19,7 +19,6 @@ Writes `docs/results/transformers.json` (merged with what is there) and prints a
 """
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import sys
@@ -173,18 +172,8 @@ def main(argv=None):
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows[(name, exporter)] = row
             log("  " + tvc.summary_line(row))
-            results = {
-                "command": "python3 tools/transformers_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "date": datetime.date.today().isoformat(),
-                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-                "samples": args.samples,
-                "twin_rtol": tvc.TWIN_RTOL,
-                "rows": sorted(rows.values(), key=lambda r: (r["model"], r["exporter"])),
-            }
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-            with open(args.out + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(args.out + ".tmp", args.out)
+            results = tvc.save_results(args.out, "transformers_check.py", argv, rows, args.samples,
+                                       {"torch": torch.__version__, "transformers": transformers.__version__})
     for row in results.get("rows", []):
         print(tvc.summary_line(row))
 
