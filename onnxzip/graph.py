@@ -969,13 +969,11 @@ def _is_pinned(w: _Walk, sid: int) -> bool:
     for space in {w.find(sp) for sp, _ in w.channels(sid)}:
         if space in w.identity:
             continue
-        labels = [lab for sp, lab in w.partitions.items() if w.find(sp) == space]
-        if not labels:
-            return False
-        combined = labels[0]
-        for lab in labels[1:]:
-            combined = refine_partition(combined, lab)
-        if len(np.unique(combined)) != w.widths[space]:
+        combined = None
+        for sp, labels in w.partitions.items():
+            if w.find(sp) == space:
+                combined = refine_partition(combined, labels)
+        if combined is None or len(np.unique(combined)) != w.widths[space]:
             return False
     return True
 

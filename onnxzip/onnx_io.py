@@ -43,6 +43,8 @@ _IN_MEMORY_LOCATION = "onnxzip-in-memory"  # the external-data location written 
 MAPPED_THRESHOLD = 16 << 20
 # Float initializers of at least this many bytes are mapped; smaller ones (and shapes, indices) stay inline.
 MAPPED_MIN_BYTES = 1024
+# Mapped weights smaller than this go into a session's graph as ordinary initializers rather than shared arrays.
+SHARED_MIN_BYTES = 16 << 10
 # Tensors of at least this many bytes go to the data file when a model is saved with external data (onnx's rule).
 EXTERNAL_MIN_BYTES = 1024
 # Offsets in the files onnxzip writes: page-aligned for large tensors (np.memmap, onnxruntime map pages), 64 bytes
@@ -549,10 +551,6 @@ def inference_session(model: onnx.ModelProto, options, providers):
     session = ort.InferenceSession(skeleton.SerializeToString(), options, providers=providers)
     session._onnxzip_weights = (weights, values)  # the OrtValues share the arrays' memory: keep both alive
     return session
-
-
-# Mapped weights smaller than this go into a session's graph as ordinary initializers rather than shared arrays.
-SHARED_MIN_BYTES = 16 << 10
 
 
 def _mapped_session(model: onnx.ModelProto, options, providers):

@@ -910,12 +910,12 @@ def _solve_and_write(layer, layout, sums, model, plan, use_held) -> dict:
     err_cal = ss_cal = err_h = ss_h = 0.0
     grid = LAMBDA_GRID if use_held else (DEFAULT_LAMBDA,)
     for s, w0 in zip(sums, layout.matrices()):
-        gram, cross = _full(s.gram), s.cross
+        gram = _full(s.gram)
         h_gram = _full(s.h_gram) if use_held else None
         d = gram.shape[0]
         singular |= s.rows < d or _near_singular(gram)
         scale = max(float(np.trace(gram)) / d, 1e-300)  # the mean eigenvalue
-        w, rel, e_cal, e_h = _solve_in_blocks(s, w0, gram, h_gram, scale, grid, use_held)
+        w, rel, e_cal, e_h = _ridge_solve(s, w0, gram, h_gram, scale, grid, use_held)
         fitted.append(w)
         lambdas.append(rel)
         kept += rel is None
@@ -957,7 +957,7 @@ def _ridge_factor(gram: np.ndarray, lam: float):
         return None
 
 
-def _solve_in_blocks(s, w0, gram, h_gram, scale, grid, use_held) -> tuple:
+def _ridge_solve(s, w0, gram, h_gram, scale, grid, use_held) -> tuple:
     """Ridge fits W = (XᵀT + λW0ᵀ)ᵀ(XᵀX + λI)⁻¹ of one group for λ = rel · scale over `grid`; the one with the least
     error on the held-back samples is kept (the first of the least), or W0 where nothing beats it there.
 

@@ -142,14 +142,17 @@ def exported_pair(tv, name, exporter, sizes, folder, log):
     return None, error
 
 
-def onnxzip(args, timeout):
-    """Run the onnxzip CLI; (outcome, exit code, last stderr lines, seconds)."""
+def onnxzip(args, timeout, stdout=None):
+    """Run the onnxzip CLI; (outcome, exit code, last stderr lines, seconds). `stdout`: a list that gets its
+    standard output."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "onnxzip", *args], capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return "timeout", None, "", timeout
+    if stdout is not None:
+        stdout.append(proc.stdout)
     seconds = round(time.perf_counter() - t0, 1)
     err = proc.stderr.strip().splitlines()
     if proc.returncode == 0:
@@ -190,12 +193,11 @@ def merge_checks(row, folder, data, args):
     calib = os.path.join(folder, "calib.npy")
     np.save(calib, data)
 
-    outcome, code, tail, seconds = onnxzip(["inspect", "--json", a, b], args.timeout)
+    printed = []
+    outcome, code, tail, seconds = onnxzip(["inspect", "--json", a, b], args.timeout, printed)
     row["inspect"] = {"outcome": outcome, "exit": code, "seconds": seconds}
     if outcome == "merged":  # exit 0
-        proc = subprocess.run([sys.executable, "-m", "onnxzip", "inspect", "--json", a, b],
-                              capture_output=True, text=True, cwd=ROOT)
-        report = json.loads(proc.stdout)
+        report = json.loads(printed[0])
         row["spaces_zipped"] = report["a"]["spaces_zipped"]
         row["match"] = report["match"]["ok"]
     else:

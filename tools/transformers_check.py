@@ -58,21 +58,19 @@ def configs():
     }
 
 
-class _Logits:
-    """The model's logits only (a plain tensor output for the exporters)."""
+def logits_only(model):
+    """`model` as a module of `input_ids` returning a plain logits tensor (what the exporters want)."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
 
-        class Wrapped(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids).logits
 
-            def forward(self, input_ids):
-                return self.inner(input_ids=input_ids).logits
-
-        return Wrapped(model).eval()
+    return Logits(model).eval()
 
 
 def build(name, seed):
@@ -81,7 +79,7 @@ def build(name, seed):
     torch.manual_seed(seed)
     config = config_class(**kwargs)
     config._attn_implementation = "eager"  # the plain MatMul/Softmax/MatMul attention, as most exports carry
-    return _Logits(model_class(config).eval())
+    return logits_only(model_class(config).eval())
 
 
 def export(model, path, exporter, static=False):
@@ -98,7 +96,7 @@ def export(model, path, exporter, static=False):
                               dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
 
 
-def check(name, exporter, args, log):
+def check(name, exporter, args):
     import torch
     row = {"model": name, "exporter": exporter}
     with tempfile.TemporaryDirectory(prefix="hfcheck-") as folder:
@@ -166,7 +164,7 @@ def main(argv=None):
             log(f"{name} {exporter}")
             t0 = time.perf_counter()
             try:
-                row = check(name, exporter, args, log)
+                row = check(name, exporter, args)
             except Exception as e:  # the tool itself; recorded, never hidden
                 row = {"model": name, "exporter": exporter, "outcome": "tool error", "error": repr(e)[:300]}
             row["seconds"] = round(time.perf_counter() - t0, 1)
