@@ -34,7 +34,7 @@ import onnx
 from . import __version__
 from .calibration import (CalibrationData, FeatureRequest, SourceRun, StatsSampling, calibration_from_arrays,
                           input_specs, load_calibration, run_model, run_sources)
-from .errors import (CalibrationDataError, ModelError, OutputError, UnsupportedModelError, UsageError,
+from .errors import (CalibrationDataError, ModelError, OnnxzipError, OutputError, UnsupportedModelError, UsageError,
                      VerificationError)
 from .evaluate import count_macs, count_parameters
 from .graph import Analysis, analyse, match, stop_points, trunk_nodes, unsupported_report
@@ -881,8 +881,29 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
                            held=held if rows or outputs else None, outputs=outputs, seed=REFIT_SEED,
                            sampling=STATS_SAMPLING)
     except onnxruntime_errors() as exc:
-        raise CalibrationDataError(f"{samples.calib.path}: onnxruntime cannot run the models on the calibration "
-                                   f"data: {_first_line(exc)}") from exc
+        _blame_run_failure(sources, samples, opts, exc)
+
+
+def _blame_run_failure(sources: Sources, samples: Samples, opts: MergeOptions, exc: BaseException) -> None:
+    """Raise the error for an onnxruntime failure of the calibration pass, blaming what is at fault: a model
+    onnxruntime cannot load (ModelError), a model that fails on the first batch of the data by itself
+    (CalibrationDataError), or, when every model runs by itself, onnxzip's own copy of the models (OnnxzipError:
+    a bug or limit of onnxzip, not of the user's input)."""
+    from .calibration import make_session
+    first = next(samples.fit.batches(opts.batch_size))
+    for label, model in zip(sources.labels, sources.run_models):
+        try:
+            session = make_session(model, opts.device)
+        except onnxruntime_errors() as own:
+            raise ModelError(f"{label}: onnxruntime cannot load the model: {_first_line(own)}") from own
+        try:
+            session.run(None, {i.name: first[i.name] for i in session.get_inputs()})
+        except onnxruntime_errors() as own:
+            raise CalibrationDataError(f"{samples.calib.path}: onnxruntime cannot run {label} on the calibration "
+                                       f"data (first batch of {opts.batch_size}): {_first_line(own)}") from own
+    raise OnnxzipError(f"onnxruntime failed on onnxzip's instrumented copy of the models, although every model "
+                       f"runs on the calibration data by itself: {_first_line(exc)}. This is a bug or a limit of "
+                       f"onnxzip, not a fault of the models or the data: please report it (with -v)") from exc
 
 
 # Operators that compute across the channels of their input: more merged features than one model has (some features

@@ -234,3 +234,54 @@ def test_zipping_nothing_on_purpose_is_not_warned(caplog):
             card = onnxzip.merge(a, b, data, progress=False, strict=True, **kw).card
             assert card["zipped_nothing"] is True and "side by side" in card["zipped_nothing_reason"]
     assert not [r for r in caplog.records if "NOTHING" in r.getMessage()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# onnxruntime failing during calibration: blame the model, the data or onnxzip, whichever is at fault
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fixed_batch(model, batch):
+    """`model` (the MLP fixture) with its Flatten written as a Reshape to a fixed batch, as a tracer writes it."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    node = next(n for n in model.graph.node if n.op_type == "Flatten")
+    shape = onnx.numpy_helper.from_array(np.array([batch, 64], np.int64), "fixed_shape")
+    model.graph.initializer.append(shape)
+    node.op_type = "Reshape"
+    del node.attribute[:]
+    node.input.append("fixed_shape")
+    return model
+
+
+def test_a_model_that_fails_on_the_data_by_itself_is_blamed_with_the_data(dirs):
+    models, _, _ = dirs
+    (a, _), (b, _) = F.random_pair("mlp", seed=5)
+    a_path, b_path = models / "fixed_a.onnx", models / "fixed_b.onnx"
+    onnx.save(_fixed_batch(a, 2), a_path)
+    onnx.save(_fixed_batch(b, 2), b_path)
+    data = models / "fixed_calib.npy"
+    np.save(data, F.calib(a, n=40))
+    msg = expect_error(CalibrationDataError, dirs, str(a_path), str(b_path), str(data), batch_size=8)
+    assert str(a_path) in msg and "first batch of 8" in msg, msg
+    # at the batch the model was written for, the same models merge
+    onnxzip.merge(str(a_path), str(b_path), str(data), output=dirs[1] / "fixed.onnx", batch_size=2,
+                  progress=False)
+
+
+def test_a_failure_of_onnxzips_own_copy_of_the_models_is_not_blamed_on_the_data(dirs, monkeypatch):
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    import onnxzip.pipeline as pipeline
+
+    def fail(*args, **kwargs):
+        raise state.Fail("[ONNXRuntimeError] : 1 : FAIL : a kernel onnxzip's copy does not like")
+
+    monkeypatch.setattr(pipeline, "run_sources", fail)
+    models, _, _ = dirs
+    (a, _), (b, _) = F.random_pair("mlp", seed=6)
+    onnx.save(a, models / "own_a.onnx")
+    onnx.save(b, models / "own_b.onnx")
+    data = models / "own_calib.npy"
+    np.save(data, F.calib(a, n=40))
+    msg = expect_error(OnnxzipError, dirs, str(models / "own_a.onnx"), str(models / "own_b.onnx"), str(data))
+    assert "instrumented copy" in msg and "not a fault of the models or the data" in msg, msg
+    assert "does not like" in msg
