@@ -473,7 +473,7 @@ def _similarity(stats) -> np.ndarray:
         size = np.maximum(np.maximum(np.abs(mean)[:, None], np.abs(mean)[None, :]), scale)
         same = np.abs(mean[:, None] - mean[None, :]) <= 1e-6 * size
         corr[np.ix_(constant, constant)] = np.where(same, 1.0, corr[np.ix_(constant, constant)])
-    return np.round(corr, CORRELATION_DECIMALS)
+    return np.round(corr, CORRELATION_DECIMALS, out=corr)
 
 
 def _rename_inputs(model: onnx.ModelProto, mapping: dict) -> onnx.ModelProto:
@@ -597,7 +597,7 @@ def _merge(models: list, data, output, opts: MergeOptions, logger, times: dict, 
     # 3. matching, surgery, repair or refit (per configuration to try, under a budget)
     if budget_report is None:
         stop, w = plans[0]
-        zipped = zip_models(sources, samples, trunks[stop], w, run, opts, logger, times)
+        zipped = zip_models(sources, samples, trunks[stop], w, run, opts, logger, times, last=True)
     else:
         zipped = _choose_under_budget(sources, samples, plans, trunks, run, opts, logger, times, budget_report)
         nothing_zipped = _nothing_zipped(sources, opts, zipped.plan.trunk, logger)
@@ -963,14 +963,35 @@ def _contiguous_blocks(a: Analysis, sid: int) -> int | None:
     return groups
 
 
-def _block_orders(a: Analysis, trunk: set, correlations: dict, n: int) -> dict:
+class _Correlations:
+    """The similarity matrices of a run's spaces (`_similarity`), made on first use; `pop` hands one over and
+    forgets it, so that only the spaces in use are held."""
+
+    def __init__(self, run: SourceRun, keys: dict):
+        self.run, self.keys, self.made = run, keys, {}
+
+    def __contains__(self, sid) -> bool:
+        return sid in self.keys
+
+    def __getitem__(self, sid) -> np.ndarray:
+        if sid not in self.made:
+            self.made[sid] = _similarity(self.run.stats[self.keys[sid]])
+        return self.made[sid]
+
+    def pop(self, sid) -> np.ndarray:
+        corr = self[sid]
+        del self.made[sid]
+        return corr
+
+
+def _block_orders(a: Analysis, trunk: set, correlations: _Correlations | None, n: int) -> dict:
     """Per space of a grouped layer's family (graph.BlockFamily) that may move: the order in which every model's
     groups are matched to model 0's (solver.match_blocks, from the family's summed block scores), the same for every
     space of the family. Only with correlations (zip, permute), and where the family's spaces are all zipped and its
     grouped layers all in the trunk (a grouped layer after the trunk reads its blocks in place)."""
     orders = {}
     for family in a.block_families:
-        if not correlations or not family.movable or not set(family.spaces) <= set(correlations) \
+        if correlations is None or not family.movable or not all(sid in correlations for sid in family.spaces) \
                 or not set(family.layers) <= trunk:
             continue
         order = match_blocks([(correlations[sid], a.spaces[sid].width) for sid in family.spaces], family.blocks, n)
@@ -991,24 +1012,29 @@ class Zipped:
 
 
 def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run: SourceRun, opts: MergeOptions,
-               logger, times: dict) -> Zipped:
-    """Matching, surgery, and then the statistics repair or the least-squares refit, for one trunk and width."""
+               logger, times: dict, last: bool = False) -> Zipped:
+    """Matching, surgery, and then the statistics repair or the least-squares refit, for one trunk and width.
+    `last`: no other configuration will be zipped from `run`, so each space's statistics are dropped from it once
+    the space is solved (the repair and the refit then run without them)."""
     a, n = sources.a, sources.num_models
     t = time.perf_counter()
     plan = ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names)
     spaces = zipped_spaces(a, trunk)
     points = merge_points(a, trunk)
     fixed = fixed_width_spaces(a) if width != 1.0 else {}
-    correlations = {sid: _similarity(run.stats[_space_key(sid, points[sid])]) for sid in spaces} \
-        if opts.method in ("zip", "permute") else {}
+    # Each space's (N·F)² correlation is made when its space is solved and dropped after (those a grouped layer's
+    # block order needs, when that is found): a ViT-B/16 pair's 25 spaces would hold 5.4 GB of them at once.
+    correlations = _Correlations(run, {sid: _space_key(sid, points[sid]) for sid in spaces}) \
+        if opts.method in ("zip", "permute") else None
     orders = _block_orders(a, trunk, correlations, n)
     card_spaces = []
     for sid in spaces:
         f = a.spaces[sid].width
         target = merged_width(a, sid, width, fixed)
         key = _space_key(sid, points[sid])
-        matching = solve_blocks(opts.method, correlations.get(sid), f, a.spaces[sid].partition or 1, n, opts.alpha,
-                                opts.beta, target_width=None if target == f else target, alike=a.spaces[sid].alike,
+        matching = solve_blocks(opts.method, correlations.pop(sid) if correlations is not None else None, f,
+                                a.spaces[sid].partition or 1, n, opts.alpha, opts.beta,
+                                target_width=None if target == f else target, alike=a.spaces[sid].alike,
                                 block_order=orders.get(sid))
         plan.matchings[sid] = matching
         entry = {"space": sid, "width": f, "blocks": a.spaces[sid].blocks, "merge_points": list(points[sid])}
@@ -1020,6 +1046,8 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run
             entry["merged_width"] = f
             entry["width_kept_because"] = fixed.get(sid, "its blocks are not contiguous and equal")
         samples_seen = int(run.stats[key].count)
+        if last:
+            del run.stats[key]
         # The N·F x N·F correlation of a space of width F needs more than N·F samples to be of full rank.
         thin = samples_seen < n * f
         if thin:

@@ -649,6 +649,7 @@ def _kept_target_rows(plan: ZipPlan, layer: RefitLayer, run: SourceRun, fraction
     """Per batch, a layer's target rows (float32) from the rows the calibration pass kept (at a share of rows at
     least `fraction`: the layer's rows are among them, `subset_of_rows` says where)."""
     out = []
+    merges = list(plan.matching(layer.space.space).merge) if layer.model is None else None
     for lo, count, arrays in run.rows[layer.rows_key][held]:
         pick = subset_of_rows(layer.rows_key, held, lo, count, run.fractions[layer.rows_key], fraction, run.seed)
         if layer.model is not None:
@@ -656,7 +657,7 @@ def _kept_target_rows(plan: ZipPlan, layer: RefitLayer, run: SourceRun, fraction
             continue
         total = None
         for m, z in enumerate(arrays):
-            z = z[pick].astype(np.float64) @ plan.matching(layer.space.space).merge[m].T
+            z = z[pick].astype(np.float64) @ merges[m].T
             total = z if total is None else total + z
         out.append(total.astype(np.float32))
     return out

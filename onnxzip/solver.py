@@ -25,43 +25,84 @@ import numpy as np
 METHODS = ("zip", "permute", "average")
 
 
+class PerModel:
+    """A matching's merge or unmerge matrices, one per model, made when asked for (`Matching.merge`): a matching
+    keeps only its partition, as dense matrices of a wide space take hundreds of MB (a 3072-wide pair: 288 MiB)."""
+
+    def __init__(self, matching: "Matching", unmerge: bool):
+        self._matching, self._unmerge = matching, unmerge
+
+    def __len__(self) -> int:
+        return self._matching.num_models
+
+    def __getitem__(self, m: int) -> np.ndarray:
+        if not -len(self) <= m < len(self):
+            raise IndexError(f"model index {m} out of range for a matching of {len(self)} models")
+        m = m % len(self)
+        return self._matching.unmerge_matrix(m) if self._unmerge else self._matching.merge_matrix(m)
+
+    def __iter__(self):
+        return (self[m] for m in range(len(self)))
+
+
 @dataclass
 class Matching:
-    """The result of matching one feature space of N models.
+    """The result of matching one feature space of N models: a partition of the N·F stacked features into F_out
+    clusters, and what the matcher did.
 
     Attributes
     ----------
-    merge: per model, the F_out × F merge matrix M_m (rows of the stacked [M_0 | M_1 | ...] sum to 1).
-    unmerge: per model, the F × F_out unmerge matrix U_m (0/1, a single 1 per row).
     clusters: (N·F,) int, the cluster in [0, F_out) of each stacked feature, model-major order.
+    num_models: N.
+    merged_width: F_out, the number of merged features.
     cross_merges: merges of two clusters that had no model in common.
     within_merges: per model, merges of two clusters that both held a feature of that model (same-model merges).
     mean_merge_correlation: mean similarity of the merged pairs at the time they were merged (for zip this
         includes the alpha discount of earlier merges); nan when nothing was merged or no correlation was given.
     forced_merges: zip only: merges made after every pair allowed by alpha/beta was used up (see `zip_match`).
+
+    `merge[m]` is model m's F_out × F merge matrix M_m (rows of the stacked [M_0 | M_1 | ...] sum to 1: each merged
+    feature averages its members), `unmerge[m]` its F × F_out unmerge matrix U_m (0/1, a single 1 per row); both
+    are made from the partition when asked for.
     """
 
-    merge: list[np.ndarray]
-    unmerge: list[np.ndarray]
     clusters: np.ndarray
+    num_models: int
+    merged_width: int
     cross_merges: int
     within_merges: list[int]
     mean_merge_correlation: float
     forced_merges: int = 0
 
     @property
-    def num_models(self) -> int:
-        return len(self.merge)
-
-    @property
     def width(self) -> int:
         """F, the number of features per model."""
-        return self.merge[0].shape[1]
+        return self.clusters.shape[0] // self.num_models
 
     @property
-    def merged_width(self) -> int:
-        """F_out, the number of merged features."""
-        return self.merge[0].shape[0]
+    def merge(self) -> PerModel:
+        return PerModel(self, unmerge=False)
+
+    @property
+    def unmerge(self) -> PerModel:
+        return PerModel(self, unmerge=True)
+
+    def sizes(self) -> np.ndarray:
+        """(F_out,) float64: the number of stacked features in each cluster."""
+        return np.bincount(self.clusters, minlength=self.merged_width).astype(np.float64)
+
+    def merge_matrix(self, m: int) -> np.ndarray:
+        """Model m's F_out × F merge matrix: 1 / (its cluster's size) where feature j joins cluster k, else 0."""
+        index = self.unmerge_index(m)
+        out = np.zeros((self.merged_width, self.width), dtype=np.float64)
+        out[index, np.arange(self.width)] = 1.0 / self.sizes()[index]
+        return out
+
+    def unmerge_matrix(self, m: int) -> np.ndarray:
+        """Model m's F × F_out unmerge (copy) matrix."""
+        out = np.zeros((self.width, self.merged_width), dtype=np.float64)
+        out[np.arange(self.width), self.unmerge_index(m)] = 1.0
+        return out
 
     def unmerge_index(self, m: int) -> np.ndarray:
         """(F,) int: the cluster of each of model m's features. ``unmerge[m]`` is the 0/1 copy matrix whose row k
@@ -80,25 +121,21 @@ def matching_from_clusters(
     mean_merge_correlation: float = float("nan"),
     forced_merges: int = 0,
 ) -> Matching:
-    """Build the merge/unmerge matrices of a partition (ZIPIT.md step 4). ``clusters`` is the cluster index of
-    each stacked feature; every cluster in [0, merged_width) must be non-empty."""
+    """The matching of a partition (ZIPIT.md step 4). ``clusters`` is the cluster index of each stacked feature;
+    every cluster in [0, merged_width) must be non-empty."""
     clusters = np.asarray(clusters, dtype=np.int64)
     total = clusters.shape[0]
     if clusters.ndim != 1 or total % num_models:
         raise ValueError(f"clusters must be a 1-D array of num_models·F entries, got shape {clusters.shape}")
     if total and (clusters.min() < 0 or clusters.max() >= merged_width):
         raise ValueError(f"cluster indices must lie in [0, {merged_width})")
-    width = total // num_models
-    membership = np.zeros((total, merged_width), dtype=np.float64)
-    membership[np.arange(total), clusters] = 1.0
-    sizes = membership.sum(axis=0)
-    if np.any(sizes == 0):
-        raise ValueError(f"{int(np.sum(sizes == 0))} cluster(s) have no member")
-    merge = (membership / sizes).T  # F_out × N·F: each merged feature averages its members
+    empty = int(np.sum(np.bincount(clusters, minlength=merged_width) == 0))
+    if empty:
+        raise ValueError(f"{empty} cluster(s) have no member")
     return Matching(
-        merge=[np.ascontiguousarray(merge[:, m * width:(m + 1) * width]) for m in range(num_models)],
-        unmerge=[membership[m * width:(m + 1) * width].copy() for m in range(num_models)],
         clusters=clusters.copy(),
+        num_models=int(num_models),
+        merged_width=int(merged_width),
         cross_merges=int(cross_merges),
         within_merges=list(within_merges) if within_merges is not None else [0] * num_models,
         mean_merge_correlation=float(mean_merge_correlation),
@@ -350,6 +387,10 @@ def _check_num_models(num_models: int) -> int:
     return int(num_models)
 
 
+# Rows of a stacked correlation matrix checked at a time.
+_ROWS_PER_BAND = 256
+
+
 def _check_corr(corr: np.ndarray, num_models: int, width: int | None = None) -> np.ndarray:
     """Validate a stacked correlation matrix; return it as a float64, exactly symmetric copy."""
     c = np.asarray(corr, dtype=np.float64)
@@ -362,14 +403,23 @@ def _check_corr(corr: np.ndarray, num_models: int, width: int | None = None) -> 
         )
     if c.shape[0] == 0 or c.shape[0] % num_models:
         raise ValueError(f"correlation matrix size {c.shape[0]} is not a positive multiple of {num_models} models")
-    bad = c.size - int(np.count_nonzero(np.isfinite(c)))
+    # in bands of rows: one more matrix, not four (a 6144-wide stacked space is 288 MiB a matrix)
+    out = np.empty_like(c)
+    bad, asym, largest = 0, 0.0, 0.0
+    for lo in range(0, c.shape[0], _ROWS_PER_BAND):
+        rows, cols = c[lo:lo + _ROWS_PER_BAND], c[:, lo:lo + _ROWS_PER_BAND].T
+        bad += rows.size - int(np.count_nonzero(np.isfinite(rows)))
+        if not bad:
+            asym = max(asym, float(np.max(np.abs(rows - cols))))
+            largest = max(largest, float(np.max(np.abs(rows))))
+            np.add(rows, cols, out=out[lo:lo + _ROWS_PER_BAND])
     if bad:
         raise ValueError(f"correlation matrix has {bad} non-finite value(s)")
-    asym = float(np.max(np.abs(c - c.T)))
-    if asym > 1e-6 * max(1.0, float(np.max(np.abs(c)))):
+    if asym > 1e-6 * max(1.0, largest):
         raise ValueError(f"correlation matrix is not symmetric (max |C - Cᵀ| = {asym:.3g})")
     # Exact symmetry keeps the greedy matcher's row and column updates consistent.
-    return 0.5 * (c + c.T)
+    out *= 0.5
+    return out
 
 
 def zip_match(

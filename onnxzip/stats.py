@@ -21,6 +21,8 @@ import numpy as np
 # A feature whose variance is below this fraction of its second moment E[x²] carries no more than rounding noise,
 # so `correlation` treats it as constant instead of dividing noise by noise.
 _RELATIVE_VARIANCE_FLOOR = 1e-10
+# Rows of a D×D matrix worked on at a time where a whole temporary would double the memory.
+_ROWS_PER_CHUNK = 256
 
 
 class FeatureStats:
@@ -146,10 +148,7 @@ class FeatureStats:
         """(D, D) population covariance, symmetric, diagonal clipped at 0."""
         self._require_full("covariance")
         self._require_samples()
-        cov = self.m2 / self.count
-        cov = 0.5 * (cov + cov.T)  # exact symmetry, whatever order the BLAS summed in
-        np.fill_diagonal(cov, np.maximum(np.diag(cov), 0.0))
-        return cov
+        return self._symmetric_covariance()  # exact symmetry, whatever order the BLAS summed in
 
     def constant(self, var: np.ndarray | None = None) -> np.ndarray:
         """(D,) bool: the features `correlation` treats as constant (variance zero or below 1e-10 of E[x²])."""
@@ -166,13 +165,29 @@ class FeatureStats:
         A constant feature has correlation 0 with every other feature and 1 with itself, so the result is always
         finite, symmetric, in [-1, 1] with a unit diagonal.
         """
-        cov = self.covariance()
-        var = np.diag(cov).copy()
+        # One D×D array besides the co-moment at any time, worked on in place (a 6144-wide space is 288 MiB an
+        # array): the values are those of covariance() / outer(std, std), bit for bit.
+        corr = self._symmetric_covariance()
+        var = np.diag(corr).copy()
         constant = self.constant(var)
         std = np.sqrt(np.where(constant, 1.0, var))
-        corr = cov / np.outer(std, std)
+        for lo in range(0, self.width, _ROWS_PER_CHUNK):
+            corr[lo:lo + _ROWS_PER_CHUNK] /= np.outer(std[lo:lo + _ROWS_PER_CHUNK], std)
         corr[constant, :] = 0.0
         corr[:, constant] = 0.0
-        corr = np.clip(0.5 * (corr + corr.T), -1.0, 1.0)
+        # exactly symmetric already (a symmetric covariance over a symmetric outer product): no second average
+        np.clip(corr, -1.0, 1.0, out=corr)
         np.fill_diagonal(corr, 1.0)
         return corr
+
+    def _symmetric_covariance(self) -> np.ndarray:
+        """covariance() with one D×D temporary: (m2/n + (m2/n)ᵀ) / 2, the diagonal clipped at 0."""
+        self._require_full("covariance")
+        self._require_samples()
+        cov = np.empty_like(self.m2)
+        for lo in range(0, self.width, _ROWS_PER_CHUNK):
+            hi = min(lo + _ROWS_PER_CHUNK, self.width)
+            np.add(self.m2[lo:hi] / self.count, self.m2[:, lo:hi].T / self.count, out=cov[lo:hi])
+        cov *= 0.5
+        np.fill_diagonal(cov, np.maximum(np.diag(cov), 0.0))
+        return cov
