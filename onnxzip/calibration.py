@@ -506,6 +506,7 @@ class FeatureRequest:
     axis: int
     expand: int = 1
     full: bool = True
+    number: int | None = None  # seeds its rows' subsample (default: its position in the list run_sources gets)
 
 
 @dataclass
@@ -754,7 +755,7 @@ def _add_features(stats, width_of, full_by_key, fractions, j, request, values, l
             positions = count / max(samples, 1)
             fractions[j] = sampling.fraction(channels * len(views), int(positions * num_samples))
         if fractions[j] < 1.0:
-            key = zlib.crc32(f"{request.key}#{j}".encode())
+            key = zlib.crc32(f"{request.key}#{j if request.number is None else request.number}".encode())
             chosen = select_rows(key, False, lo, count, fractions[j], sampling.seed)
     # float32 and float64 features are taken as they are (FeatureStats multiplies float32 in float32)
     blocks = [as_rows(v, ax, chosen) for v, ax in views]

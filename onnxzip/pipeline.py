@@ -76,6 +76,10 @@ CARD_DIGITS = 6
 STATS_SAMPLING = StatsSampling()
 # Seeds the rows the refit draws (--seed only picks the calibration samples).
 REFIT_SEED = 0
+# The feature statistics held at once at most (each space's (N·F)² float64 co-moment): beyond it the spaces are
+# calibrated in groups, one pass of the sources each, and each group solved before the next (`_source_pass`). A
+# ViT-B/16 pair's 25 spaces take 5.4 GB: three passes.
+STATS_BYTES = 2 << 30
 
 
 @dataclass
@@ -590,16 +594,25 @@ def _merge(models: list, data, output, opts: MergeOptions, logger, times: dict, 
 
     # 2. one pass of every model over the samples: statistics (for every trunk to try), the refit's targets and
     # verification's references
-    t = time.perf_counter()
-    run = _source_pass(sources, samples, list(trunks.values()), [w for _, w in plans], opts, logger)
-    times["calibrate"] = time.perf_counter() - t
+    # 3. matching (of each group of spaces as soon as its statistics are in), surgery, repair or refit (per
+    # configuration to try, under a budget)
+    solved = {plan: {} for plan in plans}
 
-    # 3. matching, surgery, repair or refit (per configuration to try, under a budget)
+    def solve(stats):
+        t_solve = time.perf_counter()
+        for stop, w in plans:
+            solved[(stop, w)].update(solve_spaces(sources, trunks[stop], w, stats, opts, logger))
+        times["solve"] = times.get("solve", 0.0) + time.perf_counter() - t_solve
+
+    t = time.perf_counter()
+    run = _source_pass(sources, samples, list(trunks.values()), [w for _, w in plans], opts, logger, solve)
+    times["calibrate"] = time.perf_counter() - t - times.get("solve", 0.0)
     if budget_report is None:
         stop, w = plans[0]
-        zipped = zip_models(sources, samples, trunks[stop], w, run, opts, logger, times, last=True)
+        zipped = zip_models(sources, samples, trunks[stop], w, run, opts, logger, times, solved[plans[0]])
     else:
-        zipped = _choose_under_budget(sources, samples, plans, trunks, run, opts, logger, times, budget_report)
+        zipped = _choose_under_budget(sources, samples, plans, trunks, run, opts, logger, times, budget_report,
+                                      solved)
         nothing_zipped = _nothing_zipped(sources, opts, zipped.plan.trunk, logger)
     merged = zipped.surgery.model
 
@@ -839,17 +852,22 @@ def _space_key(sid: int, points: list) -> str:
 
 
 def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list, opts: MergeOptions,
-                 logger) -> SourceRun:
+                 logger, solve) -> SourceRun:
     """One onnxruntime pass of every model over the calibration samples and then the held-back ones: the
     correlation statistics of every feature space zipped in any of `trunks` (at its merge points there), the rows
-    of the refit's targets, and every model's outputs on the held-back samples (verification's references)."""
+    of the refit's targets, and every model's outputs on the held-back samples (verification's references).
+
+    `solve(stats)` turns statistics into matchings; the statistics are dropped after it (the run returned holds
+    none). Where every space's statistics would take more than STATS_BYTES, the spaces are calibrated in groups
+    that fit, one pass of the calibration samples each (the first also keeps the rows and outputs), and each group
+    is solved before the next pass, so that the statistics held at once stay within the bound."""
     a = sources.a
-    requests, spaces = {}, set()
+    requests, spaces = {}, {}
     for trunk in trunks:
         points = merge_points(a, trunk)
         for sid in zipped_spaces(a, trunk):
-            spaces.add(sid)
             key = _space_key(sid, points[sid])
+            spaces[key] = sid
             if key in requests:
                 continue
             for name in points[sid]:
@@ -865,21 +883,58 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
         rows = target_row_requests(plans, samples.fit.num_samples, held.num_samples if held is not None else 0,
                                    max(widths))
     outputs = held is not None and (opts.verify or opts.budget is not None)
-    logger.info("calibrating on %d samples (%d feature spaces)%s", samples.fit.num_samples, len(spaces),
+    # numbered in one list, as a single pass takes them: the same rows are sampled whatever the grouping
+    for number, request in enumerate(r for rs in requests.values() for r in rs):
+        request.number = number
+    groups = stats_groups(a, spaces, sources.num_models, STATS_BYTES)
+    logger.info("calibrating on %d samples (%d feature spaces%s)%s", samples.fit.num_samples,
+                len(set(spaces.values())), f", in {len(groups)} passes: their statistics would take more than "
+                f"{STATS_BYTES / 2**30:g} GiB at once" if len(groups) > 1 else "",
                 f", then {held.num_samples} held back" if held is not None and (rows or outputs) else "")
-    flat = [r for rs in requests.values() for r in rs]
+    kept = None
+    for g, keys in enumerate(groups):
+        first = g == 0
+        run = _calibrate(sources, samples, [r for key in keys for r in requests[key]], opts,
+                         rows if first else [], held if first and (rows or outputs) else None, outputs and first,
+                         "calibrating" if len(groups) == 1 else f"calibrating ({g + 1}/{len(groups)})", logger)
+        kept = run if first else kept
+        solve(run.stats)
+        run.stats = {}
+    return kept
+
+
+def stats_groups(a: Analysis, spaces: dict, num_models: int, budget: int) -> list:
+    """The statistics keys (`spaces`: key -> space id) in groups whose co-moments ((N·F)² float64 each) take at
+    most `budget` bytes together, in order; a key larger than the budget is a group of its own, and the spaces of
+    a grouped layers' family (whose blocks are matched together) share a group."""
+    family = {sid: k for k, f in enumerate(a.block_families) for sid in f.spaces}
+    units = {}
+    for key, sid in spaces.items():
+        units.setdefault(("family", family[sid]) if sid in family else key, []).append(key)
+    groups, size = [], 0
+    for keys in units.values():
+        nbytes = sum((num_models * a.spaces[spaces[key]].width) ** 2 * 8 for key in keys)
+        if not groups or size + nbytes > budget:
+            groups.append([])
+            size = 0
+        groups[-1].extend(keys)
+        size += nbytes
+    return groups
+
+
+def _calibrate(sources: Sources, samples: Samples, requests: list, opts: MergeOptions, rows: list, held,
+               outputs: bool, desc: str, logger) -> SourceRun:
+    """One pass of the sources (`calibration.run_sources`, or sharded over Ray workers)."""
     try:
         if opts.ray is not None:
             from .distributed import run_sources_sharded
 
-            return run_sources_sharded(opts.ray, opts.ray_workers, sources.run_models, flat, samples.fit,
-                                       opts.batch_size, opts.device, rows=rows, held=held if rows or outputs
-                                       else None, outputs=outputs, seed=REFIT_SEED, sampling=STATS_SAMPLING,
-                                       logger=logger)
-        return run_sources(sources.run_models, flat, samples.fit, opts.batch_size, opts.device,
-                           progress=opts.progress, desc="calibrating", rows=rows,
-                           held=held if rows or outputs else None, outputs=outputs, seed=REFIT_SEED,
-                           sampling=STATS_SAMPLING)
+            return run_sources_sharded(opts.ray, opts.ray_workers, sources.run_models, requests, samples.fit,
+                                       opts.batch_size, opts.device, rows=rows, held=held, outputs=outputs,
+                                       seed=REFIT_SEED, sampling=STATS_SAMPLING, logger=logger)
+        return run_sources(sources.run_models, requests, samples.fit, opts.batch_size, opts.device,
+                           progress=opts.progress, desc=desc, rows=rows, held=held, outputs=outputs,
+                           seed=REFIT_SEED, sampling=STATS_SAMPLING)
     except onnxruntime_errors() as exc:
         _blame_run_failure(sources, samples, opts, exc)
 
@@ -964,18 +1019,18 @@ def _contiguous_blocks(a: Analysis, sid: int) -> int | None:
 
 
 class _Correlations:
-    """The similarity matrices of a run's spaces (`_similarity`), made on first use; `pop` hands one over and
-    forgets it, so that only the spaces in use are held."""
+    """The similarity matrices of spaces (`_similarity` of their statistics, `keys`: space id -> key of `stats`),
+    made on first use; `pop` hands one over and forgets it, so that only the spaces in use are held."""
 
-    def __init__(self, run: SourceRun, keys: dict):
-        self.run, self.keys, self.made = run, keys, {}
+    def __init__(self, stats: dict, keys: dict):
+        self.stats, self.keys, self.made = stats, keys, {}
 
     def __contains__(self, sid) -> bool:
         return sid in self.keys
 
     def __getitem__(self, sid) -> np.ndarray:
         if sid not in self.made:
-            self.made[sid] = _similarity(self.run.stats[self.keys[sid]])
+            self.made[sid] = _similarity(self.stats[self.keys[sid]])
         return self.made[sid]
 
     def pop(self, sid) -> np.ndarray:
@@ -1011,32 +1066,26 @@ class Zipped:
     refit: dict
 
 
-def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run: SourceRun, opts: MergeOptions,
-               logger, times: dict, last: bool = False) -> Zipped:
-    """Matching, surgery, and then the statistics repair or the least-squares refit, for one trunk and width.
-    `last`: no other configuration will be zipped from `run`, so each space's statistics are dropped from it once
-    the space is solved (the repair and the refit then run without them)."""
+def solve_spaces(sources: Sources, trunk: set, width: float, stats: dict, opts: MergeOptions, logger) -> dict:
+    """The matchings of the spaces zipped in `trunk` at `width` whose statistics `stats` holds (key ->
+    FeatureStats): space id -> (Matching, the card's entry)."""
     a, n = sources.a, sources.num_models
-    t = time.perf_counter()
-    plan = ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names)
-    spaces = zipped_spaces(a, trunk)
     points = merge_points(a, trunk)
+    keys = {sid: _space_key(sid, points[sid]) for sid in zipped_spaces(a, trunk)}
+    keys = {sid: key for sid, key in keys.items() if key in stats}
     fixed = fixed_width_spaces(a) if width != 1.0 else {}
     # Each space's (N·F)² correlation is made when its space is solved and dropped after (those a grouped layer's
     # block order needs, when that is found): a ViT-B/16 pair's 25 spaces would hold 5.4 GB of them at once.
-    correlations = _Correlations(run, {sid: _space_key(sid, points[sid]) for sid in spaces}) \
-        if opts.method in ("zip", "permute") else None
+    correlations = _Correlations(stats, keys) if opts.method in ("zip", "permute") else None
     orders = _block_orders(a, trunk, correlations, n)
-    card_spaces = []
-    for sid in spaces:
+    solved = {}
+    for sid, key in keys.items():
         f = a.spaces[sid].width
         target = merged_width(a, sid, width, fixed)
-        key = _space_key(sid, points[sid])
         matching = solve_blocks(opts.method, correlations.pop(sid) if correlations is not None else None, f,
                                 a.spaces[sid].partition or 1, n, opts.alpha, opts.beta,
                                 target_width=None if target == f else target, alike=a.spaces[sid].alike,
                                 block_order=orders.get(sid))
-        plan.matchings[sid] = matching
         entry = {"space": sid, "width": f, "blocks": a.spaces[sid].blocks, "merge_points": list(points[sid])}
         if sid in orders:
             entry["block_order"] = orders[sid].tolist()
@@ -1045,9 +1094,7 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run
         elif width != 1.0:
             entry["merged_width"] = f
             entry["width_kept_because"] = fixed.get(sid, "its blocks are not contiguous and equal")
-        samples_seen = int(run.stats[key].count)
-        if last:
-            del run.stats[key]
+        samples_seen = int(stats[key].count)
         # The N·F x N·F correlation of a space of width F needs more than N·F samples to be of full rank.
         thin = samples_seen < n * f
         if thin:
@@ -1059,8 +1106,21 @@ def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run
                       "within_model_merges": [int(x) for x in matching.within_merges],
                       "forced_merges": int(getattr(matching, "forced_merges", 0)),
                       "mean_merged_correlation": _measured(matching.mean_merge_correlation)})
+        solved[sid] = (matching, entry)
+    return solved
+
+
+def zip_models(sources: Sources, samples: Samples, trunk: set, width: float, run: SourceRun, opts: MergeOptions,
+               logger, times: dict, solved: dict) -> Zipped:
+    """Surgery, and then the statistics repair or the least-squares refit, for one trunk and width, from the
+    matchings `solve_spaces` found (`solved`: space id -> (Matching, card entry), every space zipped in `trunk`)."""
+    a = sources.a
+    plan = ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names)
+    spaces = zipped_spaces(a, trunk)
+    card_spaces = []
+    for sid in spaces:
+        plan.matchings[sid], entry = solved[sid]
         card_spaces.append(entry)
-    times["solve"] = times.get("solve", 0.0) + time.perf_counter() - t
 
     t = time.perf_counter()
     surgery = build(plan, sources.weights.new_file("merged") if sources.mapped else None)
@@ -1199,7 +1259,7 @@ def head_error(merged: onnx.ModelProto, references: list, names: tuple, data: Ca
 
 
 def _choose_under_budget(sources: Sources, samples: Samples, plans: list, trunks: dict, run: SourceRun,
-                         opts: MergeOptions, logger, times: dict, report: dict) -> Zipped:
+                         opts: MergeOptions, logger, times: dict, report: dict, solved: dict) -> Zipped:
     """Merge every candidate configuration; keep the one whose heads are closest to the originals' on the held-back
     samples."""
     references = run.outputs or [run_model(model, samples.held, opts.batch_size, opts.device)
@@ -1207,7 +1267,7 @@ def _choose_under_budget(sources: Sources, samples: Samples, plans: list, trunks
     best, best_error, tried = None, None, []
     costs = {(c["stop_at"], c["width"]): c for c in report["frontier"]}
     for stop, width in plans:
-        zipped = zip_models(sources, samples, trunks[stop], width, run, opts, logger, times)
+        zipped = zip_models(sources, samples, trunks[stop], width, run, opts, logger, times, solved[(stop, width)])
         try:
             error = head_error(zipped.surgery.model, references, opts.names, samples.held, opts.batch_size,
                                opts.device)

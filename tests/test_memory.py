@@ -16,7 +16,15 @@ import textwrap
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+import onnxzip
+
+try:
+    from tests import fixtures as F
+except ImportError:  # pytest put tests/ itself on sys.path
+    import fixtures as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN, IN = 256, 64
@@ -159,3 +167,39 @@ def test_wide_spaces_are_solved_without_holding_every_spaces_matrices(tmp_path):
     growth = float(peak) - float(base)
     assert growth <= allowed, f"peak grew by {growth:.0f} MB for {LAYERS} spaces of {space_mb:.0f} MB " \
                               f"(allowed: {allowed:.0f} MB)"
+
+
+# With more statistics than pipeline.STATS_BYTES, the spaces are calibrated in groups, one pass each, and each group
+# solved before the next: the merge must be the one a single pass gives, bit for bit.
+def _grouped_conv_pair():
+    from tests.test_exporters import load
+    a, b = load("grouped")
+    return a, F.perturb(b, 0.3, np.random.RandomState(0))
+
+
+@pytest.mark.parametrize("pair", ["resnet", "grouped"])
+def test_statistics_in_groups_give_the_merge_of_one_pass(pair, monkeypatch, caplog):
+    from onnxzip import pipeline
+    from onnxzip.calibration import StatsSampling
+    from onnxzip.graph import analyse
+
+    if pair == "resnet":
+        (a, _), (b, _) = F.random_pair("resnet", seed=3)
+    else:
+        a, b = _grouped_conv_pair()
+    data = F.calib(a, n=200, seed=1)
+    # statistics from a subsample of rows, as on large inputs: the same rows must be drawn however spaces are grouped
+    monkeypatch.setattr(pipeline, "STATS_SAMPLING", StatsSampling(min_rows=500, rows_per_feature=20))
+    one = onnxzip.merge(a, b, data, progress=False)
+    monkeypatch.setattr(pipeline, "STATS_BYTES", 1)  # every space (every grouped family) in a pass of its own
+    with caplog.at_level("INFO", logger="onnxzip"):
+        grouped = onnxzip.merge(a, b, data, progress=False)
+    spaces = len(one.card["spaces"])
+    families = analyse(a).block_families
+    passes = spaces - sum(len(f.spaces) - 1 for f in families)
+    assert passes > 1 and f"in {passes} passes" in caplog.text, caplog.text
+    if pair == "grouped":
+        assert families and any(len(f.spaces) > 1 for f in families)
+    assert [i.SerializeToString() for i in one.model.graph.initializer] == \
+        [i.SerializeToString() for i in grouped.model.graph.initializer]
+    assert one.card["spaces"] == grouped.card["spaces"]

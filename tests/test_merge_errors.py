@@ -2,7 +2,6 @@
 fault, and nothing left behind at the output path (no partial file, no temp file). Also: an operator onnxzip does
 not handle (LRN, which mixes neighbouring channels) stops the trunk, or raises with `strict=True`."""
 import os
-import tempfile
 
 import numpy as np
 import onnx
