@@ -148,6 +148,9 @@ class Analysis:
     batchnorm_params: dict = field(default_factory=dict)
     ranks: dict = field(default_factory=dict)  # tensor name -> rank where known (also where some dims are not)
     block_families: list = field(default_factory=list)  # BlockFamily: grouped layers' spaces, whose blocks move together
+    # (node index, input index) -> why: constants the merged model takes as the models' average where they differ
+    # (a learned bias added to attention scores, which the merged model computes once for both)
+    averaged: dict = field(default_factory=dict)
 
     @property
     def weighted(self) -> list:
@@ -491,6 +494,8 @@ class _Walk:
         self.views: dict = {}  # view space id -> [(space id, channel), ...] over spaces that are not derived
         self.alike: list = []  # ([(space, channel), ...], [(space, channel), ...]): matched alike, pair by pair
         self.group_links: list = []  # (input space or None: the shared input, output space, groups, node index)
+        self.scores: set = set()  # attention scores (Q Kᵀ) and what is computed from them before the softmax
+        self.averaged: dict = {}  # (node index, input index) -> why (Analysis.averaged)
         self.readers: dict = {}  # tensor name -> nodes reading it
         self.producers: dict = {}  # tensor name -> (node index, node) writing it
         for i, node in enumerate(self.graph.node):
@@ -799,6 +804,7 @@ def _attention_scores(w: _Walk, node, q: TensorSpace, k: TensorSpace):
     else:
         _head_blocks(w, q)
     _set_shared(w, node.output[0])
+    w.scores.add(node.output[0])
     return "carrier", None, q, w.space_of(node.output[0])
 
 
@@ -1575,6 +1581,58 @@ def _shape_op(w: _Walk, node):
     return "static", None, None, None
 
 
+# Operators that carry attention scores on to the softmax without mixing heads (reshapes for window attention's
+# masks, a scale, a mask, a bias); a constant an Add or Sub adds to the scores is a bias, averaged where it differs.
+_SCORE_OPS = ("Add", "Sub", "Mul", "Div", "Where", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Cast",
+              "Identity", "Neg")
+
+
+def _follow_scores(w: _Walk, i: int, node) -> None:
+    """Attention scores read by `node` (node index `i`, computed once from the shared inputs and the scores): its
+    output is scores too, and a constant an Add/Sub adds to them (a learned position bias: Swin's relative one,
+    folded by the exporter, of the scores' shape per head) is merged as the models' average, like a bias, instead
+    of blocking the attention as a constant that differs. Heads stay in place (merged head h holds every model's
+    head h), so the average is element by element."""
+    if node.op_type not in _SCORE_OPS or not any(n in w.scores for n in node.input if n):
+        return
+    w.scores.update(n for n in node.output if n)
+    if node.op_type in ("Add", "Sub"):
+        for j, name in enumerate(node.input[:2]):
+            if name in w.scores:
+                continue
+            sources = _selected_constants(w, name, i, j)
+            for where in sources or ():
+                w.averaged[where] = "a learned bias added to attention scores"
+
+
+# Operators that only select, copy or rearrange the values of their data inputs (listed): the average of what they
+# compute from several models' constants is what they compute from the constants' average.
+_SELECT_INPUTS = {"Gather": (0,), "Reshape": (0,), "Transpose": (0,), "Unsqueeze": (0,), "Squeeze": (0,),
+                  "Identity": (0,), "Slice": (0,), "Expand": (0,), "Tile": (0,), "Flatten": (0,), "Concat": None}
+
+
+def _selected_constants(w: _Walk, name: str, node: int, j: int, depth: int = 0) -> list | None:
+    """The (node, input) places of the constants that input `j` of node `node`, tensor `name`, is selected from
+    through `_SELECT_INPUTS` operators (a relative position bias: a table looked up by constant indices, reshaped,
+    transposed); None where it is computed otherwise, or where a tensor on the way is read by anything else (its
+    average would change that reader too)."""
+    if name in w.initializers and name not in w.producers:
+        return [(node, j)] if w.initializers[name].size > 1 and len(w.readers.get(name, [])) == 1 else []
+    if depth > 16 or name not in w.static or name not in w.producers or len(w.readers.get(name, [])) != 1:
+        return None
+    i, producer = w.producers[name]
+    if producer.op_type not in _SELECT_INPUTS:
+        return None
+    data = _SELECT_INPUTS[producer.op_type]
+    found = []
+    for k in range(len(producer.input)) if data is None else data:
+        more = _selected_constants(w, producer.input[k], i, k, depth + 1) if producer.input[k] else []
+        if more is None:
+            return None
+        found += more
+    return found
+
+
 def _set_shared(w: _Walk, name: str) -> None:
     shape = w.shape(name) or ()
     axis = 1 if len(shape) >= 2 else 0
@@ -1767,6 +1825,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                 for name in node.output:
                     if name:
                         _set_shared(w, name)
+                _follow_scores(w, i, node)
         else:
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             saved = (len(w.weights), dict(w.tensor_spaces), dict(w.partitions), dict(w.views))
@@ -1839,6 +1898,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
     analysis = Analysis(model, infos, spaces, tensor_spaces, w.static, w.opaque, weights, w.initializers,
                         w.shapes, producer, consumers)
     analysis.ranks = w.ranks
+    analysis.averaged = dict(w.averaged)
     analysis.block_families = _block_families(w, spaces)
     analysis.folded_batchnorms = batchnorms - sum(n.op_type == "BatchNormalization" for n in graph.node)
     analysis.batchnorm_params = batchnorm_params
@@ -1941,6 +2001,7 @@ class Correspondence:
 
     inputs: dict  # B input name -> A input name
     tensors: dict  # A tensor name -> B tensor name (graph inputs, node outputs, initializers by use)
+    averaged: dict = field(default_factory=dict)  # (node, input) -> why: constants of A's Analysis.averaged that differ
 
 
 def _source(analysis: Analysis, name: str):
@@ -1980,7 +2041,7 @@ def match(a: Analysis, b: Analysis, names=("A", "B")) -> Correspondence:
                             f"node {first}: {_node_text(ga, first)} vs {_node_text(gb, first)}")
     tensors = {ia: ib for ia, ib in zip(a.input_names, b.input_names)}
     after_heads = descendants(a, a.heads)
-    differing = {}
+    differing, averaged = {}, {}
     for i, (x, y) in enumerate(zip(ga.node, gb.node)):
         where = f"node {i}: {na} '{x.name}' ({x.op_type}), {nb} '{y.name}' ({y.op_type})"
         if (x.op_type, x.domain) != (y.op_type, y.domain):
@@ -2008,14 +2069,17 @@ def match(a: Analysis, b: Analysis, names=("A", "B")) -> Correspondence:
                 shared_value = not weight_axes or all(a.spaces[wa.space].identity and wa.role == "out"
                                                       for wa in weight_axes)
                 if shared_value and not np.array_equal(vp, vq) and i not in after_heads and i not in a.blocked:
-                    differing[i] = f"constant input '{p}' differs between the models"
+                    if (i, j) in a.averaged:
+                        averaged[(i, j)] = a.averaged[(i, j)]
+                    else:
+                        differing[i] = f"constant input '{p}' differs between the models"
         for p, q in zip(x.output, y.output):
             tensors[p] = q
     if differing:
         block(a, differing)
     for oa, ob in zip(ga.output, gb.output):
         tensors.setdefault(oa.name, ob.name)
-    return Correspondence({ib: ia for ia, ib in zip(a.input_names, b.input_names)}, tensors)
+    return Correspondence({ib: ia for ia, ib in zip(a.input_names, b.input_names)}, tensors, averaged)
 
 
 def _attr_key(attrs: dict):

@@ -461,6 +461,10 @@ def build(plan: ZipPlan, weights: WeightFile | None = None, shapes_only: bool = 
                     if a.weight_axes(i, j):
                         merged = em.computed(f"{TRUNK_PREFIX}/{node.name}/{j}", i, j, a.initializers[name],
                                              list(range(plan.num_models)), trunk=True)
+                    elif (i, j) in a.averaged:  # the models' average (the same value where they agree)
+                        mean = np.mean([_const(plan, m, i, j).astype(np.float64) for m in range(plan.num_models)],
+                                       axis=0)
+                        merged = em.init(f"{TRUNK_PREFIX}/{name}", mean, a.initializers[name])
                     else:
                         merged = em.init(f"{TRUNK_PREFIX}/{name}", a.initializers[name], a.initializers[name],
                                          em.sources[0].get(name))

@@ -46,8 +46,8 @@ def projections(an):
     return out
 
 
-def test_the_fixtures_cover_both_exporters_and_three_attention_styles():
-    assert VITS == [f"vit_{a}_{h}" for a in ("mha", "packed", "separate") for h in ("dynamo", "ts")]
+def test_the_fixtures_cover_both_exporters_and_four_attention_styles():
+    assert VITS == [f"vit_{a}_{h}" for a in ("mha", "packed", "relative", "separate") for h in ("dynamo", "ts")]
 
 
 @pytest.mark.parametrize("name", VITS)
@@ -81,10 +81,13 @@ def test_the_residual_stream_is_one_space_through_layernorm(name):
             and an.tensor_spaces[n.output[0]].space == stream]
     assert len(adds) >= 2 * DEPTH, "the residual Adds tie the blocks into the stream"
     # the class token (broadcast by Expand) and the position embedding are per-channel constants of the stream
-    expand = next(i for i, n in enumerate(graph.node) if n.op_type == "Expand")
-    assert [(w.space, w.role) for w in an.weight_axes(expand, 0)] == [(stream, "out")]
+    # (the relative-bias fixture has no class token and adds the position embedding of its 4 patches)
+    relative = "relative" in name
+    if not relative:
+        expand = next(i for i, n in enumerate(graph.node) if n.op_type == "Expand")
+        assert [(w.space, w.role) for w in an.weight_axes(expand, 0)] == [(stream, "out")]
     pos = [w for w in an.weights if w.space == stream and an.initializers[graph.node[w.node].input[w.input]].shape
-           == (1, 5, DIM)]
+           == (1, 4 if relative else 5, DIM)]
     assert len(pos) == 1 and pos[0].axis == 2
 
 
@@ -440,3 +443,42 @@ def test_rotary_tables_that_differ_leave_the_attention_unmerged_without_a_crash(
     assert res.card["unmerged"]
     out = F.run(res.model, x[:16])
     assert all(np.isfinite(v).all() for v in out.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A learned relative position bias added to the attention scores (Swin): averaged like a bias where it differs
+# ---------------------------------------------------------------------------------------------------------------
+
+RELATIVE = ["vit_relative_ts", "vit_relative_dynamo"]
+
+
+@pytest.mark.parametrize("name", RELATIVE)
+def test_relative_position_biases_are_found_once_per_block(name):
+    an = analyse(load(name))
+    assert len(an.averaged) == DEPTH, an.averaged
+    for i, j in an.averaged:
+        value = an.initializers[an.model.graph.node[i].input[j]]
+        assert value.size >= HEADS * 4, value.shape  # a value per head and pair of tokens (or the table of them)
+
+
+@pytest.mark.parametrize("name", RELATIVE)
+def test_relative_position_biases_that_differ_are_merged_as_their_average(name):
+    """B perturbed everywhere, its biases too: the attention is zipped all the same (before, every block from the
+    first attention on was left unmerged), and the merged model adds the average of the two models' biases."""
+    a, b = load(name), load(name, "b")
+    F.perturb(b, 0.3, np.random.RandomState(1))
+    an, bn = analyse(a), analyse(b)
+    x = np.random.RandomState(0).randn(256, 1, 8, 8).astype(np.float32)
+    res = onnxzip.merge(a, b, {"input": x})
+    assert not res.card["unmerged"] and not res.card["zipped_nothing"]
+    assert res.card["trunk"]["weighted_layers_zipped"] == res.card["trunk"]["weighted_layers"] - 1
+    assert len(res.card["averaged_constants"]) == DEPTH
+    merged = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    nodes = {n.name: n for n in res.model.graph.node}
+    for i, j in an.averaged:
+        node = an.model.graph.node[i]
+        want = (an.initializers[node.input[j]].astype(np.float64)
+                + bn.initializers[bn.model.graph.node[i].input[j]]) / 2
+        got = merged[next(n for k, n in nodes.items() if k.endswith("/" + node.name)).input[j]]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert all(np.isfinite(h["relative_error"]) for h in res.card["verification"]["heads"])

@@ -492,8 +492,10 @@ class TinyViT(nn.Module):
     token axis, position embedding added, `depth` pre-norm blocks (LayerNorm, attention of 2 heads of 8, residual
     Add; LayerNorm, MLP 16-32-16 with GELU, residual Add), final LayerNorm, linear head on the class token.
     `attention`: "packed" (timm: one qkv Linear, reshape (N, T, 3, H, d), permute, unbind, scaled_dot_product_attention),
-    "separate" (q, k, v Linears, view (N, T, H, d), transpose, softmax(q kᵀ / sqrt(d)) v written out), or "mha"
-    (nn.MultiheadAttention, batch_first)."""
+    "separate" (q, k, v Linears, view (N, T, H, d), transpose, softmax(q kᵀ / sqrt(d)) v written out), "mha"
+    (nn.MultiheadAttention, batch_first), or "relative" (Swin's window attention: packed qkv, q kᵀ / sqrt(d) plus a
+    learned relative position bias per head from a table indexed by the tokens' offsets on the 2x2 patch grid; no
+    class token: the head reads the mean over tokens)."""
 
     input_shape = (1, 8, 8)
     dim, heads, depth = 16, 2, 2
@@ -508,7 +510,7 @@ class TinyViT(nn.Module):
         for _ in range(self.depth):
             block = nn.Module()
             block.norm1, block.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            if attention == "packed":
+            if attention in ("packed", "relative"):
                 block.qkv = nn.Linear(d, 3 * d)
             elif attention == "separate":
                 block.q, block.k, block.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
@@ -516,18 +518,24 @@ class TinyViT(nn.Module):
                 block.mha = nn.MultiheadAttention(d, self.heads, batch_first=True)
             if attention != "mha":
                 block.proj = nn.Linear(d, d)
+            if attention == "relative":
+                block.rel_table = nn.Parameter(torch.zeros(9, self.heads))  # (2·2-1)² offsets on the 2x2 grid
             block.fc1, block.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
             self.blocks.append(block)
+        coords = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + 1
+        self.register_buffer("rel_index", rel[..., 0] * 3 + rel[..., 1], persistent=False)
         self.norm = nn.LayerNorm(d)
         self.fc = nn.Linear(d, classes)
 
     @property
     def expected(self):
-        per_block = {"packed": 2, "separate": 3, "mha": 2}[self.attention]
+        per_block = {"packed": 2, "separate": 3, "mha": 2, "relative": 2}[self.attention]
         return (2 + self.depth * per_block,
                 "the residual stream (patch conv, class token, position embedding, every attention output projection "
                 "and fc2, tied by the residual Adds; LayerNorm carries it), per block: "
                 + {"packed": "qkv (queries, keys, values are views of it)",
+                   "relative": "qkv (queries, keys, values are views of it)",
                    "separate": "q+k (tied by q kᵀ), v",
                    "mha": "the packed in-projection (queries, keys, values are views of it)"}[self.attention]
                 + " and fc1; the fc head")
@@ -540,6 +548,8 @@ class TinyViT(nn.Module):
             self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g))
             self.pos_embed.copy_(0.5 * torch.randn(self.pos_embed.shape, generator=g))
             for block in self.blocks:
+                if self.attention == "relative":
+                    block.rel_table.copy_(torch.randn(block.rel_table.shape, generator=g))
                 if self.attention == "mha":
                     w = block.mha.in_proj_weight
                     w.copy_(torch.randn(w.shape, generator=g) * (2.0 / w.shape[1]) ** 0.5)
@@ -553,6 +563,10 @@ class TinyViT(nn.Module):
         if self.attention == "packed":
             q, k, v = block.qkv(x).reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
             o = nn.functional.scaled_dot_product_attention(q, k, v)
+        elif self.attention == "relative":
+            q, k, v = block.qkv(x).reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+            bias = block.rel_table[self.rel_index.flatten()].view(t, t, h).permute(2, 0, 1).unsqueeze(0)
+            o = torch.softmax(q * (d // h) ** -0.5 @ k.transpose(-2, -1) + bias, dim=-1) @ v
         else:
             q, k, v = (lin(x).view(n, t, h, d // h).transpose(1, 2) for lin in (block.q, block.k, block.v))
             o = torch.softmax(q @ k.transpose(-2, -1) / (d // h) ** 0.5, dim=-1) @ v
@@ -560,11 +574,15 @@ class TinyViT(nn.Module):
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        if self.attention == "relative":
+            x = x + self.pos_embed[:, 1:]
+        else:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = x + self._attend(block, block.norm1(x))
             x = x + block.fc2(nn.functional.gelu(block.fc1(block.norm2(x))))
-        return self.fc(self.norm(x)[:, 0])
+        x = self.norm(x)
+        return self.fc(x.mean(dim=1) if self.attention == "relative" else x[:, 0])
 
     def spaces(self):
         d, h = self.dim, self.heads
@@ -580,7 +598,7 @@ class TinyViT(nn.Module):
                            (f"{b}.mha.out_proj.bias", 0)]
             else:
                 stream += [(f"{b}.proj.weight", 0), (f"{b}.proj.bias", 0)]
-                stream += [(f"{b}.{n}.weight", 1) for n in (("qkv",) if self.attention == "packed" else "qkv")]
+                stream += [(f"{b}.{n}.weight", 1) for n in (("qkv",) if self.attention in ("packed", "relative") else "qkv")]
             out[f"{b}.fc1"] = (2 * d, 1, conv_out(f"{b}.fc1") + conv_in(f"{b}.fc2"))
         out["stream"] = (d, 1, stream)
         return out
@@ -1093,6 +1111,16 @@ FIXTURES = {
           "permutation) and values with the output projection's input (another), heads in place.",
         attention=attention))
       for i, (attention, how) in enumerate((a, h) for a in ("packed", "separate", "mha") for h in ("ts", "dynamo"))},
+    **{f"vit_relative_{how}": (lambda out, how=how, seed=seed: torch_fixture(
+        out, f"vit_relative_{how}", TinyViT, how, seed,
+        "Transformer with Swin's window attention: packed qkv, softmax(q kᵀ / sqrt(d) + B) v with B a learned "
+        "relative position bias per head (a table indexed by the tokens' offsets: "
+        + {"ts": "TorchScript folds the lookup into a constant (1, H, T, T) added to the scores",
+           "dynamo": "dynamo keeps the lookup, a Gather of the table by constant indices"}[how]
+        + "). The twin permutes the residual stream, each fc1, and inside every head queries with keys and values "
+          "with the output projection's input, heads (and their biases) in place.",
+        attention="relative"))
+      for how, seed in (("ts", 26), ("dynamo", 27))},
     **{f"bert_{norm}_{how}": (lambda out, norm=norm, pool=pool, how=how, i=i: torch_fixture(
         out, f"bert_{norm}_{how}", TinyBert, how, 30 + i,
         "BERT-like encoder on int64 token ids (input_high: ids are below it): word embedding Gather(table, ids), "

@@ -160,6 +160,57 @@ def vit(num_classes=10):
     return ViT(num_classes)
 
 
+class RelativeAttention(nn.Module):
+    """Window attention as Swin writes it: packed qkv, q scaled, q kᵀ plus a *learned relative position bias* per
+    head (a table of (2g-1)² entries per head, indexed by the relative offset of two tokens of a g×g grid, as in
+    torchvision's ShiftedWindowAttention), softmax, times v, output projection."""
+
+    def __init__(self, dim, heads, grid):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + grid - 1  # (T, T, 2)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * grid - 1) + rel[..., 1],
+                             persistent=False)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q * (d // self.heads) ** -0.5
+        bias = self.relative_position_bias_table[self.relative_position_index.flatten()].view(t, t, -1)
+        attn = (q @ k.transpose(-2, -1) + bias.permute(2, 0, 1).unsqueeze(0)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class SwinViT(nn.Module):
+    """ViT with Swin's attention: patch embedding (Conv, kernel = stride = patch) into a g×g grid, no class token
+    and no absolute position embedding, pre-norm blocks whose attention over the whole grid (one Swin window) adds
+    a learned relative position bias, final LayerNorm, mean over tokens, linear head."""
+
+    def __init__(self, num_classes=10, patch=4, dim=64, depth=3, heads=4, mlp_ratio=2, image=28, in_channels=1):
+        super().__init__()
+        grid = image // patch
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        for block in self.blocks:
+            block.attn = RelativeAttention(dim, heads, grid)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        return self.head(self.norm(self.blocks(x)).mean(dim=1))
+
+
+def swinvit(num_classes=10):
+    """SwinViT for 28x28: patch 4 (a 7×7 grid: one Swin window of 49 tokens), dim 64, 3 blocks of 4 heads, MLP 128."""
+    return SwinViT(num_classes)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm written out as LLaMA-style code writes it: x * rsqrt(mean(x²) + eps) * weight (no mean subtracted, no
     bias). Exported as Pow / ReduceMean / Add / Sqrt / Reciprocal (or Div) / Mul."""
@@ -233,6 +284,7 @@ ARCHS = {
     "vgg": vgg,
     "mlp": mlp,
     "vit": vit,
+    "swinvit": swinvit,
 }
 
 
