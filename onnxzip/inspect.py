@@ -86,13 +86,17 @@ def inspect_models(model_a, model_b=None, path_a=None, path_b=None, fold_batchno
         report["match"] = {"ok": True, "message": "the models match node for node (task heads aside)"
                            if len(others) == 1 else f"all {len(others) + 1} models match node for node "
                                                     "(task heads aside)"}
+        averaged = {}
         for k, (model, path) in enumerate(zip(others, paths)):
             label = path or ("B" if len(others) == 1 else f"model {k + 2}")
             try:
-                match(a, analyse(model, fold_batchnorm), (path_a or "A", label))
+                averaged.update(match(a, analyse(model, fold_batchnorm), (path_a or "A", label)).averaged)
             except MismatchError as exc:
                 report["match"] = {"ok": False, "message": str(exc), "model": path or k + 1}
                 break
+        # constants that differ between the models and that merge takes as their average (attention-score biases)
+        report["match"]["averaged_constants"] = [{"node": a.nodes[i].name, "input": j, "why": why}
+                                                 for (i, j), why in sorted(averaged.items())]
     report["a"] = describe(a, path_a)
     return report
 
@@ -146,4 +150,8 @@ def format_report(report: dict) -> str:
     if report.get("match") is not None:
         m = report["match"]
         lines.append(("models match: " if m["ok"] else "models DO NOT match: ") + m["message"])
+        if m.get("averaged_constants"):
+            first = m["averaged_constants"][0]
+            lines.append(f"  {len(m['averaged_constants'])} constant(s) differ between the models where merge takes "
+                         f"their average (first: input {first['input']} of {first['node']}, {first['why']})")
     return "\n".join(lines)

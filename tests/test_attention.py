@@ -482,3 +482,12 @@ def test_relative_position_biases_that_differ_are_merged_as_their_average(name):
         got = merged[next(n for k, n in nodes.items() if k.endswith("/" + node.name)).input[j]]
         np.testing.assert_allclose(got, want, rtol=1e-6)
     assert all(np.isfinite(h["relative_error"]) for h in res.card["verification"]["heads"])
+
+
+def test_inspect_says_which_differing_constants_merge_takes_as_their_average():
+    a, b = load("vit_relative_ts"), load("vit_relative_ts", "b")
+    assert inspect_models(a, b)["match"]["averaged_constants"] == []  # twins: the biases agree
+    F.perturb(b, 0.3, np.random.RandomState(1))
+    report = inspect_models(a, b)
+    assert report["match"]["ok"] and len(report["match"]["averaged_constants"]) == DEPTH
+    assert f"{DEPTH} constant(s) differ between the models where merge takes their average" in format_report(report)
