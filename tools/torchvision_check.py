@@ -272,9 +272,16 @@ def summary_line(row):
 
 
 def save_results(out, tool, argv, rows, samples, versions) -> dict:
-    """Write the rows so far (sorted by model and exporter) to `out`, atomically; the results."""
+    """Write the rows so far (sorted by model and exporter) to `out`, atomically; the results. Rows of earlier runs
+    kept in `out` stay, so `commands` lists every command that wrote some of them (with the date of the last)."""
+    command = f"python3 tools/{tool} " + " ".join(argv if argv is not None else sys.argv[1:])
+    commands = []
+    if os.path.exists(out):
+        with open(out) as f:
+            earlier = json.load(f)
+        commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
     results = {
-        "command": f"python3 tools/{tool} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commands": [c for c in commands if c != command] + [command],
         "date": datetime.date.today().isoformat(),
         "versions": versions,
         "samples": samples,
