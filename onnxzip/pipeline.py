@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -80,6 +80,10 @@ REFIT_SEED = 0
 # calibrated in groups, one pass of the sources each, and each group solved before the next (`_source_pass`). A
 # ViT-B/16 pair's 25 spaces take 5.4 GB: three passes.
 STATS_BYTES = 2 << 30
+# The activations a batch of the source pass holds at most (every model's merge points and layer inputs and outputs,
+# float32): beyond it the merge runs in smaller batches than --batch-size (`_fitting_batch_size`). A ResNet-50 pair at
+# 224×224 exposes 153 MB a sample: 9.8 GB a batch of 64.
+ACTIVATION_BYTES = 2 << 30
 
 
 @dataclass
@@ -590,6 +594,8 @@ def _merge(models: list, data, output, opts: MergeOptions, logger, times: dict, 
                     len(frontier), opts.budget.fraction, f"{ensemble_cost:,} {opts.budget.kind}", len(plans))
     trunks = {stop: _trunk(sources, opts, stop) for stop, _ in plans}
     nothing_zipped = _nothing_zipped(sources, opts, trunks[plans[0][0]], logger)
+    asked_batch = opts.batch_size
+    opts = replace(opts, batch_size=_fitting_batch_size(sources, samples, list(trunks.values()), opts, logger))
     times["analyse"] = time.perf_counter() - t0
 
     # 2. one pass of every model over the samples: statistics (for every trunk to try), the refit's targets and
@@ -654,6 +660,8 @@ def _merge(models: list, data, output, opts: MergeOptions, logger, times: dict, 
     # 5. the card, and the files
     card = _card(sources, samples, opts, zipped, merged, unmerged, nothing_zipped, verification, fp16_check,
                  budget_report)
+    if asked_batch != opts.batch_size:
+        card["options"]["batch_size_asked"] = asked_batch  # batch_size: what ran (ACTIVATION_BYTES)
     # Wall times stay out of the model's metadata: the same inputs and seed must give a byte-identical model.
     merged.metadata_props.add(key="onnxzip.card", value=json.dumps(card, sort_keys=True, allow_nan=False))
     times["total"] = time.perf_counter() - t0
@@ -916,6 +924,30 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
         solve(run.stats)
         run.stats = {}
     return kept
+
+
+def _fitting_batch_size(sources: Sources, samples: Samples, trunks: list, opts: MergeOptions, logger) -> int:
+    """--batch-size, or fewer samples a batch where a batch of the source pass would hold more than
+    ACTIVATION_BYTES of activations: every model's merge points and its trunk layers' inputs and outputs (what the
+    statistics and the refit's targets read), float32, from the shapes graph analysis inferred. A model written for
+    a fixed batch keeps it."""
+    a = sources.a
+    if samples.fit._fixed_batch() is not None:
+        return opts.batch_size
+    names = set()
+    for trunk in trunks:
+        points = merge_points(a, trunk)
+        names.update(n for sid in zipped_spaces(a, trunk) for n in points[sid])
+        names.update(t for i in a.weighted if i in trunk
+                     for t in (a.nodes[i].data_input, a.model.graph.node[i].output[0]))
+    per_sample = 4 * sources.num_models * sum(int(np.prod(a.shapes[n])) for n in names if n in a.shapes)
+    if per_sample * opts.batch_size <= ACTIVATION_BYTES:
+        return opts.batch_size
+    size = max(1, ACTIVATION_BYTES // per_sample)
+    logger.info("running batches of %d samples instead of --batch-size %d: a batch would hold %.1f GB of the models' "
+                "activations (more than pipeline.ACTIVATION_BYTES, %g GiB)", size, opts.batch_size,
+                per_sample * opts.batch_size / 1e9, ACTIVATION_BYTES / 2**30)
+    return size
 
 
 def stats_groups(a: Analysis, spaces: dict, num_models: int, budget: int) -> list:

@@ -203,3 +203,23 @@ def test_statistics_in_groups_give_the_merge_of_one_pass(pair, monkeypatch, capl
     assert [i.SerializeToString() for i in one.model.graph.initializer] == \
         [i.SerializeToString() for i in grouped.model.graph.initializer]
     assert one.card["spaces"] == grouped.card["spaces"]
+
+
+def test_batches_shrink_to_fit_the_activation_bound(monkeypatch, caplog):
+    """A batch whose activations (every model's merge points, layer inputs and outputs) would exceed
+    pipeline.ACTIVATION_BYTES runs as smaller batches: the merge is then the one --batch-size of that size gives."""
+    from onnxzip import pipeline
+
+    (a, _), (b, _) = F.random_pair("resnet", seed=4)
+    data = F.calib(a, n=120, seed=2)
+    monkeypatch.setattr(pipeline, "ACTIVATION_BYTES", 200_000)
+    with caplog.at_level("INFO", logger="onnxzip"):
+        capped = onnxzip.merge(a, b, data, progress=False, batch_size=64)
+    size = capped.card["options"]["batch_size"]
+    assert 1 <= size < 64 and capped.card["options"]["batch_size_asked"] == 64
+    assert f"running batches of {size} samples instead of --batch-size 64" in caplog.text
+    monkeypatch.setattr(pipeline, "ACTIVATION_BYTES", 2 << 30)
+    plain = onnxzip.merge(a, b, data, progress=False, batch_size=size)
+    assert "batch_size_asked" not in plain.card["options"]
+    assert [i.SerializeToString() for i in capped.model.graph.initializer] == \
+        [i.SerializeToString() for i in plain.model.graph.initializer]
