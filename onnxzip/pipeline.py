@@ -598,10 +598,9 @@ def _merge(models: list, data, output, opts: MergeOptions, logger, times: dict, 
     opts = replace(opts, batch_size=_fitting_batch_size(sources, samples, list(trunks.values()), opts, logger))
     times["analyse"] = time.perf_counter() - t0
 
-    # 2. one pass of every model over the samples: statistics (for every trunk to try), the refit's targets and
-    # verification's references
-    # 3. matching (of each group of spaces as soon as its statistics are in), surgery, repair or refit (per
-    # configuration to try, under a budget)
+    # 2. one pass of every model over the samples (in groups of spaces beyond STATS_BYTES): statistics (for every
+    # trunk to try), the refit's targets and verification's references; each group's spaces are matched as soon as
+    # their statistics are in
     solved = {plan: {} for plan in plans}
 
     def solve(stats):
@@ -613,6 +612,8 @@ def _merge(models: list, data, output, opts: MergeOptions, logger, times: dict, 
     t = time.perf_counter()
     run = _source_pass(sources, samples, list(trunks.values()), [w for _, w in plans], opts, logger, solve)
     times["calibrate"] = time.perf_counter() - t - times.get("solve", 0.0)
+
+    # 3. surgery, repair or refit (per configuration to try, under a budget)
     if budget_report is None:
         stop, w = plans[0]
         zipped = zip_models(sources, samples, trunks[stop], w, run, opts, logger, times, solved[plans[0]])
