@@ -983,7 +983,7 @@ def _calibrate(sources: Sources, samples: Samples, requests: list, opts: MergeOp
         return run_sources(sources.run_models, requests, samples.fit, opts.batch_size, opts.device,
                            progress=opts.progress, desc=desc, rows=rows, held=held, outputs=outputs,
                            seed=REFIT_SEED, sampling=STATS_SAMPLING)
-    except onnxruntime_errors() as exc:
+    except (ModelError, *onnxruntime_errors()) as exc:  # make_session raises ModelError for a graph it cannot load
         _blame_run_failure(sources, samples, opts, exc)
 
 
@@ -997,8 +997,8 @@ def _blame_run_failure(sources: Sources, samples: Samples, opts: MergeOptions, e
     for label, model in zip(sources.labels, sources.run_models):
         try:
             session = make_session(model, opts.device)
-        except onnxruntime_errors() as own:
-            raise ModelError(f"{label}: onnxruntime cannot load the model: {_first_line(own)}") from own
+        except ModelError as own:
+            raise ModelError(f"{label}: {_first_line(own)}") from own
         try:
             session.run(None, {i.name: first[i.name] for i in session.get_inputs()})
         except onnxruntime_errors() as own:

@@ -266,6 +266,32 @@ def test_a_model_that_fails_on_the_data_by_itself_is_blamed_with_the_data(dirs):
                   progress=False)
 
 
+def _with_custom_op(model):
+    """`model` with its logits passed through an operator of a custom domain: the ONNX checker accepts it (it
+    knows no schema to check), onnxruntime has no kernel for it."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        for k, name in enumerate(node.output):
+            if name == out:
+                node.output[k] = "before_custom"
+    model.graph.node.append(onnx.helper.make_node("Scale", ["before_custom"], [out], domain="com.example"))
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    return model
+
+
+def test_a_model_onnxruntime_cannot_load_is_named(dirs):
+    models, _, _ = dirs
+    (a, _), (b, _) = F.random_pair("mlp", seed=7)
+    a_path, b_path = models / "custom_a.onnx", models / "custom_b.onnx"
+    onnx.save(_with_custom_op(a), a_path)
+    onnx.save(_with_custom_op(b), b_path)
+    data = models / "custom_calib.npy"
+    np.save(data, F.calib(a, n=40))
+    msg = expect_error(ModelError, dirs, str(a_path), str(b_path), str(data))
+    assert msg.startswith(f"{a_path}: onnxruntime cannot load the model") and "com.example" in msg, msg
+
+
 def test_a_failure_of_onnxzips_own_copy_of_the_models_is_not_blamed_on_the_data(dirs, monkeypatch):
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
