@@ -2082,6 +2082,17 @@ def match(a: Analysis, b: Analysis, names=("A", "B")) -> Correspondence:
     return Correspondence({ib: ia for ia, ib in zip(a.input_names, b.input_names)}, tensors, averaged)
 
 
+def averaged_report(a: Analysis, correspondences: list, trunk: set | None = None) -> list:
+    """The constants that differ between model A and the others (their `Correspondence.averaged`) and that a merge
+    takes as their average, in `trunk` only where given: [{"node", "input", "why"}] (the card, inspect)."""
+    found = {}
+    for c in correspondences:
+        if c is not None:
+            found.update(c.averaged)
+    return [{"node": a.nodes[i].name, "input": j, "why": why} for (i, j), why in sorted(found.items())
+            if trunk is None or i in trunk]
+
+
 def _attr_key(attrs: dict):
     out = []
     for k in sorted(attrs):

@@ -6,7 +6,8 @@ Backs `onnxzip inspect`: nothing runs, nothing is calibrated; this is the declar
 from __future__ import annotations
 
 from .errors import MismatchError
-from .graph import Analysis, analyse, descendants, match, stop_points, trunk_nodes, unsupported_report
+from .graph import (Analysis, analyse, averaged_report, descendants, match, stop_points, trunk_nodes,
+                    unsupported_report)
 from .surgery import merge_points, why_nothing_zipped, zipped_spaces
 
 
@@ -86,17 +87,16 @@ def inspect_models(model_a, model_b=None, path_a=None, path_b=None, fold_batchno
         report["match"] = {"ok": True, "message": "the models match node for node (task heads aside)"
                            if len(others) == 1 else f"all {len(others) + 1} models match node for node "
                                                     "(task heads aside)"}
-        averaged = {}
+        correspondences = []
         for k, (model, path) in enumerate(zip(others, paths)):
             label = path or ("B" if len(others) == 1 else f"model {k + 2}")
             try:
-                averaged.update(match(a, analyse(model, fold_batchnorm), (path_a or "A", label)).averaged)
+                correspondences.append(match(a, analyse(model, fold_batchnorm), (path_a or "A", label)))
             except MismatchError as exc:
                 report["match"] = {"ok": False, "message": str(exc), "model": path or k + 1}
                 break
         # constants that differ between the models and that merge takes as their average (attention-score biases)
-        report["match"]["averaged_constants"] = [{"node": a.nodes[i].name, "input": j, "why": why}
-                                                 for (i, j), why in sorted(averaged.items())]
+        report["match"]["averaged_constants"] = averaged_report(a, correspondences)
     report["a"] = describe(a, path_a)
     return report
 

@@ -37,7 +37,7 @@ from .calibration import (CalibrationData, FeatureRequest, SourceRun, StatsSampl
 from .errors import (CalibrationDataError, ModelError, OnnxzipError, OutputError, UnsupportedModelError, UsageError,
                      VerificationError)
 from .evaluate import count_macs, count_parameters
-from .graph import Analysis, analyse, match, stop_points, trunk_nodes, unsupported_report
+from .graph import Analysis, analyse, averaged_report, match, stop_points, trunk_nodes, unsupported_report
 from .onnx_io import check_model
 from .refit import REFIT_METHODS, refit as refit_layers, target_row_requests
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
@@ -754,22 +754,11 @@ def _check_structure(sources: Sources, opts: MergeOptions, logger) -> list:
         raise UsageError(f"--stop-at {opts.stop_at} is out of range: the model has {len(a.weighted)} weighted layers")
     for i, reason in unmerged:
         logger.warning("left unmerged from %s on: %s", a.describe_node(i), reason)
-    averaged = _averaged_constants(sources)
+    averaged = averaged_report(a, sources.correspondences)
     if averaged:
         logger.info("%d constant(s) that differ between the models are merged as their average (first: %s of %s, "
                     "%s)", len(averaged), f"input {averaged[0]['input']}", averaged[0]["node"], averaged[0]["why"])
     return unmerged
-
-
-def _averaged_constants(sources: Sources, trunk: set | None = None) -> list:
-    """The constants that differ between the models and are merged as their average (graph.Analysis.averaged; in
-    `trunk` only, when given), for the card: [{"node", "input", "why"}]."""
-    a = sources.a
-    found = {}
-    for c in sources.correspondences[1:]:
-        found.update(c.averaged)
-    return [{"node": a.nodes[i].name, "input": j, "why": why} for (i, j), why in sorted(found.items())
-            if trunk is None or i in trunk]
 
 
 def _side_by_side(n: int) -> str:
@@ -1363,7 +1352,7 @@ def _card(sources: Sources, samples: Samples, opts: MergeOptions, zipped: Zipped
                   "weighted_layers_zipped": sum(1 for i in a.weighted if i in trunk),
                   "nodes": len(trunk), "task_heads": [a.nodes[i].name for i in a.heads]},
         "unmerged": [{"node": a.nodes[i].name, "op": a.nodes[i].op_type, "reason": r} for i, r in unmerged],
-        "averaged_constants": _averaged_constants(sources, trunk),
+        "averaged_constants": averaged_report(a, sources.correspondences, trunk),
         "zipped_nothing": nothing_zipped is not None,
         "zipped_nothing_reason": nothing_zipped,
         "spaces": zipped.spaces,
