@@ -758,12 +758,14 @@ def _feature_part(ts: TensorSpace) -> tuple:
     return ts.axis, []
 
 
-def _head_blocks(w: _Walk, ts: TensorSpace) -> None:
+def _head_blocks(w: _Walk, ts: TensorSpace, d: int | None = None) -> None:
     """Features of different heads of `ts` are never matched together: each head is a block of the spaces its
-    channels come from (channel j of the tensor is in head j // d)."""
-    if not ts.heads:
-        return
-    d = ts.split[-1]
+    channels come from (channel j of the tensor is in head j // d; `d`: the head size of a tensor whose heads are
+    not split out on axes of their own, the fused Attention op's (N, T, H·d) inputs)."""
+    if d is None:
+        if not ts.heads:
+            return
+        d = ts.split[-1]
     source = w.channels(ts.space)
     labels: dict = {}
     for j, (space, c) in enumerate(source):
@@ -788,24 +790,30 @@ def _attention_scores(w: _Walk, node, q: TensorSpace, k: TensorSpace):
         raise _Unsupported("multiplies queries and keys whose heads do not line up")
     if w.width(q) != w.width(k):
         raise _Unsupported(f"multiplies {w.width(q)} query features by {w.width(k)} key features")
+    _queries_with_keys(w, q, k)
+    _set_shared(w, node.output[0])
+    w.scores.add(node.output[0])
+    return "carrier", None, q, w.space_of(node.output[0])
+
+
+def _queries_with_keys(w: _Walk, q: TensorSpace, k: TensorSpace, d: int | None = None) -> None:
+    """Feature j of the queries and feature j of the keys share one transform: their spaces are tied, or matched
+    alike where both are cut from one packed projection; every head (of `d` features where given) is a block."""
     qs, ks = w.find(q.space), w.find(k.space)
     derived = [sid for sid in (qs, ks) if sid in w.views or sid in w.parts]
     if not derived:
-        _head_blocks(w, q)
-        _head_blocks(w, k)
+        _head_blocks(w, q, d)
+        _head_blocks(w, k, d)
         w.tie(qs, ks)
     elif qs != ks:
         cq, ck = w.channels(qs), w.channels(ks)
         if len({w.find(sp) for sp, _ in cq + ck}) != 1 or set(cq) & set(ck):
             raise _Unsupported("multiplies queries and keys cut from different projections")
-        _head_blocks(w, q)
-        _head_blocks(w, k)
+        _head_blocks(w, q, d)
+        _head_blocks(w, k, d)
         w.alike.append((cq, ck))
     else:
-        _head_blocks(w, q)
-    _set_shared(w, node.output[0])
-    w.scores.add(node.output[0])
-    return "carrier", None, q, w.space_of(node.output[0])
+        _head_blocks(w, q, d)
 
 
 def _attention_values(w: _Walk, node, p: TensorSpace, v: TensorSpace):
@@ -820,6 +828,60 @@ def _attention_values(w: _Walk, node, p: TensorSpace, v: TensorSpace):
     _head_blocks(w, v)
     w.set_space(node.output[0], v)
     return "carrier", None, v, v
+
+
+def _attention_op(w: _Walk, node):
+    """ONNX's fused Attention (opset 23 and up; the dynamo exporter writes it for scaled_dot_product_attention and
+    nn.MultiheadAttention from opset 23): softmax(Q Kᵀ · scale + mask) V of inputs (N, H, T, d), split into heads
+    as the written-out MatMul / Softmax / MatMul's are, or (N, T, H·d) split by the op itself (`q_num_heads`,
+    `kv_num_heads`). As there, queries and keys of each head share one transform, the values carry through to the
+    output, every head is a block. The mask is added to the scores: a constant one that differs between the
+    models is averaged (`_follow_scores`), one computed from the inputs is the same in both."""
+    inputs = list(node.input) + [""] * (7 - len(node.input))
+    if inputs[4] or inputs[5]:
+        raise _Unsupported("attends over a cache of past keys and values (past_key, past_value)")
+    if any(node.output[1:]):
+        raise _Unsupported("returns its keys, values or scores (present_key, present_value, qk_matmul_output)")
+    q, k, v = (w.space_of(n) if n else None for n in inputs[:3])
+    if q is None or k is None or v is None or any(w.find(ts.space) in w.identity for ts in (q, k, v)):
+        raise _Unsupported("attends with queries, keys or values that are not features of the model")
+    for j in (3, 6):
+        extra = w.space_of(inputs[j]) if inputs[j] else None
+        if extra is not None and w.find(extra.space) not in w.identity:
+            raise _Unsupported(f"its {('mask', 'key lengths')[j == 6]} '{inputs[j]}' carries features")
+    if any(ts.expand != 1 for ts in (q, k, v)):
+        raise _Unsupported("attends with features repeated along their axis")
+    rank = w.rank(inputs[0])
+    if w.rank(inputs[1]) != rank or w.rank(inputs[2]) != rank or rank not in (3, 4):
+        raise _Unsupported("attends with inputs of other ranks than (N, T, H·d) or (N, H, T, d)")
+    if rank == 4:
+        parts = [_feature_part(ts) for ts in (q, k, v)]
+        if any(axis != 3 or heads != parts[0][1] or [ax for ax, _ in heads] != [1] for axis, heads in parts):
+            raise _Unsupported("attends with queries, keys and values whose heads are not on axis 1 alike")
+        if w.width(q) != w.width(k):
+            raise _Unsupported(f"attends with {w.width(q)} query features and {w.width(k)} key features")
+        _queries_with_keys(w, q, k)
+        _head_blocks(w, v)
+        out = v
+    else:
+        if any(ts.heads or ts.split or ts.axis != 2 for ts in (q, k, v)):
+            raise _Unsupported("attends with (N, T, H·d) inputs whose features are not on their last axis")
+        heads, kv_heads = w.attr(node, "q_num_heads", 0), w.attr(node, "kv_num_heads", 0)
+        if heads < 1 or kv_heads != heads:
+            raise _Unsupported(f"groups {heads} query heads over {kv_heads} key/value heads")
+        widths = [w.width(ts) for ts in (q, k, v)]
+        if widths[0] != widths[1] or any(f % heads for f in widths):
+            raise _Unsupported(f"attends with {widths[0]} query and {widths[1]} key features in {heads} heads")
+        _queries_with_keys(w, q, k, widths[0] // heads)
+        _head_blocks(w, v, widths[2] // heads)
+        out = TensorSpace(v.space, 2)
+    if inputs[3]:
+        sources = _selected_constants(w, inputs[3], w.node_index, 3)
+        if sources and all(w.initializers[w.model.graph.node[i].input[j]].dtype.kind == "f" for i, j in sources):
+            for where in sources:
+                w.averaged[where] = "a learned bias added to attention scores"
+    w.set_space(node.output[0], out)
+    return "carrier", None, v, out
 
 
 def _batchnorm(w: _Walk, node):
@@ -1723,6 +1785,7 @@ HANDLERS = {
     "Conv": _conv,
     "Gemm": _gemm,
     "MatMul": _matmul,
+    "Attention": _attention_op,
     "BatchNormalization": _batchnorm,
     "InstanceNormalization": _instancenorm,
     "Add": _elementwise,
@@ -1771,7 +1834,7 @@ del HANDLERS["Where"]
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # what may read a tensor split into attention heads (each handler follows the parts)
 HEAD_OPS = ("Transpose", "Reshape", "MatMul", "Mul", "Div", "Add", "Sub", "Squeeze", "Unsqueeze", "Slice", "Split",
-            "Gather", "Shape", "Size", "Neg", "Concat", "Identity")
+            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention")
 
 
 def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:

@@ -1010,20 +1010,24 @@ def fixed_width_spaces(a: Analysis) -> dict:
     """Spaces whose merged width must stay F under --width, with why: a view (Slice, Split, channel shuffle) reads
     them (its merged channels sit at fixed positions), a Reshape/Expand reads or writes one of their tensors (its
     target shape may spell out the width: heads of attention, a patch embedding, dynamo's global pooling), a grouped
-    Conv does (widening its groups is not done yet), or an operator that computes across channels reads them
-    (LayerNorm, a softmax, a reduction: conservatively, whatever its axis)."""
+    Conv does (widening its groups is not done yet), the fused Attention op does (its heads keep their size), or an
+    operator that computes across channels reads them (LayerNorm, a softmax, a reduction: conservatively, whatever
+    its axis)."""
     fixed = {}
     for space in a.spaces.values():
         for sp, _ in space.view or ():
             fixed.setdefault(sp, "a slice, split or channel shuffle reads it")
     for node in a.model.graph.node:
         grouped = node.op_type == "Conv" and any(at.name == "group" and at.i > 1 for at in node.attribute)
-        if node.op_type in ("Reshape", "Expand") or grouped or node.op_type in _ACROSS_CHANNELS:
+        if node.op_type in ("Reshape", "Expand", "Attention") or grouped or node.op_type in _ACROSS_CHANNELS:
             why = (f"grouped Conv '{node.name}' (its groups keep their size)" if grouped else
                    f"{node.op_type} '{node.name}' may spell out its width" if node.op_type in ("Reshape", "Expand")
+                   else f"Attention '{node.name}' splits its inputs into heads of a fixed size"
+                   if node.op_type == "Attention"
                    else f"{node.op_type} '{node.name}' mixes its channels (a merged feature kept twice would count "
                         "twice)")
-            for name in list(node.input[:1]) + list(node.output[:1]):
+            read = 3 if node.op_type == "Attention" else 1  # queries, keys and values
+            for name in list(node.input[:read]) + list(node.output[:1]):
                 ts = a.tensor_spaces.get(name)
                 if ts is not None:
                     fixed.setdefault(ts.space, why)

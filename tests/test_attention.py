@@ -47,7 +47,20 @@ def projections(an):
 
 
 def test_the_fixtures_cover_both_exporters_and_four_attention_styles():
-    assert VITS == [f"vit_{a}_{h}" for a in ("mha", "packed", "relative", "separate") for h in ("dynamo", "ts")]
+    written_out = [f"vit_{a}_{h}" for a in ("mha", "packed", "relative", "separate") for h in ("dynamo", "ts")]
+    fused = [f"vit_{a}_dynamo23" for a in ("mha", "packed", "relative_sdpa")]  # ONNX's Attention op
+    assert VITS == sorted(written_out + fused)
+    for name in fused:
+        assert MANIFEST[name]["op_types"]["Attention"] == DEPTH
+        assert "Softmax" not in MANIFEST[name]["op_types"]
+
+
+@pytest.mark.parametrize("fused, written_out", [("vit_packed_dynamo23", "vit_packed_dynamo"),
+                                                ("vit_mha_dynamo23", "vit_mha_dynamo"),
+                                                ("vit_relative_sdpa_dynamo23", "vit_relative_dynamo")])
+def test_the_fused_attention_op_costs_what_the_written_out_attention_costs(fused, written_out):
+    from onnxzip.evaluate import count_macs
+    assert count_macs(load(fused)) == count_macs(load(written_out))
 
 
 @pytest.mark.parametrize("name", VITS)
@@ -449,7 +462,7 @@ def test_rotary_tables_that_differ_leave_the_attention_unmerged_without_a_crash(
 # A learned relative position bias added to the attention scores (Swin): averaged like a bias where it differs
 # ---------------------------------------------------------------------------------------------------------------
 
-RELATIVE = ["vit_relative_ts", "vit_relative_dynamo"]
+RELATIVE = ["vit_relative_ts", "vit_relative_dynamo", "vit_relative_sdpa_dynamo23"]  # the last: the Attention op's mask
 
 
 @pytest.mark.parametrize("name", RELATIVE)
@@ -491,3 +504,109 @@ def test_inspect_says_which_differing_constants_merge_takes_as_their_average():
     report = inspect_models(a, b)
     assert report["match"]["ok"] and len(report["match"]["averaged_constants"]) == DEPTH
     assert f"{DEPTH} constant(s) differ between the models where merge takes their average" in format_report(report)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX's fused Attention op (opset 23) on (N, T, H·d) inputs: the op splits them into heads itself
+# ---------------------------------------------------------------------------------------------------------------
+
+def fused_attention_model(weights, heads=2, kv_heads=2, past=False):
+    """x (N, 4, 16) -> q, k, v = x W + b -> Attention(q, k, v, mask, q_num_heads, kv_num_heads) on (N, T, H·d)
+    -> MatMul + bias -> mean over tokens -> Gemm head. `past`: the op also reads a key/value
+    cache (graph inputs)."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = []
+    for p in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"{p}.w"], [f"{p}0"]),
+                  helper.make_node("Add", [f"{p}0", f"{p}.b"], [p])]
+    attention_inputs = ["q", "k", "v", "mask"] + (["past_k", "past_v"] if past else [])
+    outputs = ["att"] + (["present_k", "present_v"] if past else [])  # onnxruntime needs them with a cache
+    nodes += [helper.make_node("Attention", attention_inputs, outputs, q_num_heads=heads, kv_num_heads=kv_heads),
+              helper.make_node("MatMul", ["att", "o.w"], ["o0"]),
+              helper.make_node("Add", ["o0", "o.b"], ["o"]),
+              helper.make_node("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0),
+              helper.make_node("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])]
+    if past:
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", kv_heads, 2, 16 // heads])
+                   for n in ("past_k", "past_v")]
+    graph = helper.make_graph(nodes, "fused", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+                              + [numpy_helper.from_array(np.array([1], np.int64), "tokens")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def fused_weights(rng, kv_width=16):
+    return {"q.w": rng.randn(16, 16) / 4, "q.b": rng.uniform(0, 0.2, 16), "k.w": rng.randn(16, kv_width) / 4,
+            "k.b": rng.uniform(0, 0.2, kv_width), "v.w": rng.randn(16, kv_width) / 4,
+            "v.b": rng.uniform(0, 0.2, kv_width), "mask": rng.randn(2, 4, 4), "o.w": rng.randn(16, 16) / 4,
+            "o.b": rng.uniform(0, 0.2, 16), "head.w": rng.randn(16, 5) / 4, "head.b": rng.uniform(0, 0.2, 5)}
+
+
+def test_the_fused_attention_op_on_packed_heads_merges_twins_exactly_and_averages_its_mask():
+    """Queries and keys share a transform inside each head of 8 (the op's own split of 16 features into 2 heads),
+    values carry through to the output projection; the twin permutes both inside each head, heads in place. A
+    perturbed B zips everything, its mask (a per-head bias added to the scores) merged as the average."""
+    rng = np.random.RandomState(7)
+    w = fused_weights(rng)
+    pqk = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
+    pv = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
+    twin = dict(w)
+    for p, perm in (("q", pqk), ("k", pqk), ("v", pv)):
+        twin[f"{p}.w"], twin[f"{p}.b"] = w[f"{p}.w"][:, perm], w[f"{p}.b"][perm]
+    twin["o.w"] = w["o.w"][pv]
+    a, b = fused_attention_model(w), fused_attention_model(twin)
+    an = analyse(a)
+    assert not an.blocked_reasons, an.blocked_reasons
+    sq, sk, sv = (an.tensor_spaces[t].space for t in "qkv")
+    assert sq == sk != sv
+    for sid in (sq, sv):
+        assert list(an.spaces[sid].partition) == [h for h in range(2) for _ in range(8)]
+    assert an.tensor_spaces["att"].space == sv
+    x = rng.randn(256, 4, 16).astype(np.float32)
+    want = run(a, {"x": x[:64]})["logits"]
+    assert np.abs(run(b, {"x": x[:64]})["logits"] - want).max() < 1e-5
+    res = onnxzip.merge(a, b, {"x": x})
+    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 4
+    got = run(res.model, {"x": x[:64]})
+    for head in ("a", "b"):
+        assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), head
+
+    b = fused_attention_model({k: v + 0.3 * rng.randn(*v.shape) for k, v in w.items()})
+    res = onnxzip.merge(a, b, {"x": x})
+    assert not res.card["unmerged"] and not res.card["zipped_nothing"]
+    assert len(res.card["averaged_constants"]) == 1
+    mask = next(onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer if t.name.endswith("mask"))
+    want_mask = (w["mask"].astype(np.float32).astype(np.float64)
+                 + onnx.numpy_helper.to_array(next(t for t in b.graph.initializer if t.name == "mask"))) / 2
+    np.testing.assert_allclose(mask, want_mask, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["grouped_query", "past"])
+def test_fused_attention_the_walk_cannot_follow_is_left_unmerged_with_its_reason(case):
+    """Grouped-query attention (2 query heads over 1 key/value head) and a key/value cache are not followed: the
+    attention is left unmerged and says why, the merge still runs."""
+    rng = np.random.RandomState(8)
+    w = fused_weights(rng, 8 if case == "grouped_query" else 16)
+    if case == "past":
+        w["mask"] = rng.randn(2, 4, 6)  # over the 2 cached and the 4 new tokens
+    a = fused_attention_model(w, kv_heads=1 if case == "grouped_query" else 2, past=case == "past")
+    an = analyse(a)
+    node = next(i for i, n in enumerate(an.model.graph.node) if n.op_type == "Attention")
+    reason = an.nodes[node].reason
+    assert an.nodes[node].kind == "unsupported"
+    assert ("groups 2 query heads over 1 key/value heads" if case == "grouped_query" else "past_key") in reason
+    x = {"x": rng.randn(128, 4, 16).astype(np.float32)}
+    if case == "past":
+        x.update({n: rng.randn(128, 2, 2, 8).astype(np.float32) for n in ("past_k", "past_v")})
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    F.perturb(b, 0.3, np.random.RandomState(1))
+    res = onnxzip.merge(a, b, x)
+    assert res.card["unmerged"]
+    out = F.run(res.model, {k: v[:8] for k, v in x.items()})
+    assert all(np.isfinite(v).all() for v in out.values())

@@ -510,7 +510,7 @@ class TinyViT(nn.Module):
         for _ in range(self.depth):
             block = nn.Module()
             block.norm1, block.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            if attention in ("packed", "relative"):
+            if attention in ("packed", "relative", "relative_sdpa"):
                 block.qkv = nn.Linear(d, 3 * d)
             elif attention == "separate":
                 block.q, block.k, block.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
@@ -518,7 +518,7 @@ class TinyViT(nn.Module):
                 block.mha = nn.MultiheadAttention(d, self.heads, batch_first=True)
             if attention != "mha":
                 block.proj = nn.Linear(d, d)
-            if attention == "relative":
+            if attention.startswith("relative"):
                 block.rel_table = nn.Parameter(torch.zeros(9, self.heads))  # (2·2-1)² offsets on the 2x2 grid
             block.fc1, block.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
             self.blocks.append(block)
@@ -530,12 +530,13 @@ class TinyViT(nn.Module):
 
     @property
     def expected(self):
-        per_block = {"packed": 2, "separate": 3, "mha": 2, "relative": 2}[self.attention]
+        per_block = {"packed": 2, "separate": 3, "mha": 2, "relative": 2, "relative_sdpa": 2}[self.attention]
         return (2 + self.depth * per_block,
                 "the residual stream (patch conv, class token, position embedding, every attention output projection "
                 "and fc2, tied by the residual Adds; LayerNorm carries it), per block: "
                 + {"packed": "qkv (queries, keys, values are views of it)",
                    "relative": "qkv (queries, keys, values are views of it)",
+                   "relative_sdpa": "qkv (queries, keys, values are views of it)",
                    "separate": "q+k (tied by q kᵀ), v",
                    "mha": "the packed in-projection (queries, keys, values are views of it)"}[self.attention]
                 + " and fc1; the fc head")
@@ -548,7 +549,7 @@ class TinyViT(nn.Module):
             self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g))
             self.pos_embed.copy_(0.5 * torch.randn(self.pos_embed.shape, generator=g))
             for block in self.blocks:
-                if self.attention == "relative":
+                if self.attention.startswith("relative"):
                     block.rel_table.copy_(torch.randn(block.rel_table.shape, generator=g))
                 if self.attention == "mha":
                     w = block.mha.in_proj_weight
@@ -567,6 +568,11 @@ class TinyViT(nn.Module):
             q, k, v = block.qkv(x).reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
             bias = block.rel_table[self.rel_index.flatten()].view(t, t, h).permute(2, 0, 1).unsqueeze(0)
             o = torch.softmax(q * (d // h) ** -0.5 @ k.transpose(-2, -1) + bias, dim=-1) @ v
+        elif self.attention == "relative_sdpa":  # the bias as scaled_dot_product_attention's float mask
+            q, k, v = block.qkv(x).reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+            # (H, T, T): with a leading axis of 1, torch 2.13's export cannot view the output as (N, T, D)
+            bias = block.rel_table[self.rel_index.flatten()].view(t, t, h).permute(2, 0, 1)
+            o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             q, k, v = (lin(x).view(n, t, h, d // h).transpose(1, 2) for lin in (block.q, block.k, block.v))
             o = torch.softmax(q @ k.transpose(-2, -1) / (d // h) ** 0.5, dim=-1) @ v
@@ -574,7 +580,7 @@ class TinyViT(nn.Module):
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
-        if self.attention == "relative":
+        if self.attention.startswith("relative"):
             x = x + self.pos_embed[:, 1:]
         else:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
@@ -582,7 +588,7 @@ class TinyViT(nn.Module):
             x = x + self._attend(block, block.norm1(x))
             x = x + block.fc2(nn.functional.gelu(block.fc1(block.norm2(x))))
         x = self.norm(x)
-        return self.fc(x.mean(dim=1) if self.attention == "relative" else x[:, 0])
+        return self.fc(x.mean(dim=1) if self.attention.startswith("relative") else x[:, 0])
 
     def spaces(self):
         d, h = self.dim, self.heads
@@ -598,7 +604,7 @@ class TinyViT(nn.Module):
                            (f"{b}.mha.out_proj.bias", 0)]
             else:
                 stream += [(f"{b}.proj.weight", 0), (f"{b}.proj.bias", 0)]
-                stream += [(f"{b}.{n}.weight", 1) for n in (("qkv",) if self.attention in ("packed", "relative") else "qkv")]
+                stream += [(f"{b}.{n}.weight", 1) for n in (("qkv",) if self.attention in ("packed", "relative", "relative_sdpa") else "qkv")]
             out[f"{b}.fc1"] = (2 * d, 1, conv_out(f"{b}.fc1") + conv_in(f"{b}.fc2"))
         out["stream"] = (d, 1, stream)
         return out
@@ -838,8 +844,9 @@ def export_torch(model: nn.Module, path: str, how: str) -> None:
         torch.randn(2, *model.input_shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if how == "dynamo":
-            prog = torch.onnx.export(model, (x,), dynamo=True, external_data=False,
+        if how.startswith("dynamo"):  # "dynamo23": at opset 23, where it writes the fused Attention op
+            opset = {"opset_version": int(how[6:])} if how[6:] else {}
+            prog = torch.onnx.export(model, (x,), dynamo=True, external_data=False, **opset,
                                      dynamic_shapes=({0: torch.export.Dim("N", min=1, max=4096)},), verbose=False)
             prog.save(path, external_data=False)
         else:
@@ -952,7 +959,9 @@ def torch_fixture(out, name, cls, how, seed, note="", **kw):
     n, how_counted = a.expected
     return {"exporter": {"ts": "torch.onnx TorchScript (dynamo=False, eval: BN folded)",
                          "ts_bn_kept": "torch.onnx TorchScript (dynamo=False, training=PRESERVE: BN kept)",
-                         "dynamo": "torch.onnx dynamo=True (torch.export + onnxscript, optimize=True)"}[how],
+                         "dynamo": "torch.onnx dynamo=True (torch.export + onnxscript, optimize=True)",
+                         "dynamo23": "torch.onnx dynamo=True, opset_version=23 (torch.export + onnxscript, "
+                                     "optimize=True)"}[how],
             "torch": torch.__version__, "architecture": cls.__name__, "architecture_doc": " ".join(cls.__doc__.split()),
             "twin": True, "seed": seed, "input_shape": [None, *cls.input_shape],
             **({"input_high": vocab} if vocab else {}),
@@ -1121,6 +1130,19 @@ FIXTURES = {
           "with the output projection's input, heads (and their biases) in place.",
         attention="relative"))
       for how, seed in (("ts", 26), ("dynamo", 27))},
+    **{f"vit_{attention}_dynamo23": (lambda out, attention=attention, seed=seed: torch_fixture(
+        out, f"vit_{attention}_dynamo23", TinyViT, "dynamo23", seed,
+        "Transformer exported by dynamo at opset 23, which writes scaled_dot_product_attention as ONNX's fused "
+        "Attention op on (N, H, T, d) queries, keys and values: "
+        + {"packed": "packed qkv Linear, reshape (N, T, 3, H, d), permute, unbind",
+           "mha": "nn.MultiheadAttention(batch_first=True), its packed in-projection split and reshaped into heads",
+           "relative_sdpa": "packed qkv; Swin's learned relative position bias per head (a table indexed by the "
+                            "tokens' offsets) passed as scaled_dot_product_attention's float attn_mask, the op's "
+                            "mask input (dynamo keeps the lookup, a Gather of the table)"}[attention]
+        + ". The twin permutes the residual stream, each fc1, and inside every head queries with keys and values "
+          "with the output projection's input, heads (and their biases) in place.",
+        attention=attention))
+      for attention, seed in (("packed", 28), ("mha", 29), ("relative_sdpa", 50))},
     **{f"bert_{norm}_{how}": (lambda out, norm=norm, pool=pool, how=how, i=i: torch_fixture(
         out, f"bert_{norm}_{how}", TinyBert, how, 30 + i,
         "BERT-like encoder on int64 token ids (input_high: ids are below it): word embedding Gather(table, ids), "
