@@ -90,11 +90,30 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total
 
 
+def _attention_macs(node, known) -> int | None:
+    """Q·Kᵀ and P·V of ONNX's Attention op (inputs (N, H, T, d), or (N, T, H·d) with `q_num_heads` and
+    `kv_num_heads`; a past key/value cache lengthens the keys); None where a shape is unknown."""
+    q, k, v = (known(name) for name in node.input[:3])
+    past = known(node.input[4]) if len(node.input) > 4 and node.input[4] else [0, 0, 0, 0]
+    if q is None or k is None or v is None or past is None or len(q) not in (3, 4):
+        return None
+    if len(q) == 4:
+        heads, tokens, d, keys, dv = q[1], q[2], q[3], k[2] + past[2], v[3]
+    else:
+        attrs = {a.name: a.i for a in node.attribute}
+        heads, kv_heads = attrs.get("q_num_heads", 0), attrs.get("kv_num_heads", 0)
+        if heads < 1 or kv_heads < 1:
+            return None
+        tokens, d, keys, dv = q[1], q[2] // heads, k[1] + past[2], v[2] // kv_heads
+    return int(q[0]) * int(heads) * int(tokens) * int(keys) * int(d + dv)
+
+
 def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
     """Multiply-accumulates of one forward pass for ONE input sample, from ONNX shape inference.
 
     Counted: Conv (output elements × Cin/group × kernel area), ConvTranspose (input elements × Cout/group ×
-    kernel area), Gemm and MatMul (M·K·N, batched MatMul included). Every other operator (activations, pooling,
+    kernel area), Gemm and MatMul (M·K·N, batched MatMul included), the fused Attention op (its Q·Kᵀ and P·V:
+    query heads × query tokens × key tokens × (query head size + value head size)). Every other operator (activations, pooling,
     Add, BatchNorm, Gather, ...) counts 0: they are cheap next to these and have no agreed MAC count.
     Operators inside subgraphs (If, Loop) are not counted.
 
@@ -133,9 +152,10 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
         raise ModelError(f"ONNX shape inference failed, cannot count MACs: {e}") from e
     from .graph import infer_shapes_folding, known_shapes
 
-    layers = [node for node in m.graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    layers = [node for node in m.graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+              or node.op_type == "Attention" and node.domain in ("", "ai.onnx")]
     shapes = known_shapes(inferred)
-    if any(name not in shapes for node in layers for name in (node.input[0], node.input[1], node.output[0])):
+    if any(name not in shapes for node in layers for name in (*node.input[:3], node.output[0]) if name):
         try:
             shapes = known_shapes(infer_shapes_folding(inferred)[0])
         except ModelError as e:
@@ -147,6 +167,13 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
 
     total = 0
     for node in layers:
+        if node.op_type == "Attention":
+            macs = _attention_macs(node, known)
+            if macs is None:
+                log.warning("count_macs: shapes around Attention node %r are unknown; its MACs are not counted",
+                            node.name)
+            total += macs or 0
+            continue
         x = known(node.input[0])
         w = known(node.input[1])
         y = known(node.output[0])

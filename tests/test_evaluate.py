@@ -70,6 +70,25 @@ def test_macs_batched_matmul_and_conv_transpose():
     assert count_macs(model) == 4 * 7 * 6 * 9 + 7 * 6 * 5 + 2 * 3 * 3 * 3 * 2 * 2
 
 
+def test_macs_of_the_fused_attention_op_count_its_two_products():
+    """ONNX's Attention (opset 23): Q·Kᵀ and P·V, per query head, query token and key token: d + dv products.
+    (N, H, T, d) inputs: 4 heads, 7 queries, 9 keys, d 6, dv 5; (N, T, H·d) inputs with q_num_heads 4 and
+    kv_num_heads 2 (grouped queries): d 24 / 4, dv 10 / 2."""
+    def model(nodes, inputs, outputs):
+        graph = helper.make_graph(nodes, "g", inputs, outputs)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+        m.ir_version = 10
+        onnx.checker.check_model(m, full_check=True)
+        return m
+    four = model([helper.make_node("Attention", ["q", "k", "v"], ["y"])],
+                 [_vi("q", ["N", 4, 7, 6]), _vi("k", ["N", 4, 9, 6]), _vi("v", ["N", 4, 9, 5])],
+                 [_vi("y", ["N", 4, 7, 5])])
+    assert count_macs(four) == 4 * 7 * 9 * (6 + 5)
+    three = model([helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=4, kv_num_heads=2)],
+                  [_vi("q", ["N", 7, 24]), _vi("k", ["N", 9, 12]), _vi("v", ["N", 9, 10])], [_vi("y", ["N", 7, 20])])
+    assert count_macs(three) == 4 * 7 * 9 * (6 + 5)
+
+
 def test_macs_input_shapes_for_symbolic_dims():
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
     model = _model(nodes, [_vi("x", ["N", "T", 4])], [_vi("y", ["N", "T", 3])], [_f("W", 4, 3)])
