@@ -108,12 +108,30 @@ def _attention_macs(node, known) -> int | None:
     return int(q[0]) * int(heads) * int(tokens) * int(keys) * int(d + dv)
 
 
+def _einsum_macs(node, known) -> int | None:
+    """An Einsum of two operands: one multiply-accumulate per combination of its letters' values (the product of
+    every letter's size); None where a shape is unknown or the equation has an ellipsis or another operand count."""
+    equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
+    operands = equation.split("->")[0].split(",")
+    shapes = [known(name) for name in node.input]
+    if len(operands) != 2 or "." in equation or any(s is None for s in shapes):
+        return None
+    sizes = {}
+    for letters, shape in zip(operands, shapes):
+        if len(letters) != len(shape):
+            return None
+        for letter, size in zip(letters, shape):
+            sizes[letter] = max(sizes.get(letter, 1), int(size))
+    return int(np.prod(list(sizes.values()), dtype=np.int64))
+
+
 def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
     """Multiply-accumulates of one forward pass for ONE input sample, from ONNX shape inference.
 
     Counted: Conv (output elements × Cin/group × kernel area), ConvTranspose (input elements × Cout/group ×
     kernel area), Gemm and MatMul (M·K·N, batched MatMul included), the fused Attention op (its Q·Kᵀ and P·V:
-    query heads × query tokens × key tokens × (query head size + value head size)). Every other operator (activations, pooling,
+    query heads × query tokens × key tokens × (query head size + value head size)), an Einsum of two operands (the
+    product of its letters' sizes). Every other operator (activations, pooling,
     Add, BatchNorm, Gather, ...) counts 0: they are cheap next to these and have no agreed MAC count.
     Operators inside subgraphs (If, Loop) are not counted.
 
@@ -153,7 +171,7 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
     from .graph import infer_shapes_folding, known_shapes
 
     layers = [node for node in m.graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-              or node.op_type == "Attention" and node.domain in ("", "ai.onnx")]
+              or node.op_type in ("Attention", "Einsum") and node.domain in ("", "ai.onnx")]
     shapes = known_shapes(inferred)
     if any(name not in shapes for node in layers for name in (*node.input[:3], node.output[0]) if name):
         try:
@@ -167,11 +185,11 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None) -> int:
 
     total = 0
     for node in layers:
-        if node.op_type == "Attention":
-            macs = _attention_macs(node, known)
+        if node.op_type in ("Attention", "Einsum"):
+            macs = (_attention_macs if node.op_type == "Attention" else _einsum_macs)(node, known)
             if macs is None:
-                log.warning("count_macs: shapes around Attention node %r are unknown; its MACs are not counted",
-                            node.name)
+                log.warning("count_macs: shapes around %s node %r are unknown; its MACs are not counted",
+                            node.op_type, node.name)
             total += macs or 0
             continue
         x = known(node.input[0])

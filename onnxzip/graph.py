@@ -774,17 +774,18 @@ def _head_blocks(w: _Walk, ts: TensorSpace, d: int | None = None) -> None:
         w.refine(space, lab)
 
 
-def _attention_scores(w: _Walk, node, q: TensorSpace, k: TensorSpace):
-    """Q Kᵀ of two feature tensors (queries (…, T, d), keys (…, d, T)): the dot product over the features of each
-    head must survive the merge, so feature j of the queries and feature j of the keys share one transform (their
-    spaces are tied, or matched alike where both are cut from one packed projection), and every head is a block.
-    The scores carry no channels: like the shared input, the merged model computes them once for both models (for
-    a permutation exactly, for zipped features approximately)."""
+def _attention_scores(w: _Walk, node, q: TensorSpace, k: TensorSpace, keys_transposed: bool = True):
+    """Q Kᵀ of two feature tensors (queries (…, T, d), keys (…, d, T), or (…, T, d) where not `keys_transposed`:
+    an Einsum's "…id,…jd->…ij"): the dot product over the features of each head must survive the merge, so feature
+    j of the queries and feature j of the keys share one transform (their spaces are tied, or matched alike where
+    both are cut from one packed projection), and every head is a block. The scores carry no channels: like the
+    shared input, the merged model computes them once for both models (for a permutation exactly, for zipped
+    features approximately)."""
     rank = w.rank(node.input[0])
     if w.rank(node.input[1]) != rank or rank < 2 or q.expand != 1 or k.expand != 1:
         raise _Unsupported("multiplies two feature tensors that are not queries (…, T, d) and keys (…, d, T)")
     (qa, q_heads), (ka, k_heads) = _feature_part(q), _feature_part(k)
-    if qa != rank - 1 or ka != rank - 2:
+    if qa != rank - 1 or ka != rank - (2 if keys_transposed else 1):
         raise _Unsupported("multiplies two feature tensors over an axis that does not hold the features of both")
     if q_heads != k_heads or any(ax >= rank - 2 for ax, _ in q_heads):
         raise _Unsupported("multiplies queries and keys whose heads do not line up")
@@ -814,6 +815,47 @@ def _queries_with_keys(w: _Walk, q: TensorSpace, k: TensorSpace, d: int | None =
         w.alike.append((cq, ck))
     else:
         _head_blocks(w, q, d)
+
+
+def _einsum_form(equation: str) -> str | None:
+    """'scores' for a batched Q Kᵀ ("…id,…jd->…ij"), 'product' for a batched matrix product ("…ij,…jd->…id"),
+    with the same batch letters in all three places; None for any other equation."""
+    text = equation.replace(" ", "")
+    if "->" not in text or "." in text:
+        return None
+    ins, out = text.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    r = len(out)
+    if r < 2 or len(a) != r or len(b) != r or len(set(out)) != r or not (a[:-2] == b[:-2] == out[:-2]):
+        return None
+    i, j = out[-2], out[-1]
+    if a[-2] == i and b[-2] == j and a[-1] == b[-1] and a[-1] not in out:
+        return "scores"
+    if a[-2] == i and a[-1] == b[-2] and b[-1] == j and a[-1] not in out:
+        return "product"
+    return None
+
+
+def _einsum(w: _Walk, node):
+    """Einsum of two feature tensors written as attention's products (torchvision's MaxViT): "…id,…jd->…ij" is
+    Q Kᵀ with the keys (…, T, d), "…ij,…jd->…id" is the attention weights times the values."""
+    equation = w.attr(node, "equation", b"")
+    equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+    form = _einsum_form(equation)
+    x = w.space_of(node.input[0]) if len(node.input) == 2 else None
+    y = w.space_of(node.input[1]) if len(node.input) == 2 else None
+    if form is None or x is None or y is None:
+        raise _Unsupported(f"Einsum '{equation}' is not an attention product of two computed tensors "
+                           "(…id,…jd->…ij or …ij,…jd->…id)")
+    shared = w.find(x.space) in w.identity, w.find(y.space) in w.identity
+    if form == "scores" and not any(shared):
+        return _attention_scores(w, node, x, y, keys_transposed=False)
+    if form == "product" and shared == (True, False):
+        return _attention_values(w, node, x, y)
+    raise _Unsupported(f"Einsum '{equation}' multiplies features in a way attention does not")
 
 
 def _attention_values(w: _Walk, node, p: TensorSpace, v: TensorSpace):
@@ -1786,6 +1828,7 @@ HANDLERS = {
     "Gemm": _gemm,
     "MatMul": _matmul,
     "Attention": _attention_op,
+    "Einsum": _einsum,
     "BatchNormalization": _batchnorm,
     "InstanceNormalization": _instancenorm,
     "Add": _elementwise,
@@ -1834,7 +1877,7 @@ del HANDLERS["Where"]
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # what may read a tensor split into attention heads (each handler follows the parts)
 HEAD_OPS = ("Transpose", "Reshape", "MatMul", "Mul", "Div", "Add", "Sub", "Squeeze", "Unsqueeze", "Slice", "Split",
-            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention")
+            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention", "Einsum")
 
 
 def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:

@@ -610,3 +610,73 @@ def test_fused_attention_the_walk_cannot_follow_is_left_unmerged_with_its_reason
     assert res.card["unmerged"]
     out = F.run(res.model, {k: v[:8] for k, v in x.items()})
     assert all(np.isfinite(v).all() for v in out.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention's products written as Einsum (torchvision's MaxViT)
+# ---------------------------------------------------------------------------------------------------------------
+
+def einsum_attention_model(weights, scores="b h i d, b h j d -> b h i j", values="bhij,bhjd->bhid"):
+    """x (N, 4, 16) -> q, k, v = x W + b, each reshaped (N, 4, 2, 8) and transposed to (N, 2, 4, 8) -> Einsum
+    `scores` -> Softmax -> Einsum `values` -> back to (N, 4, 16) -> MatMul + bias -> mean over tokens -> Gemm."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = []
+    for p in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"{p}.w"], [f"{p}0"]),
+                  helper.make_node("Add", [f"{p}0", f"{p}.b"], [f"{p}1"]),
+                  helper.make_node("Reshape", [f"{p}1", "heads"], [f"{p}2"]),
+                  helper.make_node("Transpose", [f"{p}2"], [p], perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Einsum", ["q", "k"], ["s"], equation=scores),
+              helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+              helper.make_node("Einsum", ["p", "v"], ["a0"], equation=values),
+              helper.make_node("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["a1", "tokens_shape"], ["att"]),
+              helper.make_node("MatMul", ["att", "o.w"], ["o0"]),
+              helper.make_node("Add", ["o0", "o.b"], ["o"]),
+              helper.make_node("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0),
+              helper.make_node("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
+    consts = {"heads": np.array([0, 4, 2, 8], np.int64), "tokens_shape": np.array([0, 4, 16], np.int64),
+              "tokens": np.array([1], np.int64)}
+    graph = helper.make_graph(nodes, "einsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+                              + [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_attention_written_as_einsum_merges_twins_exactly():
+    """MaxViT writes Q Kᵀ as Einsum "B G H I D, B G H J D -> B G H I J" and P V as "… I J, … J D -> … I D":
+    queries and keys are tied head by head, values carry to the output; a twin permuted inside each head merges
+    back exactly, and an equation that is not attention's is left unmerged with its reason."""
+    rng = np.random.RandomState(9)
+    w = fused_weights(rng)
+    del w["mask"]
+    pqk = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
+    pv = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
+    twin = dict(w)
+    for p, perm in (("q", pqk), ("k", pqk), ("v", pv)):
+        twin[f"{p}.w"], twin[f"{p}.b"] = w[f"{p}.w"][:, perm], w[f"{p}.b"][perm]
+    twin["o.w"] = w["o.w"][pv]
+    a, b = einsum_attention_model(w), einsum_attention_model(twin)
+    an = analyse(a)
+    assert not an.blocked_reasons, an.blocked_reasons
+    sq, sk, sv = (an.nodes[i].out_space.space for i in an.weighted[:3])
+    assert sq == sk != sv
+    assert list(an.spaces[sq].partition) == [h for h in range(2) for _ in range(8)]
+    x = rng.randn(256, 4, 16).astype(np.float32)
+    want = run(a, {"x": x[:64]})["logits"]
+    assert np.abs(run(b, {"x": x[:64]})["logits"] - want).max() < 1e-5
+    res = onnxzip.merge(a, b, {"x": x})
+    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 4
+    got = run(res.model, {"x": x[:64]})
+    for head in ("a", "b"):
+        assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), head
+    from onnxzip.evaluate import count_macs  # 3 projections, 2 products of 2 heads x 4 x 4 x 8, output, head
+    assert count_macs(a) == 3 * 4 * 16 * 16 + 2 * (2 * 4 * 4 * 8) + 4 * 16 * 16 + 16 * 5
+
+    other = analyse(einsum_attention_model(w, scores="bhid,bhjd->bhji"))  # scores transposed: not followed
+    (i,) = [i for i, n in enumerate(other.model.graph.node) if n.op_type == "Einsum"][:1]
+    assert other.nodes[i].kind == "unsupported" and "bhid,bhjd->bhji" in other.nodes[i].reason
