@@ -178,8 +178,9 @@ class Analysis:
 
 
 def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True, batchnorms: dict | None = None) -> onnx.ModelProto:
-    """Copy of the model with Constant nodes (and Identity nodes of constants) turned into initializers, every
-    node named and, with `fold_batchnorm`, every inference BatchNormalization folded into the Conv or Gemm before it.
+    """Copy of the model with Constant nodes (and Identity nodes of constants) turned into initializers, every node
+    computed from constants alone folded to its value (`_fold_constant_node`), every node named and, with
+    `fold_batchnorm`, every inference BatchNormalization folded into the Conv or Gemm before it.
 
     Weights can arrive as initializers or as Constant nodes depending on the exporter; treating both alike keeps
     every handler simple. Folding BatchNorm makes a BN-kept export the same graph as a BN-folded one (what PyTorch's
@@ -191,6 +192,8 @@ def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True, batchnorms: d
     kept = []
     outputs = {o.name for o in graph.output}
     constants = {t.name: tensor_array(t) for t in graph.initializer}
+    learned = set(constants)  # the model's own tables (a Gather from one is an embedding lookup, kept)
+    opsets = {op.domain: op.version for op in model.opset_import}
     for i, node in enumerate(graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
@@ -219,6 +222,12 @@ def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True, batchnorms: d
             graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
             constants[node.output[0]] = value
             continue
+        folded = _fold_constant_node(node, constants, learned, outputs, opsets)
+        if folded is not None:
+            for name, value in zip(node.output, folded):
+                graph.initializer.append(numpy_helper.from_array(value, name))
+                constants[name] = value
+            continue
         kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
@@ -231,6 +240,36 @@ def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True, batchnorms: d
     if fold_batchnorm:
         _fold_batchnorms(model)
     return model
+
+
+# a computation on constants alone with a larger output is left to the model (a weight transposed, a table tiled)
+FOLD_CONSTANT_ELEMENTS = 1 << 18
+_NOT_FOLDED = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+               "Constant", "If", "Loop", "Scan")
+
+
+def _fold_constant_node(node, constants: dict, learned: set, outputs: set, opsets: dict) -> list | None:
+    """The values of a node computed from constants alone (Swin V2's qkv bias with the keys' part zeroed by
+    ScatterND, its continuous position bias: an MLP of a constant table, the clamped exponential of its logit
+    scale), as constants for the analysis to read like any other: None where it reads a tensor that is not a
+    constant, is a lookup in one of the model's own tables (an embedding: kept, it is a layer), writes a graph
+    output, or gives more than FOLD_CONSTANT_ELEMENTS values."""
+    from onnx.reference import ReferenceEvaluator
+    inputs = [n for n in node.input if n]
+    if (not inputs or node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED
+            or any(n not in constants for n in inputs) or any(o in outputs for o in node.output)
+            or (node.op_type == "Gather" and node.input[0] in learned and constants[node.input[0]].ndim >= 2
+                and constants[node.input[0]].dtype.kind == "f")):
+        return None
+    try:
+        values = ReferenceEvaluator(node, opsets=opsets).run(None, {n: constants[n] for n in inputs})
+    except Exception:  # noqa: BLE001 - an operator the reference evaluator cannot run is left as it is
+        return None
+    values = [np.asarray(v) for v in values]
+    if len(values) != len(node.output) or not all(node.output) or any(
+            v.size > FOLD_CONSTANT_ELEMENTS for v in values):
+        return None
+    return values
 
 
 def _fold_batchnorms(model: onnx.ModelProto) -> int:
@@ -495,6 +534,8 @@ class _Walk:
         self.alike: list = []  # ([(space, channel), ...], [(space, channel), ...]): matched alike, pair by pair
         self.group_links: list = []  # (input space or None: the shared input, output space, groups, node index)
         self.scores: set = set()  # attention scores (Q Kᵀ) and what is computed from them before the softmax
+        # statistics of each head's features (a norm over them), one value for every feature of a head
+        self.per_head: set = set()
         self.averaged: dict = {}  # (node index, input index) -> why (Analysis.averaged)
         self.readers: dict = {}  # tensor name -> nodes reading it
         self.producers: dict = {}  # tensor name -> (node index, node) writing it
@@ -1044,6 +1085,8 @@ def _elementwise_heads(w: _Walk, node, spaced: list, out_rank: int):
                        and (node.op_type == "Mul" or (node.op_type == "Div" and j == 1)))
         if w.space_of(name) is not None and w.find(w.space_of(name).space) not in w.identity:
             raise _Unsupported(f"input '{name}' is learned features, not one value for every entry")
+        if name in w.per_head and node.op_type in ("Mul", "Div"):
+            continue  # a statistic of each head's features (its norm): the same for every feature of the head
         if per_feature:
             pin = True
         elif not per_position:
@@ -1119,7 +1162,9 @@ def _reduce(w: _Walk, node):
             return "carrier", None, x, x
         raise _Unsupported("reduces over every axis, the channels included")
     if x.axis in axes:
-        return _channel_statistic(w, node, x)
+        return _channel_statistic(w, node, x, sorted(axes))
+    if x.heads:
+        raise _Unsupported("reduces a tensor split into attention heads over other axes than a head's features")
     if x.expand != 1 and any(a > x.axis for a in axes):
         raise _Unsupported("reduces inside a flattened channel axis")
     keep = w.attr(node, "keepdims", 1)
@@ -1128,15 +1173,39 @@ def _reduce(w: _Walk, node):
     return "carrier", None, x, out
 
 
-def _channel_statistic(w: _Walk, node, x: TensorSpace):
+def _channel_statistic(w: _Walk, node, x: TensorSpace, axes=None):
     """A reduction over the channel axis (RMSNorm's mean of squares, a mean over channels): one value per position
     that carries no channels. Like attention scores it is computed once in the trunk on the merged features, for
     both models: exact for permutations (the statistic does not depend on the channels' order), an approximation
-    for zipped features, as LayerNorm's statistics are."""
+    for zipped features, as LayerNorm's statistics are. Over the features of each attention head alone, keeping
+    the axis (Swin V2's cosine attention normalises queries and keys, F.normalize): one value per head and
+    position, the same for every feature of the head (`_Walk.per_head`)."""
+    if x.heads and list(axes or ()) == [x.axis] and w.attr(node, "keepdims", 1):
+        _set_shared(w, node.output[0])
+        w.per_head.add(node.output[0])
+        return "carrier", None, x, w.space_of(node.output[0])
     if x.heads or x.split:
         raise _Unsupported("reduces over attention heads or the channels of a shuffle")
     _set_shared(w, node.output[0])
     return "carrier", None, x, w.space_of(node.output[0])
+
+
+# operators that keep a per-head statistic one value for every feature of a head, with scalar constants or (Expand)
+# a target shape: its clamp, its broadcast back to the heads' shape, its square root or reciprocal
+_PER_HEAD_OPS = ("Clip", "Max", "Min", "Expand", "Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Pow", "Cast",
+                 "Identity", "Abs")
+
+
+def _follow_per_head(w: _Walk, node) -> None:
+    if node.op_type not in _PER_HEAD_OPS or not any(n in w.per_head for n in node.input if n):
+        return
+    for j, name in enumerate(node.input):
+        if not name or name in w.per_head or (node.op_type == "Expand" and j == 1):
+            continue
+        value = w.value(name)
+        if value is None or np.size(value) != 1:
+            return  # varies along the features: no longer one value per head
+    w.per_head.update(n for n in node.output if n)
 
 
 def _flatten_like(w: _Walk, node, in_shape, out_shape):
@@ -1694,19 +1763,21 @@ _SCORE_OPS = ("Add", "Sub", "Mul", "Div", "Where", "Reshape", "Transpose", "Unsq
 def _follow_scores(w: _Walk, i: int, node) -> None:
     """Attention scores read by `node` (node index `i`, computed once from the shared inputs and the scores): its
     output is scores too, and a constant an Add/Sub adds to them (a learned position bias: Swin's relative one,
-    folded by the exporter, of the scores' shape per head) is merged as the models' average, like a bias, instead
-    of blocking the attention as a constant that differs. Heads stay in place (merged head h holds every model's
+    folded by the exporter, of the scores' shape per head) or a Mul/Div scales them by (Swin V2's logit scale per
+    head) is merged as the models' average, like a bias, instead of blocking the attention as a constant that
+    differs. Heads stay in place (merged head h holds every model's
     head h), so the average is element by element."""
     if node.op_type not in _SCORE_OPS or not any(n in w.scores for n in node.input if n):
         return
     w.scores.update(n for n in node.output if n)
-    if node.op_type in ("Add", "Sub"):
+    if node.op_type in ("Add", "Sub", "Mul", "Div"):
         for j, name in enumerate(node.input[:2]):
-            if name in w.scores:
+            if name in w.scores or (node.op_type == "Div" and j == 0):
                 continue
             sources = _selected_constants(w, name, i, j)
             for where in sources or ():
-                w.averaged[where] = "a learned bias added to attention scores"
+                w.averaged[where] = ("a learned bias added to attention scores" if node.op_type in ("Add", "Sub")
+                                     else "a learned scale of attention scores")
 
 
 # Operators that only select, copy or rearrange the values of their data inputs (listed): the average of what they
@@ -1851,6 +1922,9 @@ HANDLERS = {
     "ReduceMax": _reduce,
     "ReduceMin": _reduce,
     "ReduceSum": _reduce,
+    "ReduceL1": _reduce,
+    "ReduceL2": _reduce,
+    "ReduceSumSquare": _reduce,
     "Flatten": _flatten,
     "Reshape": _reshape,
     "Squeeze": _squeeze,
@@ -1877,7 +1951,8 @@ del HANDLERS["Where"]
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # what may read a tensor split into attention heads (each handler follows the parts)
 HEAD_OPS = ("Transpose", "Reshape", "MatMul", "Mul", "Div", "Add", "Sub", "Squeeze", "Unsqueeze", "Slice", "Split",
-            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention", "Einsum")
+            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention", "Einsum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceMean",
+            "ReduceSum", "ReduceMax", "ReduceMin")
 
 
 def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
@@ -1932,6 +2007,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                     if name:
                         _set_shared(w, name)
                 _follow_scores(w, i, node)
+                _follow_per_head(w, node)
         else:
             handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             saved = (len(w.weights), dict(w.tensor_spaces), dict(w.partitions), dict(w.views))

@@ -680,3 +680,90 @@ def test_attention_written_as_einsum_merges_twins_exactly():
     other = analyse(einsum_attention_model(w, scores="bhid,bhjd->bhji"))  # scores transposed: not followed
     (i,) = [i for i, n in enumerate(other.model.graph.node) if n.op_type == "Einsum"][:1]
     assert other.nodes[i].kind == "unsupported" and "bhid,bhjd->bhji" in other.nodes[i].reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Swin V2's attention: cosine similarity of queries and keys, a learned logit scale per head, a continuous
+# position bias (an MLP of a constant table), a qkv bias whose keys' part is zeroed (ScatterND)
+# ---------------------------------------------------------------------------------------------------------------
+
+def cosine_attention_model(weights):
+    """x (N, 4, 16) -> qkv = x W + ScatterND(b, keys' part, 0) -> (N, 4, 3, 2, 8) -> q, k, v (N, 2, 4, 8) ->
+    q / max(||q||, eps) and k likewise (ReduceL2 over each head's features, Clip, Expand, Div) -> q kᵀ times
+    exp(clip(logit_scale)) (2, 1, 1), plus 16·sigmoid(relu(table W1) W2) reshaped (2, 4, 4) -> Softmax -> times v ->
+    (N, 4, 16) -> MatMul + bias -> mean over tokens -> Gemm head."""
+    from onnx import TensorProto, helper, numpy_helper
+    n = helper.make_node
+    nodes = [n("ScatterND", ["qkv.b", "k_rows", "zeros"], ["qkv.b0"]),
+             n("MatMul", ["x", "qkv.w"], ["qkv0"]), n("Add", ["qkv0", "qkv.b0"], ["qkv1"]),
+             n("Reshape", ["qkv1", "split"], ["qkv2"]), n("Transpose", ["qkv2"], ["qkv"], perm=[2, 0, 3, 1, 4])]
+    for j, p in enumerate("qkv"):
+        nodes.append(n("Gather", ["qkv", f"i{j}"], [p], axis=0))
+    for p in "qk":
+        nodes += [n("ReduceL2", [p, "last"], [f"{p}n"], keepdims=1), n("Clip", [f"{p}n", "eps"], [f"{p}c"]),
+                  n("Shape", [p], [f"{p}s"]), n("Expand", [f"{p}c", f"{p}s"], [f"{p}e"]),
+                  n("Div", [p, f"{p}e"], [f"{p}u"])]
+    nodes += [n("Transpose", ["ku"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["qu", "kt"], ["s0"]),
+              n("Clip", ["logit_scale", "", "max_log"], ["ls0"]), n("Exp", ["ls0"], ["ls"]),
+              n("Mul", ["s0", "ls"], ["s1"]),
+              n("MatMul", ["table", "cpb.w1"], ["c0"]), n("Relu", ["c0"], ["c1"]), n("MatMul", ["c1", "cpb.w2"], ["c2"]),
+              n("Transpose", ["c2"], ["c3"], perm=[1, 0]), n("Reshape", ["c3", "bias_shape"], ["c4"]),
+              n("Sigmoid", ["c4"], ["c5"]), n("Mul", ["c5", "sixteen"], ["cpb"]),
+              n("Add", ["s1", "cpb"], ["s"]), n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["a0"]),
+              n("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]), n("Reshape", ["a1", "tokens_shape"], ["att"]),
+              n("MatMul", ["att", "o.w"], ["o0"]), n("Add", ["o0", "o.b"], ["o"]),
+              n("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0), n("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
+    consts = {"k_rows": np.arange(16, 32, dtype=np.int64)[:, None], "zeros": np.zeros(16, np.float32),
+              "split": np.array([0, 4, 3, 2, 8], np.int64), "i0": np.array(0, np.int64), "i1": np.array(1, np.int64),
+              "i2": np.array(2, np.int64), "eps": np.array(1e-12, np.float32),
+              "max_log": np.array(np.log(100.0), np.float32), "table": np.linspace(-1, 1, 32).reshape(16, 2)
+              .astype(np.float32), "bias_shape": np.array([2, 4, 4], np.int64), "sixteen": np.array(16, np.float32),
+              "tokens_shape": np.array([0, 4, 16], np.int64), "tokens": np.array([1], np.int64),
+              "last": np.array([-1], np.int64)}
+    graph = helper.make_graph(nodes, "cosine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+                              + [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def cosine_weights(rng):
+    return {"qkv.w": rng.randn(16, 48) / 4, "qkv.b": rng.uniform(0, 0.2, 48), "logit_scale": np.log(
+        10 * rng.uniform(0.5, 1.5, (2, 1, 1))), "cpb.w1": rng.randn(2, 8), "cpb.w2": rng.randn(8, 2) / 3,
+        "o.w": rng.randn(16, 16) / 4, "o.b": rng.uniform(0, 0.2, 16), "head.w": rng.randn(16, 5) / 4,
+        "head.b": rng.uniform(0, 0.2, 5)}
+
+
+def test_swin_v2_cosine_attention_merges_twins_exactly_and_averages_its_scale_and_bias():
+    """The norm of each head's queries (and keys) is computed once on the merged features, one value for every
+    feature of the head, so queries and keys are still matched inside their heads; the computed qkv bias, logit
+    scale and position bias are folded to constants, the last two averaged where the models differ."""
+    rng = np.random.RandomState(11)
+    w = cosine_weights(rng)
+    pqk = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
+    pv = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
+    rows = np.concatenate([pqk, 16 + pqk, 32 + pv])
+    twin = dict(w, **{"qkv.w": w["qkv.w"][:, rows], "qkv.b": w["qkv.b"][rows], "o.w": w["o.w"][pv]})
+    a, b = cosine_attention_model(w), cosine_attention_model(twin)
+    an = analyse(a)
+    assert not an.blocked_reasons, an.blocked_reasons
+    qkv = an.nodes[an.weighted[0]].out_space.space
+    assert an.spaces[qkv].blocks == 6 and len(an.spaces[qkv].alike) == 1
+    assert not any(n.op_type in ("ScatterND", "Exp", "Sigmoid") for n in an.model.graph.node)  # folded
+    x = rng.randn(256, 4, 16).astype(np.float32)
+    want = run(a, {"x": x[:64]})["logits"]
+    assert np.abs(run(b, {"x": x[:64]})["logits"] - want).max() < 1e-5
+    res = onnxzip.merge(a, b, {"x": x})
+    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 2
+    got = run(res.model, {"x": x[:64]})
+    for head in ("a", "b"):
+        assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), head
+
+    other = cosine_weights(np.random.RandomState(12))
+    res = onnxzip.merge(a, cosine_attention_model(other), {"x": x})
+    assert not res.card["unmerged"] and not res.card["zipped_nothing"]
+    assert sorted(c["why"] for c in res.card["averaged_constants"]) == [
+        "a learned bias added to attention scores", "a learned scale of attention scores"]
