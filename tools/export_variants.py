@@ -10,7 +10,9 @@ opset 17, BatchNorm folded into the Conv weights: the "default" export) and the 
 - `bn_kept`:   the TorchScript exporter (opset 17) with `training=TrainingMode.PRESERVE` and
                `do_constant_folding=False`: BatchNormalization nodes stay in the graph;
 - `dynamo_bn`: the dynamo exporter with its optimizer minus the BatchNorm-fusion rewrite: BatchNormalization
-               nodes in an otherwise ordinary dynamo graph.
+               nodes in an otherwise ordinary dynamo graph;
+- `dynamo23`:  the dynamo exporter at opset 23, where scaled_dot_product_attention becomes ONNX's fused
+               `Attention` op (the same graph as `dynamo` for models without attention).
 
 Each file is checked against torch with onnxruntime (1e-4 × max(1, max |logit|)) on evaluation images, and each
 variant folder gets a `card.json` with the pair card's tasks, classes and input/output names, and what the
@@ -73,15 +75,22 @@ def _quiet_torch_onnx():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _export_dynamo(model, path):
+def _export_dynamo(model, path, opset=None):
     import torch
     batch = torch.export.Dim("batch")
+    version = {} if opset is None else {"opset_version": opset}
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), path, dynamo=True, input_names=["input"],
-                          output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+                          output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+                          **version)
     return {"call": "torch.onnx.export(model, (x,), path, dynamo=True, input_names=['input'], "
-                    "output_names=['logits'], dynamic_shapes=({0: Dim('batch')},))"}
+                    "output_names=['logits'], dynamic_shapes=({0: Dim('batch')},)"
+                    + ("" if opset is None else f", opset_version={opset}") + ")"}
+
+
+def _export_dynamo23(model, path):
+    return _export_dynamo(model, path, opset=23)
 
 
 @contextlib.contextmanager
@@ -131,6 +140,7 @@ def _export_bn_kept(model, path):
 
 VARIANTS = {
     "dynamo": _export_dynamo,
+    "dynamo23": _export_dynamo23,
     "bn_kept": _export_bn_kept,
     "dynamo_bn": _export_dynamo_bn,
 }
@@ -316,7 +326,7 @@ def compare_pair(pair, out=None, exports=EXPORTS, log=print):
     x, y = data["x"], data["y"]
     calib = os.path.join(ROOT, CALIB)
     results = {"pair": os.path.relpath(pair, ROOT), "tasks": card["tasks"], "eval": EVAL, "calib": CALIB,
-               "num_images": int(len(x)), "onnxzip": onnxzip.__version__, "exports": {}, "runs": []}
+               "num_images": int(len(x)), "onnxzip": onnxzip.__version__, "refit": "ls", "exports": {}, "runs": []}
     for export in exports:
         folder = pair if export == "default" else os.path.join(out, export)
         if not os.path.isfile(os.path.join(folder, "a.onnx")):
@@ -395,7 +405,7 @@ def check_average_rule(pair, exports, log=print, images=200):
         kept = describe_onnx(os.path.join(folder, "a.onnx"))["batchnorm"] != "folded"
         for fold in (True, False) if kept else (True,):
             res = onnxzip.merge(os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx"),
-                                os.path.join(ROOT, CALIB), method="average", repair=False, verify=False,
+                                os.path.join(ROOT, CALIB), method="average", repair=False, refit="none", verify=False,
                                 fold_batchnorm=fold)
             sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
             got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
@@ -469,6 +479,8 @@ def render(pairs, path):
         "BatchNormalization nodes kept.",
         "- **dynamo_bn**: dynamo exporter with its onnxscript optimizer minus the Conv+BatchNorm fusion rules: "
         "BatchNormalization nodes kept in a dynamo graph.",
+        "- **dynamo23**: the dynamo exporter at `opset_version=23`, where `scaled_dot_product_attention` becomes "
+        "ONNX's fused `Attention` op (exported for the ViT pair).",
         "",
         "Every file is checked against torch with onnxruntime (max |diff| ≤ 1e-4 × max(1, max |logit|) on 256 "
         "evaluation images of its task).",
@@ -589,7 +601,10 @@ def _comparison_table(name, results):
     png = os.path.relpath(os.path.join(ROOT, results["pair"], "variants", "compare.png"), os.path.join(ROOT, "docs"))
     lines = [f"## Merges: {name}", "",
              f"`onnxzip.merge(a, b, '{results['calib']}', method=...)` (defaults otherwise: alpha 0.3, beta 0.125, "
-             f"statistics repair on, BatchNorm folded before merging; `--keep-batchnorm` rows: "
+             + ("the least-squares refit of every merged layer and head (`refit='ls'`)"
+                if results.get("refit") == "ls" else
+                "statistics repair (recorded before the least-squares refit became the default)")
+             + f", BatchNorm folded before merging; `--keep-batchnorm` rows: "
              f"`fold_batchnorm=False`), evaluated with `onnxzip.evaluate.evaluate(..., latency=False)` on "
              f"`{results['eval']}` ({n} test images, {n // 2} per task). Cells: **joint** accuracy % "
              f"(task {' / task '.join(tasks)}). BatchNorm: "
@@ -632,7 +647,8 @@ def _comparison_table(name, results):
                   f"({'; '.join(reasons)}; e.g. `{runs[0]['unmerged'][0]['node']}`).{note}", ""]
     rule = results.get("average_rule")
     if rule:
-        lines += ["What `average` computes, checked against torch (merge with `repair=False`, 200 images, each "
+        lines += ["What `average` computes, checked against torch (merge with `repair=False, refit='none'`, 200 "
+                  "images, each "
                   "head on the averaged trunk):", "",
                   "| export | torch reference | max \\|logit diff\\| a | b | max \\|logit\\| |", "|---|---|---|---|---|"]
         for export, row in rule.items():
