@@ -372,8 +372,9 @@ def infer_shapes_folding(m: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     shape, weights possibly stripped to their shapes) until nothing more folds: the model whose value infos hold
     every shape that small computations on shapes and constants decide, and the values so computed."""
     values = {}
+    constants = _small_constants(m)  # read once: later rounds only add what the earlier ones folded
     for _ in range(_FOLD_ROUNDS):
-        folded = _fold_shape_computations(m, _collect_shapes(m)[0], values)
+        folded = _fold_shape_computations(m, _collect_shapes(m)[0], values, constants)
         if folded is None:
             break
         m = _infer_shapes(folded)
@@ -416,15 +417,13 @@ def _collect_shapes(m: onnx.ModelProto) -> tuple[dict, dict, dict]:
     return shapes, types, ranks
 
 
-def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict) -> onnx.ModelProto | None:
-    """A copy of `m` (batch 1) in which every small node computed from constants and known shapes alone is replaced
-    by its value as an initializer (added to `found` too); None when there is nothing new to fold."""
-    from onnx.reference import ReferenceEvaluator
-
-    opsets = {op.domain: op.version for op in m.opset_import}
+def _small_constants(m: onnx.ModelProto) -> dict:
+    """Name -> value of every initializer of at most _FOLD_MAX_ELEMENTS values that has its data."""
     values = {}
     for t in m.graph.initializer:
-        size = int(np.prod(t.dims, dtype=np.int64))
+        size = 1
+        for d in t.dims:
+            size *= d
         if size > _FOLD_MAX_ELEMENTS:
             continue
         try:
@@ -433,6 +432,18 @@ def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict) -> o
             continue
         if value.size == size:
             values[t.name] = value
+    return values
+
+
+def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict,
+                             constants: dict | None = None) -> onnx.ModelProto | None:
+    """A copy of `m` (batch 1) in which every small node computed from constants and known shapes alone is replaced
+    by its value as an initializer (added to `found` too); None when there is nothing new to fold. `constants`:
+    `_small_constants` of the model the rounds started from (the initializers of `m` are those and `found`)."""
+    from onnx.reference import ReferenceEvaluator
+
+    opsets = {op.domain: op.version for op in m.opset_import}
+    values = _small_constants(m) if constants is None else {**constants, **found}
     folded = {}
     for node in m.graph.node:
         if node.domain not in ("", "ai.onnx") or not node.output or not node.output[0]:
