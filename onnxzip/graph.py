@@ -253,11 +253,12 @@ def _fold_constant_node(node, constants: dict, learned: set, outputs: set, opset
     ScatterND, its continuous position bias: an MLP of a constant table, the clamped exponential of its logit
     scale), as constants for the analysis to read like any other: None where it reads a tensor that is not a
     constant, is a lookup in one of the model's own tables (an embedding: kept, it is a layer), writes a graph
-    output, or gives more than FOLD_CONSTANT_ELEMENTS values."""
+    output, or reads or gives more than FOLD_CONSTANT_ELEMENTS values."""
     from onnx.reference import ReferenceEvaluator
     inputs = [n for n in node.input if n]
     if (not inputs or node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED
             or any(n not in constants for n in inputs) or any(o in outputs for o in node.output)
+            or any(constants[n].size > FOLD_CONSTANT_ELEMENTS for n in inputs)  # a weight transposed, cast, ...
             or (node.op_type == "Gather" and node.input[0] in learned and constants[node.input[0]].ndim >= 2
                 and constants[node.input[0]].dtype.kind == "f")):
         return None
