@@ -540,6 +540,31 @@ def fused_attention_model(weights, heads=2, kv_heads=2, past=False):
     return model
 
 
+def head_permuted_twin(w, rng, heads=2, d=8):
+    """The weights `w` of a model with separate q, k, v projections (x W + b) and an output projection `o.w`, with
+    queries and keys permuted by one permutation inside each head and values (and the output projection's input)
+    by another, heads in place: the twin computes the model exactly."""
+    pqk = np.concatenate([h * d + rng.permutation(d) for h in range(heads)])
+    pv = np.concatenate([h * d + rng.permutation(d) for h in range(heads)])
+    twin = dict(w)
+    for p, perm in (("q", pqk), ("k", pqk), ("v", pv)):
+        twin[f"{p}.w"], twin[f"{p}.b"] = w[f"{p}.w"][:, perm], w[f"{p}.b"][perm]
+    twin["o.w"] = w["o.w"][pv]
+    return twin
+
+
+def assert_twins_merge_exactly(a, b, x, zipped):
+    """B computes A; their merge on `x` zips `zipped` weighted layers, leaves nothing unmerged, and both heads
+    compute A (1e-4 of the largest logit)."""
+    want = run(a, {"x": x[:64]})["logits"]
+    assert np.abs(run(b, {"x": x[:64]})["logits"] - want).max() < 1e-5
+    res = onnxzip.merge(a, b, {"x": x})
+    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == zipped
+    got = run(res.model, {"x": x[:64]})
+    for head in ("a", "b"):
+        assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), head
+
+
 def fused_weights(rng, kv_width=16):
     return {"q.w": rng.randn(16, 16) / 4, "q.b": rng.uniform(0, 0.2, 16), "k.w": rng.randn(16, kv_width) / 4,
             "k.b": rng.uniform(0, 0.2, kv_width), "v.w": rng.randn(16, kv_width) / 4,
@@ -553,12 +578,7 @@ def test_the_fused_attention_op_on_packed_heads_merges_twins_exactly_and_average
     perturbed B zips everything, its mask (a per-head bias added to the scores) merged as the average."""
     rng = np.random.RandomState(7)
     w = fused_weights(rng)
-    pqk = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
-    pv = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
-    twin = dict(w)
-    for p, perm in (("q", pqk), ("k", pqk), ("v", pv)):
-        twin[f"{p}.w"], twin[f"{p}.b"] = w[f"{p}.w"][:, perm], w[f"{p}.b"][perm]
-    twin["o.w"] = w["o.w"][pv]
+    twin = head_permuted_twin(w, rng)
     a, b = fused_attention_model(w), fused_attention_model(twin)
     an = analyse(a)
     assert not an.blocked_reasons, an.blocked_reasons
@@ -568,13 +588,7 @@ def test_the_fused_attention_op_on_packed_heads_merges_twins_exactly_and_average
         assert list(an.spaces[sid].partition) == [h for h in range(2) for _ in range(8)]
     assert an.tensor_spaces["att"].space == sv
     x = rng.randn(256, 4, 16).astype(np.float32)
-    want = run(a, {"x": x[:64]})["logits"]
-    assert np.abs(run(b, {"x": x[:64]})["logits"] - want).max() < 1e-5
-    res = onnxzip.merge(a, b, {"x": x})
-    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 4
-    got = run(res.model, {"x": x[:64]})
-    for head in ("a", "b"):
-        assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), head
+    assert_twins_merge_exactly(a, b, x, zipped=4)
 
     b = fused_attention_model({k: v + 0.3 * rng.randn(*v.shape) for k, v in w.items()})
     res = onnxzip.merge(a, b, {"x": x})
@@ -616,10 +630,23 @@ def test_fused_attention_the_walk_cannot_follow_is_left_unmerged_with_its_reason
 # Attention's products written as Einsum (torchvision's MaxViT)
 # ---------------------------------------------------------------------------------------------------------------
 
+def tokens_model(name, nodes, weights, consts, opset=18):
+    """A checked model x (N, 4, 16) -> logits (N, 5) of `nodes`, float `weights` and `consts` as initializers."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+                              + [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def einsum_attention_model(weights, scores="b h i d, b h j d -> b h i j", values="bhij,bhjd->bhid"):
     """x (N, 4, 16) -> q, k, v = x W + b, each reshaped (N, 4, 2, 8) and transposed to (N, 2, 4, 8) -> Einsum
     `scores` -> Softmax -> Einsum `values` -> back to (N, 4, 16) -> MatMul + bias -> mean over tokens -> Gemm."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
     nodes = []
     for p in "qkv":
         nodes += [helper.make_node("MatMul", ["x", f"{p}.w"], [f"{p}0"]),
@@ -637,14 +664,7 @@ def einsum_attention_model(weights, scores="b h i d, b h j d -> b h i j", values
               helper.make_node("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
     consts = {"heads": np.array([0, 4, 2, 8], np.int64), "tokens_shape": np.array([0, 4, 16], np.int64),
               "tokens": np.array([1], np.int64)}
-    graph = helper.make_graph(nodes, "einsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
-                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
-                              + [numpy_helper.from_array(v, k) for k, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return tokens_model("einsum", nodes, weights, consts)
 
 
 def test_attention_written_as_einsum_merges_twins_exactly():
@@ -654,12 +674,7 @@ def test_attention_written_as_einsum_merges_twins_exactly():
     rng = np.random.RandomState(9)
     w = fused_weights(rng)
     del w["mask"]
-    pqk = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
-    pv = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
-    twin = dict(w)
-    for p, perm in (("q", pqk), ("k", pqk), ("v", pv)):
-        twin[f"{p}.w"], twin[f"{p}.b"] = w[f"{p}.w"][:, perm], w[f"{p}.b"][perm]
-    twin["o.w"] = w["o.w"][pv]
+    twin = head_permuted_twin(w, rng)
     a, b = einsum_attention_model(w), einsum_attention_model(twin)
     an = analyse(a)
     assert not an.blocked_reasons, an.blocked_reasons
@@ -667,13 +682,7 @@ def test_attention_written_as_einsum_merges_twins_exactly():
     assert sq == sk != sv
     assert list(an.spaces[sq].partition) == [h for h in range(2) for _ in range(8)]
     x = rng.randn(256, 4, 16).astype(np.float32)
-    want = run(a, {"x": x[:64]})["logits"]
-    assert np.abs(run(b, {"x": x[:64]})["logits"] - want).max() < 1e-5
-    res = onnxzip.merge(a, b, {"x": x})
-    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 4
-    got = run(res.model, {"x": x[:64]})
-    for head in ("a", "b"):
-        assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), head
+    assert_twins_merge_exactly(a, b, x, zipped=4)
     from onnxzip.evaluate import count_macs  # 3 projections, 2 products of 2 heads x 4 x 4 x 8, output, head
     assert count_macs(a) == 3 * 4 * 16 * 16 + 2 * (2 * 4 * 4 * 8) + 4 * 16 * 16 + 16 * 5
 
@@ -692,7 +701,7 @@ def cosine_attention_model(weights):
     q / max(||q||, eps) and k likewise (ReduceL2 over each head's features, Clip, Expand, Div) -> q kᵀ times
     exp(clip(logit_scale)) (2, 1, 1), plus 16·sigmoid(relu(table W1) W2) reshaped (2, 4, 4) -> Softmax -> times v ->
     (N, 4, 16) -> MatMul + bias -> mean over tokens -> Gemm head."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
     n = helper.make_node
     nodes = [n("ScatterND", ["qkv.b", "k_rows", "zeros"], ["qkv.b0"]),
              n("MatMul", ["x", "qkv.w"], ["qkv0"]), n("Add", ["qkv0", "qkv.b0"], ["qkv1"]),
@@ -720,14 +729,7 @@ def cosine_attention_model(weights):
               .astype(np.float32), "bias_shape": np.array([2, 4, 4], np.int64), "sixteen": np.array(16, np.float32),
               "tokens_shape": np.array([0, 4, 16], np.int64), "tokens": np.array([1], np.int64),
               "last": np.array([-1], np.int64)}
-    graph = helper.make_graph(nodes, "cosine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
-                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
-                              + [numpy_helper.from_array(v, k) for k, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return tokens_model("cosine", nodes, weights, consts)
 
 
 def cosine_weights(rng):
@@ -754,13 +756,7 @@ def test_swin_v2_cosine_attention_merges_twins_exactly_and_averages_its_scale_an
     assert an.spaces[qkv].blocks == 6 and len(an.spaces[qkv].alike) == 1
     assert not any(n.op_type in ("ScatterND", "Exp", "Sigmoid") for n in an.model.graph.node)  # folded
     x = rng.randn(256, 4, 16).astype(np.float32)
-    want = run(a, {"x": x[:64]})["logits"]
-    assert np.abs(run(b, {"x": x[:64]})["logits"] - want).max() < 1e-5
-    res = onnxzip.merge(a, b, {"x": x})
-    assert not res.card["unmerged"] and res.card["trunk"]["weighted_layers_zipped"] == 2
-    got = run(res.model, {"x": x[:64]})
-    for head in ("a", "b"):
-        assert np.abs(got[f"{head}/logits"] - want).max() < 1e-4 * np.abs(want).max(), head
+    assert_twins_merge_exactly(a, b, x, zipped=2)
 
     other = cosine_weights(np.random.RandomState(12))
     res = onnxzip.merge(a, cosine_attention_model(other), {"x": x})
