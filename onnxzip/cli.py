@@ -407,8 +407,9 @@ def inspect_(ctx, model_a, others, as_json, keep_batchnorm, quiet, verbose):
     from .inspect import format_report, inspect_models
     from .onnx_io import load_model
 
-    a = load_model(model_a, "model A")
-    loaded = [load_model(p, f"model {chr(ord('B') + k)}" if k < 25 else f"model #{k + 2}")
+    # weights kept as external data stay in their files (read-only maps): nothing of them is copied
+    a = load_model(model_a, "model A", mapped=True)
+    loaded = [load_model(p, f"model {chr(ord('B') + k)}" if k < 25 else f"model #{k + 2}", mapped=True)
               for k, p in enumerate(others)]
     report = inspect_models(a, loaded, model_a, list(others), fold_batchnorm=not keep_batchnorm)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
