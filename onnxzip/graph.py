@@ -244,8 +244,20 @@ def normalise(model: onnx.ModelProto, fold_batchnorm: bool = True, batchnorms: d
 
 # a computation on constants alone with a larger output is left to the model (a weight transposed, a table tiled)
 FOLD_CONSTANT_ELEMENTS = 1 << 18
-_NOT_FOLDED = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
-               "Constant", "If", "Loop", "Scan")
+# operators whose output is not a function of their inputs' values alone: never evaluated ahead of the model
+_RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
+_NOT_FOLDED = _RANDOM_OPS + ("Constant", "If", "Loop", "Scan")
+
+
+def _evaluate(node, values: dict, opsets: dict) -> list | None:
+    """The outputs of one node on the given input values (onnx's reference evaluator), as arrays; None where it
+    cannot run the node."""
+    from onnx.reference import ReferenceEvaluator
+    try:
+        results = ReferenceEvaluator(node, opsets=opsets).run(None, {n: values[n] for n in node.input if n})
+    except Exception:  # noqa: BLE001 - an operator the reference evaluator cannot run is left as it is
+        return None
+    return [np.asarray(v) for v in results]
 
 
 def _fold_constant_node(node, constants: dict, learned: set, outputs: set, opsets: dict) -> list | None:
@@ -254,7 +266,6 @@ def _fold_constant_node(node, constants: dict, learned: set, outputs: set, opset
     scale), as constants for the analysis to read like any other: None where it reads a tensor that is not a
     constant, is a lookup in one of the model's own tables (an embedding: kept, it is a layer), writes a graph
     output, or reads or gives more than FOLD_CONSTANT_ELEMENTS values."""
-    from onnx.reference import ReferenceEvaluator
     inputs = [n for n in node.input if n]
     if (not inputs or node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED
             or any(n not in constants for n in inputs) or any(o in outputs for o in node.output)
@@ -262,12 +273,8 @@ def _fold_constant_node(node, constants: dict, learned: set, outputs: set, opset
             or (node.op_type == "Gather" and node.input[0] in learned and constants[node.input[0]].ndim >= 2
                 and constants[node.input[0]].dtype.kind == "f")):
         return None
-    try:
-        values = ReferenceEvaluator(node, opsets=opsets).run(None, {n: constants[n] for n in inputs})
-    except Exception:  # noqa: BLE001 - an operator the reference evaluator cannot run is left as it is
-        return None
-    values = [np.asarray(v) for v in values]
-    if len(values) != len(node.output) or not all(node.output) or any(
+    values = _evaluate(node, constants, opsets)
+    if values is None or len(values) != len(node.output) or not all(node.output) or any(
             v.size > FOLD_CONSTANT_ELEMENTS for v in values):
         return None
     return values
@@ -441,7 +448,6 @@ def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict,
     """A copy of `m` (batch 1) in which every small node computed from constants and known shapes alone is replaced
     by its value as an initializer (added to `found` too); None when there is nothing new to fold. `constants`:
     `_small_constants` of the model the rounds started from (the initializers of `m` are those and `found`)."""
-    from onnx.reference import ReferenceEvaluator
 
     opsets = {op.domain: op.version for op in m.opset_import}
     values = _small_constants(m) if constants is None else {**constants, **found}
@@ -461,17 +467,12 @@ def _fold_shape_computations(m: onnx.ModelProto, shapes: dict, found: dict,
             folded[node.output[0]] = values[node.output[0]] = value
             continue
         inputs = [n for n in node.input if n]
-        if (not inputs and node.op_type != "Constant") or node.op_type in (
-                "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"):
+        if (not inputs and node.op_type != "Constant") or node.op_type in _RANDOM_OPS:
             continue  # a Constant node (a model not normalised: count_macs) is a small constant like any other
         if not all(n in values for n in inputs) or any(o in values for o in node.output if o):
             continue
-        try:
-            results = ReferenceEvaluator(node, opsets=opsets).run(None, {n: values[n] for n in inputs})
-        except Exception:  # noqa: BLE001 - an operator the reference evaluator cannot run is left as it is
-            continue
-        for name, value in zip(node.output, results):
-            value = np.asarray(value)
+        results = _evaluate(node, values, opsets)
+        for name, value in zip(node.output, results or ()):
             if name and value.size <= _FOLD_MAX_ELEMENTS:
                 folded[name] = values[name] = value
     gone = [n for n in m.graph.node if n.output and all(o in folded for o in n.output if o)]
@@ -971,10 +972,7 @@ def _attention_op(w: _Walk, node):
         _head_blocks(w, v, widths[2] // heads)
         out = TensorSpace(v.space, 2)
     if inputs[3]:
-        sources = _selected_constants(w, inputs[3], w.node_index, 3)
-        if sources and all(w.initializers[w.model.graph.node[i].input[j]].dtype.kind == "f" for i, j in sources):
-            for where in sources:
-                w.averaged[where] = "a learned bias added to attention scores"
+        _average_score_constants(w, inputs[3], w.node_index, 3, "a learned bias added to attention scores")
     w.set_space(node.output[0], out)
     return "carrier", None, v, out
 
@@ -1786,10 +1784,17 @@ def _follow_scores(w: _Walk, i: int, node) -> None:
         for j, name in enumerate(node.input[:2]):
             if name in w.scores or (node.op_type == "Div" and j == 0):
                 continue
-            sources = _selected_constants(w, name, i, j)
-            for where in sources or ():
-                w.averaged[where] = ("a learned bias added to attention scores" if node.op_type in ("Add", "Sub")
-                                     else "a learned scale of attention scores")
+            _average_score_constants(w, name, i, j, "a learned bias added to attention scores"
+                                     if node.op_type in ("Add", "Sub") else "a learned scale of attention scores")
+
+
+def _average_score_constants(w: _Walk, name: str, node: int, j: int, why: str) -> None:
+    """The float constants input `j` of node `node` (tensor `name`) is selected from (`_selected_constants`), which
+    act on the attention scores: merged as the models' average where they differ (`Analysis.averaged`)."""
+    sources = _selected_constants(w, name, node, j) or []
+    if all(w.initializers[w.model.graph.node[i].input[k]].dtype.kind == "f" for i, k in sources):
+        for where in sources:
+            w.averaged[where] = why
 
 
 # Operators that only select, copy or rearrange the values of their data inputs (listed): the average of what they
