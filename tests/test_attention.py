@@ -510,17 +510,17 @@ def test_inspect_says_which_differing_constants_merge_takes_as_their_average():
 # ONNX's fused Attention op (opset 23) on (N, T, H·d) inputs: the op splits them into heads itself
 # ---------------------------------------------------------------------------------------------------------------
 
-def fused_attention_model(weights, heads=2, kv_heads=2, past=False):
+def fused_attention_model(weights, heads=2, kv_heads=2, past=False, present=False):
     """x (N, 4, 16) -> q, k, v = x W + b -> Attention(q, k, v, mask, q_num_heads, kv_num_heads) on (N, T, H·d)
     -> MatMul + bias -> mean over tokens -> Gemm head. `past`: the op also reads a key/value
-    cache (graph inputs)."""
+    cache (graph inputs); `present` (or `past`): it also writes its keys and values."""
     from onnx import TensorProto, helper, numpy_helper
     nodes = []
     for p in "qkv":
         nodes += [helper.make_node("MatMul", ["x", f"{p}.w"], [f"{p}0"]),
                   helper.make_node("Add", [f"{p}0", f"{p}.b"], [p])]
     attention_inputs = ["q", "k", "v", "mask"] + (["past_k", "past_v"] if past else [])
-    outputs = ["att"] + (["present_k", "present_v"] if past else [])  # onnxruntime needs them with a cache
+    outputs = ["att"] + (["present_k", "present_v"] if past or present else [])  # onnxruntime needs them with a cache
     nodes += [helper.make_node("Attention", attention_inputs, outputs, q_num_heads=heads, kv_num_heads=kv_heads),
               helper.make_node("MatMul", ["att", "o.w"], ["o0"]),
               helper.make_node("Add", ["o0", "o.b"], ["o"]),
@@ -600,20 +600,22 @@ def test_the_fused_attention_op_on_packed_heads_merges_twins_exactly_and_average
     np.testing.assert_allclose(mask, want_mask, rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["grouped_query", "past"])
+@pytest.mark.parametrize("case", ["grouped_query", "past", "present"])
 def test_fused_attention_the_walk_cannot_follow_is_left_unmerged_with_its_reason(case):
-    """Grouped-query attention (2 query heads over 1 key/value head) and a key/value cache are not followed: the
-    attention is left unmerged and says why, the merge still runs."""
+    """Grouped-query attention (2 query heads over 1 key/value head), a key/value cache and keys and values written
+    out for one are not followed: the attention is left unmerged and says why, the merge still runs."""
     rng = np.random.RandomState(8)
     w = fused_weights(rng, 8 if case == "grouped_query" else 16)
     if case == "past":
         w["mask"] = rng.randn(2, 4, 6)  # over the 2 cached and the 4 new tokens
-    a = fused_attention_model(w, kv_heads=1 if case == "grouped_query" else 2, past=case == "past")
+    a = fused_attention_model(w, kv_heads=1 if case == "grouped_query" else 2, past=case == "past",
+                              present=case == "present")
     an = analyse(a)
     node = next(i for i, n in enumerate(an.model.graph.node) if n.op_type == "Attention")
     reason = an.nodes[node].reason
     assert an.nodes[node].kind == "unsupported"
-    assert ("groups 2 query heads over 1 key/value heads" if case == "grouped_query" else "past_key") in reason
+    assert {"grouped_query": "groups 2 query heads over 1 key/value heads", "past": "past_key",
+            "present": "present_key"}[case] in reason
     x = {"x": rng.randn(128, 4, 16).astype(np.float32)}
     if case == "past":
         x.update({n: rng.randn(128, 2, 2, 8).astype(np.float32) for n in ("past_k", "past_v")})
