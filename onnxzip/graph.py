@@ -620,11 +620,18 @@ class _Walk:
             return [pair for part in self.parts[sid] for pair in self.channels(part)]
         return [(sid, c) for c in range(self.widths[sid])]
 
-    def new_view(self, channels: list) -> int:
+    def new_view(self, channels: list, repeats: bool = False) -> int:
         """A space whose channel j is channels[j] = (space, channel). Each space it reads only part of is
-        partitioned so that the part read is whole blocks: every cluster of a feature read stays inside the view."""
+        partitioned so that the part read is whole blocks: every cluster of a feature read stays inside the view.
+        `repeats`: a channel may be read more than once (grouped-query attention's keys and values, each head
+        repeated over its group of query heads), every channel as often, each copy in order (copy k of a channel
+        goes with copy k of the channels it is merged with: `solver.view_matching`)."""
         if len(set(channels)) != len(channels):
-            raise _Unsupported("reads a channel twice")
+            counts = {}
+            for pair in channels:
+                counts[pair] = counts.get(pair, 0) + 1
+            if not repeats or len(set(counts.values())) != 1:
+                raise _Unsupported("reads a channel twice")
         read: dict = {}
         for space, c in channels:
             read.setdefault(space, []).append(c)
@@ -862,11 +869,22 @@ def _queries_with_keys(w: _Walk, q: TensorSpace, k: TensorSpace, d: int | None =
         w.tie(qs, ks)
     elif qs != ks:
         cq, ck = w.channels(qs), w.channels(ks)
-        if len({w.find(sp) for sp, _ in cq + ck}) != 1 or set(cq) & set(ck):
+        if len({w.find(sp) for sp, _ in cq + ck}) == 1 and not set(cq) & set(ck):
+            _head_blocks(w, q, d)
+            _head_blocks(w, k, d)
+            w.alike.append((cq, ck))
+        elif _is_pinned(w, qs) and _is_pinned(w, ks):
+            # a rotary embedding pinned every feature of both in place (each matched only with itself in the other
+            # models): queries and keys share one transform without a tie, also where the keys are a view of another
+            # width (grouped-query attention: each key head repeated over its group of query heads)
+            _head_blocks(w, q, d)
+            _head_blocks(w, k, d)
+        elif qs in w.views and len(set(w.views[qs])) < len(w.views[qs]) or \
+                ks in w.views and len(set(w.views[ks])) < len(w.views[ks]):
+            raise _Unsupported("groups query heads over shared key heads (grouped-query attention) without a rotary "
+                               "embedding pinning their features: not followed yet")
+        else:
             raise _Unsupported("multiplies queries and keys cut from different projections")
-        _head_blocks(w, q, d)
-        _head_blocks(w, k, d)
-        w.alike.append((cq, ck))
     else:
         _head_blocks(w, q, d)
 
@@ -1358,7 +1376,37 @@ def _reshape_heads(w: _Walk, node, x: TensorSpace, in_shape, out_shape):
             out = TensorSpace(x.space, big_out[i])
             w.set_space(node.output[0], out)
             return "carrier", None, x, out
+    repeated = _repeated_heads(w, x, in_shape, out_shape)
+    if repeated is not None:
+        w.set_space(node.output[0], repeated)
+        return "carrier", None, x, repeated
     raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} across attention heads")
+
+
+def _repeated_heads(w: _Walk, x: TensorSpace, in_shape, out_shape) -> TensorSpace | None:
+    """A reshape merging a head axis with a neighbouring axis of copies into one axis, everything else in place:
+    grouped-query attention's repeat of the key and value heads, (N, kvH, R, T, d) -> (N, kvH·R, T, d) after an
+    Expand (each head repeated R times in a row; with the copies' axis first, (N, R, kvH, …), the heads in turn).
+    The result is a view reading each channel R times; None for any other reshape."""
+    parts = _parts(x)
+    axes = [ax for ax, _ in parts]
+    for p, (a, n) in enumerate(parts[:-1]):
+        for r in (a + 1, a - 1):
+            if r < 0 or r >= len(in_shape) or r in axes or in_shape[r] < 2:
+                continue
+            lo, hi = min(a, r), max(a, r)
+            merged = list(in_shape[:lo]) + [in_shape[a] * in_shape[r]] + list(in_shape[hi + 1:])
+            if list(out_shape) != merged:
+                continue
+            copies = int(in_shape[r])
+            order = np.arange(int(np.prod(x.split))).reshape(x.split)
+            order = np.repeat(order, copies, axis=p) if r > a else np.concatenate([order] * copies, axis=p)
+            source = w.channels(x.space)
+            view = w.new_view([source[c] for c in order.reshape(-1)], repeats=True)
+            new_parts = [(lo if i == p else ax - (ax > hi), size * copies if i == p else size)
+                         for i, (ax, size) in enumerate(parts)]
+            return _split_space(view, new_parts)
+    return None
 
 
 def _select_part(w: _Walk, x: TensorSpace, axis: int, indices: list, keep_axis: bool) -> TensorSpace:
@@ -1550,6 +1598,26 @@ def _squeeze(w: _Walk, node):
         out = TensorSpace(x.space, moved(x.axis), x.expand)
         if x.heads:
             out = _split_space(x.space, [(moved(ax), n) for ax, n in _parts(x)])
+    w.set_space(node.output[0], out)
+    return "carrier", None, x, out
+
+
+def _expand(w: _Walk, node):
+    """Expand of a feature tensor: numpy broadcasting to the target shape, new axes in front. The axes holding its
+    channels must keep their size; its values repeat along the others (grouped-query attention repeats each key
+    and value head over a new axis, then `_reshape_heads` merges it into the head axis)."""
+    x = w.space_of(node.input[0])
+    in_shape, out_shape = w.shape(node.input[0]), w.shape(node.output[0])
+    if in_shape is None or out_shape is None or len(out_shape) < len(in_shape):
+        raise _Unsupported("the shapes around it are unknown to ONNX shape inference")
+    if x.split and not x.heads:
+        raise _Unsupported("expands a tensor inside a channel shuffle")
+    offset = len(out_shape) - len(in_shape)
+    axes = [ax for ax, _ in _parts(x)] if x.heads else [x.axis]
+    if any(out_shape[ax + offset] != in_shape[ax] for ax in axes):
+        raise _Unsupported(f"broadcasts {list(in_shape)} to {list(out_shape)} along an axis of its channels")
+    out = _split_space(x.space, [(ax + offset, n) for ax, n in _parts(x)]) if x.heads else \
+        TensorSpace(x.space, x.axis + offset, x.expand)
     w.set_space(node.output[0], out)
     return "carrier", None, x, out
 
@@ -1947,6 +2015,7 @@ HANDLERS = {
     "Squeeze": _squeeze,
     "Unsqueeze": _squeeze,
     "Transpose": _transpose,
+    "Expand": _expand,
     "Concat": _concat,
     "Slice": _slice,
     "Split": _split,
@@ -1968,7 +2037,7 @@ del HANDLERS["Where"]
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # what may read a tensor split into attention heads (each handler follows the parts)
 HEAD_OPS = ("Transpose", "Reshape", "MatMul", "Mul", "Div", "Add", "Sub", "Squeeze", "Unsqueeze", "Slice", "Split",
-            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention", "Einsum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceMean",
+            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention", "Expand", "Einsum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceMean",
             "ReduceSum", "ReduceMax", "ReduceMin")
 
 

@@ -358,13 +358,21 @@ def view_matching(channels: list, matchings: dict) -> Matching:
     The merged tensor holds merged channel c_j of s_j at position j (the view's operators run on merged tensors
     alike), so each model's channel j is restored from the position that holds its cluster. That position exists
     when every cluster of a feature the view reads lies inside the view (graph analysis partitions each space so
-    that views read whole blocks, and `solve_blocks` keeps clusters at their block's positions); ValueError if not."""
+    that views read whole blocks, and `solve_blocks` keeps clusters at their block's positions); ValueError if not.
+
+    A view may read each of its channels the same number of times (grouped-query attention repeats every key and
+    value head over its group of query heads): copy k of a channel is restored from copy k of its cluster, so each
+    copy stays in its own head."""
     if not channels:
         raise ValueError("a view needs at least one channel")
     n = next(iter(matchings.values())).num_models
-    position = {pair: j for j, pair in enumerate(channels)}
-    if len(position) != len(channels):
-        raise ValueError("a view reads a channel twice")
+    copies: dict = {}  # (space, channel) -> the positions that read it, in order
+    copy = []  # position j reads copy copy[j] of its channel
+    for j, pair in enumerate(channels):
+        copy.append(len(copies.setdefault(pair, [])))
+        copies[pair].append(j)
+    if len({len(v) for v in copies.values()}) != 1:
+        raise ValueError("a view reads some channels more often than others")
     width = len(channels)
     clusters = np.empty(n * width, dtype=np.int64)
     for j, (space, c) in enumerate(channels):
@@ -374,10 +382,10 @@ def view_matching(channels: list, matchings: dict) -> Matching:
                              "needs one merged feature per position")
         for m in range(n):
             cluster = int(base.clusters[m * base.width + c])
-            if (space, cluster) not in position:
+            if (space, cluster) not in copies:
                 raise ValueError(f"channel {c} of space {space} (model {m}) is merged with features the view does "
                                  "not read")
-            clusters[m * width + j] = position[(space, cluster)]
+            clusters[m * width + j] = copies[(space, cluster)][copy[j]]
     return matching_from_clusters(clusters, n, width)
 
 

@@ -701,12 +701,23 @@ def rotate_half(x):
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def repeat_kv(x, copies):
+    """Hugging Face's repeat_kv: (N, kvH, T, d) -> (N, kvH·copies, T, d), each head repeated `copies` times in a
+    row (Unsqueeze, Expand, Reshape in both exports)."""
+    if copies == 1:
+        return x
+    n, kv_heads, t, d = x.shape
+    return x[:, :, None, :, :].expand(n, kv_heads, copies, t, d).reshape(n, kv_heads * copies, t, d)
+
+
 class LlamaBlock(nn.Module):
-    def __init__(self, dim, heads, hidden):
+    def __init__(self, dim, heads, hidden, kv_heads=None):
         super().__init__()
-        self.heads = heads
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        kv_dim = dim // heads * self.kv_heads
         self.norm1, self.norm2 = models_torch.RMSNorm(dim), models_torch.RMSNorm(dim)
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.q, self.o = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.k, self.v = nn.Linear(dim, kv_dim, bias=False), nn.Linear(dim, kv_dim, bias=False)
         self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
 
@@ -714,9 +725,11 @@ class LlamaBlock(nn.Module):
         n, t, dim = x.shape
         d = dim // self.heads
         h = self.norm1(x)
-        q, k, v = (f(h).view(n, t, self.heads, d).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q = self.q(h).view(n, t, self.heads, d).transpose(1, 2)
+        k, v = (f(h).view(n, t, self.kv_heads, d).transpose(1, 2) for f in (self.k, self.v))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        k, v = repeat_kv(k, self.heads // self.kv_heads), repeat_kv(v, self.heads // self.kv_heads)
         scores = q @ k.transpose(-2, -1) / math.sqrt(d) + mask
         a = torch.softmax(scores, dim=-1) @ v
         x = x + self.o(a.transpose(1, 2).reshape(n, t, dim))
@@ -733,11 +746,13 @@ class TinyLlama(nn.Module):
 
     input_shape = (6,)
     vocab, dim, heads, depth, hidden = 50, 16, 2, 2, 32
+    kv_heads = None  # as many as `heads`
 
     def __init__(self, classes=5):
         super().__init__()
         self.word = nn.Embedding(self.vocab, self.dim)
-        self.blocks = nn.ModuleList(LlamaBlock(self.dim, self.heads, self.hidden) for _ in range(self.depth))
+        self.blocks = nn.ModuleList(LlamaBlock(self.dim, self.heads, self.hidden, self.kv_heads)
+                                    for _ in range(self.depth))
         self.norm = models_torch.RMSNorm(self.dim)
         self.head = nn.Linear(self.dim, classes)
         d = self.dim // self.heads
@@ -786,6 +801,41 @@ class TinyLlama(nn.Module):
         return out
 
 
+class TinyLlamaGQA(TinyLlama):
+    """TinyLlama with grouped-query attention: 4 query heads of 4 over 2 key/value heads, each key and value head
+    repeated over its group of 2 query heads as Hugging Face's repeat_kv does it (Unsqueeze, Expand, Reshape)."""
+
+    heads, kv_heads = 4, 2
+
+    @property
+    def expected(self):
+        return (2 + 4 * self.depth,
+                "the residual stream (the embedding table, every o and down, tied by the residual Adds; the RMSNorms "
+                "carry it), per block: q and k (each with every feature pinned in place by the rotary embedding, not "
+                "tied: the keys are fewer, repeated over the query heads), v, gate+up (tied by the Mul); the linear "
+                "head")
+
+    def spaces(self):
+        out = super().spaces()
+        for i in range(self.depth):  # the values have another width than the output projection's input
+            del out[f"blocks.{i}.values"]
+        return out
+
+    def permute_heads(self, state, rng):
+        """Inside every key/value head, the values with the output projection's input of each query head of its
+        group; heads in place (queries and keys stay: the rotary embedding pins them)."""
+        d, copies = self.dim // self.heads, self.heads // self.kv_heads
+        for i in range(self.depth):
+            b = f"blocks.{i}"
+            p = [torch.as_tensor(rng.permutation(d)) for _ in range(self.kv_heads)]
+            v = state[f"{b}.v.weight"]
+            state[f"{b}.v.weight"] = torch.cat([v[g * d:(g + 1) * d].index_select(0, p[g])
+                                                for g in range(self.kv_heads)])
+            o = state[f"{b}.o.weight"]
+            state[f"{b}.o.weight"] = torch.cat([o[:, h * d:(h + 1) * d].index_select(1, p[h // copies])
+                                                for h in range(self.heads)], dim=1)
+
+
 def random_inputs(cls, n: int, seed: int) -> np.ndarray:
     """n random inputs for architecture `cls`: token ids below cls.vocab (int64) for a model that reads them,
     standard normal float32 otherwise."""
@@ -814,7 +864,7 @@ def torch_twin(model: nn.Module, rng: np.random.RandomState) -> nn.Module:
         q = np.argsort(order)[r[order]]
         sd["fc.weight"] = sd["fc.weight"].index_select(1, torch.as_tensor(q))
         twin.load_state_dict(sd)
-    if isinstance(model, (TinyViT, TinyBert)):
+    if isinstance(model, (TinyViT, TinyBert, TinyLlamaGQA)):
         sd = twin.state_dict()
         model.permute_heads(sd, rng)
         twin.load_state_dict(sd)
@@ -1169,6 +1219,16 @@ FIXTURES = {
           "features, and inside every head the values with the output projection's input; queries and keys stay "
           "in place (the rotary embedding pins them)."))
       for i, how in enumerate(("ts", "dynamo"))},
+    **{f"llama_gqa_{how}": (lambda out, how=how, seed=seed: torch_fixture(
+        out, f"llama_gqa_{how}", TinyLlamaGQA, how, seed,
+        "Llama-like decoder with grouped-query attention (4 query heads over 2 key/value heads): each key and "
+        "value head repeated over its group of query heads as Hugging Face's repeat_kv writes it (Unsqueeze, "
+        "Expand to (N, kvH, 2, T, d), Reshape to (N, H, T, d)); rotary position embeddings, causal mask, RMSNorm, "
+        "SwiGLU MLP; " + {"ts": "TorchScript.", "dynamo": "dynamo."}[how]
+        + " The twin permutes the residual stream, each MLP's hidden features, and inside every key/value head the "
+          "values with the output projection's input of each query head of its group; queries and keys stay in "
+          "place."))
+      for how, seed in (("ts", 51), ("dynamo", 52))},
     "preproc": lambda out: torch_fixture(out, "preproc", PreprocCNN, "ts", 10,
                                          "Sub / Div of the input by per-channel constants (1, 3, 1, 1) before "
                                          "conv1."),
