@@ -86,6 +86,9 @@ class FeatureSpace:
     # as channel q[i] (the queries and keys of one head, cut from one packed QKV projection: their dot product
     # must survive the merge). Each block of the partition maps onto a block (solver.solve_blocks)
     alike: list = field(default_factory=list)
+    # queries of grouped-query attention matched as the view of their repeated key heads (`view`): a learned space
+    # written by its own projection, whose matching is the keys'
+    queries_of_keys: bool = False
 
     @property
     def composite(self) -> bool:
@@ -549,6 +552,8 @@ class _Walk:
         self.scores: set = set()  # attention scores (Q Kᵀ) and what is computed from them before the softmax
         # statistics of each head's features (a norm over them), one value for every feature of a head
         self.per_head: set = set()
+        # query spaces matched as a view of their (repeated) key heads: grouped-query attention without a pin
+        self.queries_of: set = set()
         self.averaged: dict = {}  # (node index, input index) -> why (Analysis.averaged)
         self.readers: dict = {}  # tensor name -> nodes reading it
         self.producers: dict = {}  # tensor name -> (node index, node) writing it
@@ -879,10 +884,16 @@ def _queries_with_keys(w: _Walk, q: TensorSpace, k: TensorSpace, d: int | None =
             # width (grouped-query attention: each key head repeated over its group of query heads)
             _head_blocks(w, q, d)
             _head_blocks(w, k, d)
-        elif qs in w.views and len(set(w.views[qs])) < len(w.views[qs]) or \
-                ks in w.views and len(set(w.views[ks])) < len(w.views[ks]):
-            raise _Unsupported("groups query heads over shared key heads (grouped-query attention) without a rotary "
-                               "embedding pinning their features: not followed yet")
+        elif qs not in w.views and qs not in w.parts and qs not in w.identity and ks in w.views \
+                and len(set(w.views[ks])) < len(w.views[ks]) and w.widths[qs] == len(w.views[ks]) \
+                and q.split == k.split and qs not in w.queries_of:
+            # grouped-query attention: the keys are a view repeating each key head over its group of query heads.
+            # The queries of a group must share the transform of their key head, across two spaces of different
+            # widths: the queries become that view of the keys (channel j of the queries matched as channel j of
+            # the repeated keys, each copy in its own head), so their weights are merged with the keys' matching
+            _head_blocks(w, k, d)
+            w.views[qs] = list(w.views[ks])
+            w.queries_of.add(qs)
         else:
             raise _Unsupported("multiplies queries and keys cut from different projections")
     else:
@@ -970,10 +981,14 @@ def _attention_op(w: _Walk, node):
         raise _Unsupported("attends with inputs of other ranks than (N, T, H·d) or (N, H, T, d)")
     if rank == 4:
         parts = [_feature_part(ts) for ts in (q, k, v)]
-        if any(axis != 3 or heads != parts[0][1] or [ax for ax, _ in heads] != [1] for axis, heads in parts):
+        if any(axis != 3 or [ax for ax, _ in heads] != [1] for axis, heads in parts) or parts[1][1] != parts[2][1]:
             raise _Unsupported("attends with queries, keys and values whose heads are not on axis 1 alike")
-        if w.width(q) != w.width(k):
-            raise _Unsupported(f"attends with {w.width(q)} query features and {w.width(k)} key features")
+        heads, kv_heads = parts[0][1][0][1], parts[1][1][0][1]
+        if heads % kv_heads or q.split[-1] != k.split[-1]:
+            raise _Unsupported(f"attends with {heads} query heads of {q.split[-1]} features over {kv_heads} key "
+                               f"heads of {k.split[-1]}")
+        if kv_heads < heads:  # grouped-query attention: the op repeats each key/value head over its group
+            k, v = _repeat_heads(w, k, 0, heads // kv_heads), _repeat_heads(w, v, 0, heads // kv_heads)
         _queries_with_keys(w, q, k)
         _head_blocks(w, v)
         out = v
@@ -981,13 +996,17 @@ def _attention_op(w: _Walk, node):
         if any(ts.heads or ts.split or ts.axis != 2 for ts in (q, k, v)):
             raise _Unsupported("attends with (N, T, H·d) inputs whose features are not on their last axis")
         heads, kv_heads = w.attr(node, "q_num_heads", 0), w.attr(node, "kv_num_heads", 0)
-        if heads < 1 or kv_heads != heads:
-            raise _Unsupported(f"groups {heads} query heads over {kv_heads} key/value heads")
         widths = [w.width(ts) for ts in (q, k, v)]
-        if widths[0] != widths[1] or any(f % heads for f in widths):
-            raise _Unsupported(f"attends with {widths[0]} query and {widths[1]} key features in {heads} heads")
-        _queries_with_keys(w, q, k, widths[0] // heads)
-        _head_blocks(w, v, widths[2] // heads)
+        if heads < 1 or kv_heads < 1 or heads % kv_heads or widths[0] % heads or widths[0] // heads * kv_heads != \
+                widths[1] or widths[2] % kv_heads:
+            raise _Unsupported(f"attends with {widths[0]} query and {widths[1]} key features in {heads} query heads "
+                               f"over {kv_heads} key/value heads")
+        d, dv = widths[0] // heads, widths[2] // kv_heads
+        if kv_heads < heads:  # grouped-query attention: the op repeats each key/value head over its group
+            k = TensorSpace(_repeated_view(w, k.space, (kv_heads, d), 0, heads // kv_heads), 2)
+            v = TensorSpace(_repeated_view(w, v.space, (kv_heads, dv), 0, heads // kv_heads), 2)
+        _queries_with_keys(w, q, k, d)
+        _head_blocks(w, v, dv)
         out = TensorSpace(v.space, 2)
     if inputs[3]:
         _average_score_constants(w, inputs[3], w.node_index, 3, "a learned bias added to attention scores")
@@ -1398,15 +1417,28 @@ def _repeated_heads(w: _Walk, x: TensorSpace, in_shape, out_shape) -> TensorSpac
             merged = list(in_shape[:lo]) + [in_shape[a] * in_shape[r]] + list(in_shape[hi + 1:])
             if list(out_shape) != merged:
                 continue
-            copies = int(in_shape[r])
-            order = np.arange(int(np.prod(x.split))).reshape(x.split)
-            order = np.repeat(order, copies, axis=p) if r > a else np.concatenate([order] * copies, axis=p)
-            source = w.channels(x.space)
-            view = w.new_view([source[c] for c in order.reshape(-1)], repeats=True)
-            new_parts = [(lo if i == p else ax - (ax > hi), size * copies if i == p else size)
-                         for i, (ax, size) in enumerate(parts)]
-            return _split_space(view, new_parts)
+            repeated = _repeat_heads(w, x, p, int(in_shape[r]), interleaved=r < a)
+            return _split_space(repeated.space, [(lo if ax == a else ax - (ax > hi), size)
+                                                 for ax, size in _parts(repeated)])
     return None
+
+
+def _repeated_view(w: _Walk, space: int, split: tuple, p: int, copies: int, interleaved: bool = False) -> int:
+    """A view of the channels of `space`, laid out row-major as `split` (heads, features), with part `p` repeated
+    `copies` times, each entry `copies` times in a row ([h0, h0, h1, h1]: grouped-query attention's keys and values
+    for their query heads) or, `interleaved`, the whole part in turn ([h0, h1, h0, h1]): it reads each channel
+    `copies` times."""
+    order = np.arange(int(np.prod(split))).reshape(split)
+    order = np.concatenate([order] * copies, axis=p) if interleaved else np.repeat(order, copies, axis=p)
+    source = w.channels(space)
+    return w.new_view([source[c] for c in order.reshape(-1)], repeats=True)
+
+
+def _repeat_heads(w: _Walk, x: TensorSpace, p: int, copies: int, interleaved: bool = False) -> TensorSpace:
+    """`x`, split into heads, with part `p` repeated (`_repeated_view`), on the same axes."""
+    view = _repeated_view(w, x.space, x.split, p, copies, interleaved)
+    return TensorSpace(view, x.axis, x.expand, tuple(n * copies if i == p else n for i, n in enumerate(x.split)),
+                       x.axes)
 
 
 def _select_part(w: _Walk, x: TensorSpace, axis: int, indices: list, keep_axis: bool) -> TensorSpace:
@@ -2150,7 +2182,7 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                                         partition=None if labels is None or len(set(labels.tolist())) == 1
                                         else tuple(int(x) for x in labels),
                                         view=None if view is None else [(w.find(sp), c) for sp, c in view],
-                                        alike=alike.get(root, []))
+                                        alike=alike.get(root, []), queries_of_keys=root in w.queries_of)
     for name, ts in tensor_spaces.items():
         spaces[ts.space].tensors.append(name)
     referenced = {p for v in spaces.values() for p in v.parts} | {sp for v in spaces.values() for sp, _ in v.view or []}

@@ -40,6 +40,8 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
         }
         if space.view is not None:
             entry["view_of"] = sorted({sp for sp, _ in space.view})
+            if space.queries_of_keys:
+                entry["queries_matched_as_keys"] = True
             entry["zipped_by_default"] = any(t in a.producer and a.producer[t][0] in trunk for t in space.tensors)
         elif space.composite:
             entry["concat_of"] = space.parts
@@ -50,7 +52,9 @@ def describe(analysis: Analysis, path: str | None = None) -> dict:
             entry["matched_alike"] = len(space.alike)
         spaces.append(entry)
     # learned spaces of their own (not views or concatenations of others) outside the task heads' outputs
-    own = [e for e in spaces if "view_of" not in e and "concat_of" not in e and not e["head_output"]]
+    # (and the queries of grouped-query attention: written by their own projection, matched as their key heads)
+    own = [e for e in spaces if ("view_of" not in e or e.get("queries_matched_as_keys")) and "concat_of" not in e
+           and not e["head_output"]]
     heads = []
     for i in a.heads:
         out = a.nodes[i].out_space
@@ -119,6 +123,8 @@ def format_report(report: dict) -> str:
         extra = f" concat of spaces {s['concat_of']}" if "concat_of" in s else ""
         if "view_of" in s:
             extra = f" slice/shuffle of space(s) {s['view_of']}"
+        if s.get("queries_matched_as_keys"):
+            extra = f" queries matched as their key heads in space(s) {s['view_of']} (grouped-query attention)"
         tied = f" tied by {', '.join(s['tied_by'])}" if s["tied_by"] else ""
         if s.get("blocks", 1) > 1:
             extra += f" in {s['blocks']} blocks (grouped, sliced, attention heads: matched block by block)"

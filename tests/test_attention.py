@@ -536,24 +536,52 @@ def grouped_query_model(weights):
     return tokens_model("grouped_query", nodes, weights, consts)
 
 
-def test_grouped_query_attention_without_a_rotary_embedding_is_left_unmerged_with_its_reason():
-    """Without a rotary embedding pinning them, the queries of each group would need one transform with their key
-    head, across two spaces of different widths: not followed yet. The scores are left unmerged and say so; the
-    merge runs, and a twin still comes back."""
+def _grouped_query_weights(rng):
+    return {"q.w": rng.randn(16, 16) / 4, "k.w": rng.randn(16, 8) / 4, "v.w": rng.randn(16, 8) / 4,
+            "o.w": rng.randn(16, 16) / 4, "head.w": rng.randn(16, 5) / 4, "head.b": rng.randn(5) * 0.1}
+
+
+def _grouped_query_twin(w, rng):
+    """Inside every key/value head g, its keys and the queries of its 2 query heads by one permutation, its values
+    and the output projection's rows of its 2 query heads by another."""
+    t = {k: v.copy() for k, v in w.items()}
+    for g in range(2):
+        keys, values = 4 * g + rng.permutation(4), 4 * g + rng.permutation(4)
+        t["k.w"][:, 4 * g:4 * g + 4] = w["k.w"][:, keys]
+        t["v.w"][:, 4 * g:4 * g + 4] = w["v.w"][:, values]
+        for h in (2 * g, 2 * g + 1):
+            t["q.w"][:, 4 * h:4 * h + 4] = w["q.w"][:, 4 * h + keys - 4 * g]
+            t["o.w"][4 * h:4 * h + 4] = w["o.w"][4 * h + values - 4 * g]
+    return t
+
+
+def test_grouped_query_attention_without_a_rotary_embedding_matches_the_queries_as_their_key_heads():
+    """Without a rotary embedding pinning them, the queries of each group need one transform with their key head,
+    across two spaces of different widths: the queries are matched as the view of the repeated keys. A twin
+    permuted inside every key head (queries of its group alike) and every value head merges back exactly, with and
+    without the refit; two unrelated models merge with every space zipped; inspect says how the queries are
+    matched."""
     rng = np.random.RandomState(3)
-    w = {"q.w": rng.randn(16, 16) / 4, "k.w": rng.randn(16, 8) / 4, "v.w": rng.randn(16, 8) / 4,
-         "o.w": rng.randn(16, 16) / 4, "head.w": rng.randn(16, 5) / 4, "head.b": rng.randn(5) * 0.1}
-    a = grouped_query_model(w)
+    w = _grouped_query_weights(rng)
+    a, b = grouped_query_model(w), grouped_query_model(_grouped_query_twin(w, rng))
     an = analyse(a)
-    scores = next(i for i, n in enumerate(an.model.graph.node) if n.output[0] == "s")
-    assert an.nodes[scores].kind == "unsupported"
-    assert "grouped-query attention" in an.nodes[scores].reason
-    x = rng.randn(128, 4, 16).astype(np.float32)
-    want = F.run(a, x[:8])["logits"]
-    res = onnxzip.merge(a, a, x)
-    assert res.card["unmerged"]
-    for v in F.run(res.model, x[:8]).values():
-        assert np.abs(v - want).max() < 1e-4 * np.abs(want).max()
+    assert not an.blocked_reasons, an.blocked_reasons
+    queries = an.tensor_spaces["q0"].space
+    assert an.spaces[queries].queries_of_keys
+    assert {sp for sp, _ in an.spaces[queries].view} == {an.tensor_spaces["k0"].space}
+    x = rng.randn(256, 4, 16).astype(np.float32)
+    want = F.run(a, x[:16])["logits"]
+    for refit in ("ls", "none"):
+        res = onnxzip.merge(a, b, x, refit=refit)
+        assert not res.card["unmerged"] and not res.card["zipped_nothing"]
+        for v in F.run(res.model, x[:16]).values():
+            assert np.abs(v - want).max() < 1e-4 * np.abs(want).max(), refit
+    other = grouped_query_model(_grouped_query_weights(np.random.RandomState(4)))
+    res = onnxzip.merge(a, other, x)
+    assert not res.card["unmerged"] and all(np.isfinite(v).all() for v in F.run(res.model, x[:8]).values())
+    report = inspect_models(a, other)
+    assert report["a"]["spaces_zipped"] == {"zipped": 4, "of": 4}
+    assert "queries matched as their key heads" in format_report(report)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -698,22 +726,40 @@ def test_the_fused_attention_op_on_packed_heads_merges_twins_exactly_and_average
     np.testing.assert_allclose(mask, want_mask, rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["grouped_query", "past", "present"])
+def test_the_fused_attention_op_with_grouped_query_heads_merges_twins_exactly():
+    """q_num_heads 2 over kv_num_heads 1: the op repeats the key/value head for both query heads. The queries of
+    both heads are matched as the key head (a view of it), the output projection reads the value head once per
+    query head; a twin permuted inside the key head (both query heads alike) and the value head merges back."""
+    rng = np.random.RandomState(9)
+    w = fused_weights(rng, kv_width=8)
+    keys, values = rng.permutation(8), rng.permutation(8)
+    twin = dict(w)
+    twin["k.w"], twin["k.b"] = w["k.w"][:, keys], w["k.b"][keys]
+    twin["v.w"], twin["v.b"] = w["v.w"][:, values], w["v.b"][values]
+    both = np.concatenate([keys, 8 + keys])
+    twin["q.w"], twin["q.b"] = w["q.w"][:, both], w["q.b"][both]
+    twin["o.w"] = w["o.w"][np.concatenate([values, 8 + values])]
+    a, b = fused_attention_model(w, kv_heads=1), fused_attention_model(twin, kv_heads=1)
+    an = analyse(a)
+    assert not an.blocked_reasons, an.blocked_reasons
+    assert an.spaces[an.tensor_spaces["q"].space].queries_of_keys
+    assert_twins_merge_exactly(a, b, rng.randn(256, 4, 16).astype(np.float32), zipped=4)
+
+
+@pytest.mark.parametrize("case", ["past", "present"])
 def test_fused_attention_the_walk_cannot_follow_is_left_unmerged_with_its_reason(case):
-    """Grouped-query attention (2 query heads over 1 key/value head), a key/value cache and keys and values written
-    out for one are not followed: the attention is left unmerged and says why, the merge still runs."""
+    """A key/value cache and keys and values written out for one are not followed: the attention is left unmerged
+    and says why, the merge still runs."""
     rng = np.random.RandomState(8)
-    w = fused_weights(rng, 8 if case == "grouped_query" else 16)
+    w = fused_weights(rng)
     if case == "past":
         w["mask"] = rng.randn(2, 4, 6)  # over the 2 cached and the 4 new tokens
-    a = fused_attention_model(w, kv_heads=1 if case == "grouped_query" else 2, past=case == "past",
-                              present=case == "present")
+    a = fused_attention_model(w, past=case == "past", present=case == "present")
     an = analyse(a)
     node = next(i for i, n in enumerate(an.model.graph.node) if n.op_type == "Attention")
     reason = an.nodes[node].reason
     assert an.nodes[node].kind == "unsupported"
-    assert {"grouped_query": "groups 2 query heads over 1 key/value heads", "past": "past_key",
-            "present": "present_key"}[case] in reason
+    assert {"past": "past_key", "present": "present_key"}[case] in reason
     x = {"x": rng.randn(128, 4, 16).astype(np.float32)}
     if case == "past":
         x.update({n: rng.randn(128, 2, 2, 8).astype(np.float32) for n in ("past_k", "past_v")})
