@@ -153,7 +153,8 @@ def _candidates(plan: ZipPlan) -> list:
             continue
         if i in trunk:
             ts = a.tensor_spaces.get(a.model.graph.node[i].output[0])
-            if ts is None or ts.space not in zipped:
+            # (the queries of grouped-query attention are a view of their key heads, merged with the keys' matching)
+            if ts is None or (ts.space not in zipped and not a.spaces[ts.space].queries_of_keys):
                 continue
             side = (lambda j: j in trunk)
             owners = [None]
