@@ -2182,7 +2182,8 @@ def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:
                                         partition=None if labels is None or len(set(labels.tolist())) == 1
                                         else tuple(int(x) for x in labels),
                                         view=None if view is None else [(w.find(sp), c) for sp, c in view],
-                                        alike=alike.get(root, []), queries_of_keys=root in w.queries_of)
+                                        alike=alike.get(root, []),
+                                        queries_of_keys=root in w.queries_of and view is not None)
     for name, ts in tensor_spaces.items():
         spaces[ts.space].tensors.append(name)
     referenced = {p for v in spaces.values() for p in v.parts} | {sp for v in spaces.values() for sp, _ in v.view or []}

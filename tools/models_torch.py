@@ -211,6 +211,38 @@ def swinvit(num_classes=10):
     return SwinViT(num_classes)
 
 
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention as Llama-family code writes it: q, k, v Linears (k and v of `kv_heads` heads only),
+    heads by view (N, T, H, d) + transpose, each key/value head repeated over its group of query heads (Hugging
+    Face's repeat_kv: expand over a new axis, reshape into the head axis), F.scaled_dot_product_attention, output
+    projection. No rotary embedding: the image tokens carry a learned position embedding."""
+
+    def __init__(self, dim, heads, kv_heads):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        d = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv_heads * d), nn.Linear(dim, kv_heads * d)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, dim = x.shape
+        d, copies = dim // self.heads, self.heads // self.kv_heads
+        q = self.q(x).view(n, t, self.heads, d).transpose(1, 2)
+        k, v = (f(x).view(n, t, self.kv_heads, d).transpose(1, 2)[:, :, None]
+                .expand(n, self.kv_heads, copies, t, d).reshape(n, self.heads, t, d) for f in (self.k, self.v))
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, dim))
+
+
+def vitgqa(num_classes=10):
+    """`vit` with grouped-query attention: 4 query heads of 16 over 2 key/value heads."""
+    model = ViT(num_classes)
+    for block in model.blocks:
+        block.attn = GroupedQueryAttention(64, 4, 2)
+    return model
+
+
 class RMSNorm(nn.Module):
     """RMSNorm written out as LLaMA-style code writes it: x * rsqrt(mean(x²) + eps) * weight (no mean subtracted, no
     bias). Exported as Pow / ReduceMean / Add / Sqrt / Reciprocal (or Div) / Mul."""
@@ -284,6 +316,7 @@ ARCHS = {
     "vgg": vgg,
     "mlp": mlp,
     "vit": vit,
+    "vitgqa": vitgqa,
     "swinvit": swinvit,
 }
 

@@ -36,6 +36,7 @@ RECIPES = {
     "resnet20x2": dict(lr=0.1, weight_decay=5e-4, augment=True),
     # transformers train poorly with plain SGD at this budget: AdamW, as ViTs are usually trained
     "vit": dict(lr=1e-3, weight_decay=0.05, augment=True, optimizer="adamw"),
+    "vitgqa": dict(lr=1e-3, weight_decay=0.05, augment=True, optimizer="adamw"),
     "swinvit": dict(lr=1e-3, weight_decay=0.05, augment=True, optimizer="adamw"),
 }
 CROP_PAD = 2
@@ -314,7 +315,7 @@ def model_parameters(card, model):
 
 
 def _batchnorm_note(card):
-    if card["arch"] in ("mlp", "vit", "swinvit"):
+    if card["arch"] in ("mlp", "vit", "vitgqa", "swinvit"):
         return "the architecture has no BatchNorm."
     if any("BatchNormalization" in card["files"][k]["ops"] for k in card["tasks"]):
         return "the graphs keep BatchNormalization nodes."
@@ -492,6 +493,11 @@ def _describe(arch):
         "vit": "ViT: 7×7 patches (16 tokens) + class token, position embedding, 3 pre-norm blocks of dim 64 with 4 "
                "attention heads of 16 (packed qkv, scaled_dot_product_attention) and a GELU MLP 64 → 128 → 64, final "
                "LayerNorm, linear head on the class token",
+        "vitgqa": "ViT: 7×7 patches (16 tokens) + class token, position embedding, 3 pre-norm blocks of dim 64 with "
+                  "grouped-query attention (4 query heads of 16 over 2 key/value heads, separate q, k, v Linears, "
+                  "each key/value head repeated over its 2 query heads as Hugging Face's repeat_kv does it, "
+                  "scaled_dot_product_attention) and a GELU MLP 64 → 128 → 64, final LayerNorm, linear head on the "
+                  "class token",
         "swinvit": "ViT with Swin's window attention: 4×4 patches (a 7×7 grid, one window of 49 tokens), no class "
                    "token or absolute position embedding, 3 pre-norm blocks of dim 64 with 4 attention heads of 16 "
                    "(packed qkv, q kᵀ plus a learned relative position bias per head, softmax) and a GELU MLP "
