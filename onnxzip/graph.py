@@ -853,6 +853,11 @@ def _attention_scores(w: _Walk, node, q: TensorSpace, k: TensorSpace, keys_trans
     (qa, q_heads), (ka, k_heads) = _feature_part(q), _feature_part(k)
     if qa != rank - 1 or ka != rank - (2 if keys_transposed else 1):
         raise _Unsupported("multiplies two feature tensors over an axis that does not hold the features of both")
+    if len(q_heads) == 1 and q_heads[0][0] < rank - 2 and q.split[-1] == w.width(k) and q_heads[0][1] > 1 \
+            and (not k_heads or k_heads == [(q_heads[0][0], 1)]):
+        # multi-query attention: one key head for every query head (broadcast by the MatMul)
+        k = _one_head_for_all(w, k, q_heads[0])
+        k_heads = q_heads
     if q_heads != k_heads or any(ax >= rank - 2 for ax, _ in q_heads):
         raise _Unsupported("multiplies queries and keys whose heads do not line up")
     if w.width(q) != w.width(k):
@@ -861,6 +866,13 @@ def _attention_scores(w: _Walk, node, q: TensorSpace, k: TensorSpace, keys_trans
     _set_shared(w, node.output[0])
     w.scores.add(node.output[0])
     return "carrier", None, q, w.space_of(node.output[0])
+
+
+def _one_head_for_all(w: _Walk, x: TensorSpace, head: tuple) -> TensorSpace:
+    """Keys or values of one head used by every one of `head` = (axis, H) query heads: a view reading each channel H
+    times, split into the H heads on that axis."""
+    view = _repeated_view(w, x.space, (1, w.width(x)), 0, head[1])
+    return TensorSpace(view, x.axis, 1, (head[1], w.width(x)), (head[0], x.axis))
 
 
 def _queries_with_keys(w: _Walk, q: TensorSpace, k: TensorSpace, d: int | None = None) -> None:
@@ -950,6 +962,11 @@ def _attention_values(w: _Walk, node, p: TensorSpace, v: TensorSpace):
     va, heads = _feature_part(v)
     if va != rank - 1 or any(ax >= rank - 2 for ax, _ in heads):
         raise _Unsupported("multiplies features by a computed matrix over their feature axis")
+    out_shape, v_shape = w.shape(node.output[0]), w.shape(node.input[1])
+    if heads in ([], [(1, 1)]) and rank == 4 and out_shape is not None and v_shape is not None \
+            and out_shape[1] > 1 and v_shape[1] in (1, out_shape[1]):
+        # multi-query attention: one value head for every query head (broadcast by the MatMul)
+        v = _one_head_for_all(w, v, (1, int(out_shape[1])))
     _head_blocks(w, v)
     w.set_space(node.output[0], v)
     return "carrier", None, v, v
@@ -1307,8 +1324,14 @@ def _reshape(w: _Walk, node):
     if in_shape is None or out_shape is None:
         raise _Unsupported("the shapes around it are unknown to ONNX shape inference")
     a = x.axis
-    if x.heads:
+    if x.heads and any(n > 1 for n in x.split[:-1]):
         return _reshape_heads(w, node, x, in_shape, out_shape)
+    if x.heads:  # one head: repeated into several (multi-query attention), or a plain channel axis to a reshape
+        repeated = _repeated_heads(w, x, in_shape, out_shape)
+        if repeated is not None:
+            w.set_space(node.output[0], repeated)
+            return "carrier", None, x, repeated
+        x = TensorSpace(x.space, x.axis)
     if x.split:
         if tuple(out_shape) != tuple(in_shape[:a]) + (int(np.prod(x.split)),) + tuple(in_shape[a + len(x.split):]):
             raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} inside a channel shuffle")
@@ -1319,6 +1342,15 @@ def _reshape(w: _Walk, node):
             and tuple(out_shape[a + 2:]) == tuple(in_shape[a + 1:]) and out_shape[a] * out_shape[a + 1] == in_shape[a] \
             and out_shape[a] > 1 and out_shape[a + 1] > 1 and _shuffle_follows(w, node, a):
         out = TensorSpace(x.space, a, 1, (int(out_shape[a]), int(out_shape[a + 1])))
+        w.set_space(node.output[0], out)
+        return "carrier", None, x, out
+    if x.expand == 1 and a == len(in_shape) - 1 and len(out_shape) == len(in_shape) + 1 and out_shape[-2] == 1 \
+            and tuple(out_shape[:-2]) == tuple(in_shape[:-1]) and out_shape[-1] == in_shape[-1] \
+            and _transposed_into_heads(w, node):
+        # (N, T, d) -> (N, T, 1, d), then its head axis moved before the tokens: one attention head (multi-query
+        # attention's keys and values), kept as a head part of size 1 so that the head is followed as one
+        rank = len(out_shape)
+        out = TensorSpace(x.space, rank - 1, 1, (1, int(in_shape[-1])), (rank - 2, rank - 1))
         w.set_space(node.output[0], out)
         return "carrier", None, x, out
     if x.expand == 1 and a == len(in_shape) - 1 and len(out_shape) >= 2 and out_shape[-1] == in_shape[-1]:
@@ -1336,6 +1368,16 @@ def _reshape(w: _Walk, node):
         w.set_space(node.output[0], out)
         return "carrier", None, x, out
     return _flatten_like(w, node, in_shape, out_shape)
+
+
+def _transposed_into_heads(w: _Walk, node) -> bool:
+    """Whether the output of `node` (N, T, 1, d) is read only by Transposes to (N, 1, T, d), as attention code
+    splits the heads: x.view(N, T, H, d).transpose(1, 2)."""
+    readers = w.readers.get(node.output[0], [])
+    if len(w.shape(node.output[0])) != 4 or node.output[0] in {o.name for o in w.graph.output}:
+        return False
+    return bool(readers) and all(r.op_type == "Transpose" and list(w.attr(r, "perm") or []) == [0, 2, 1, 3]
+                                 for r in readers)
 
 
 def _channel_split(x: TensorSpace, in_shape, out_shape) -> list | None:
@@ -1361,8 +1403,12 @@ def _channel_split(x: TensorSpace, in_shape, out_shape) -> list | None:
 
 def _split_space(space: int, parts: list) -> TensorSpace:
     """A tensor of `space` whose channels span the (axis, size) `parts`, row-major, the last one the features inside
-    a head. Parts of size 1 hold nothing and are dropped; with one part left it is a plain channel axis."""
-    parts = [(ax, n) for ax, n in parts[:-1] if n != 1] + [parts[-1]]
+    a head. Parts of size 1 hold nothing and are dropped, except the last head part where it is the only one (one
+    attention head: multi-query attention's keys and values); with one part left it is a plain channel axis."""
+    kept = [(ax, n) for ax, n in parts[:-1] if n != 1] + [parts[-1]]
+    if len(kept) == 1 and len(parts) > 1:
+        kept = [parts[-2], parts[-1]]
+    parts = kept
     if len(parts) == 1:
         return TensorSpace(space, parts[0][0])
     return TensorSpace(space, parts[-1][0], 1, tuple(n for _, n in parts), tuple(ax for ax, _ in parts))

@@ -463,22 +463,24 @@ def test_rotary_tables_that_differ_leave_the_attention_unmerged_without_a_crash(
 # query heads (Hugging Face's repeat_kv: Unsqueeze, Expand, Reshape)
 # ---------------------------------------------------------------------------------------------------------------
 
-GQAS = ["llama_gqa_dynamo", "llama_gqa_ts"]
-GQA_HEADS, GQA_KV_HEADS = 4, 2  # tools/make_fixtures.py TinyLlamaGQA
+# tools/make_fixtures.py TinyLlamaGQA (4 query heads over 2 key/value heads) and TinyLlamaMQA (over one)
+GQAS = {"llama_gqa_dynamo": 2, "llama_gqa_ts": 2, "llama_mqa_dynamo": 1, "llama_mqa_ts": 1}
+GQA_HEADS = 4
 
 
-@pytest.mark.parametrize("name", GQAS)
+@pytest.mark.parametrize("name", sorted(GQAS))
 def test_grouped_query_attention_reads_each_value_head_once_per_query_head(name):
     """The output projection reads a view of the values with each channel read once per query head of its group,
-    in the heads' order; queries (16) and keys (8) are pinned by the rotary embedding, not tied (their widths
-    differ); nothing is left unmerged. (Exact twin merges: test_exporters.py.)"""
+    in the heads' order; queries (16) and keys (4 per key head) are pinned by the rotary embedding, not tied (their
+    widths differ); nothing is left unmerged. (Exact twin merges: test_exporters.py.)"""
     an = analyse(load(name))
     assert not an.blocked_reasons.keys() - set(an.heads), [an.blocked_reasons[i] for i in an.blocked_reasons]
+    kv_heads = GQAS[name]
+    d, copies = DIM // GQA_HEADS, GQA_HEADS // kv_heads
     pinned = sorted(s.width for s in an.spaces.values() if not s.identity and not s.composite
                     and len(set(s.partition or [0])) == s.width)
-    assert pinned == [DIM // 2] * DEPTH + [DIM] * DEPTH
+    assert pinned == [d * kv_heads] * DEPTH + [DIM] * DEPTH
     graph = an.model.graph
-    d, copies = DIM // GQA_HEADS, GQA_HEADS // GQA_KV_HEADS
     outs = [i for i in an.weighted if ".o." in graph.node[i].input[1] or "o.weight" in graph.node[i].input[1]
             or an.spaces[an.nodes[i].in_space.space].view is not None]
     assert len(outs) == DEPTH, [graph.node[i].name for i in outs]
@@ -486,7 +488,7 @@ def test_grouped_query_attention_reads_each_value_head_once_per_query_head(name)
         view = an.spaces[an.nodes[i].in_space.space].view
         assert view is not None and len(view) == DIM
         (values,) = {sp for sp, _ in view}
-        assert an.spaces[values].width == DIM // copies and len(set(an.spaces[values].partition)) == GQA_KV_HEADS
+        assert an.spaces[values].width == DIM // copies and len(set(an.spaces[values].partition or [0])) == kv_heads
         # query head h reads value head h // copies, feature by feature
         assert [c for _, c in view] == [(h // copies) * d + j for h in range(GQA_HEADS) for j in range(d)]
 
@@ -506,17 +508,19 @@ def test_a_view_reading_every_channel_twice_keeps_each_copy_in_its_own_head():
         view_matching(channels[:-1], {7: base})
 
 
-def grouped_query_model(weights):
-    """x (N, 4, 16) -> q = x Wq in 4 heads of 4, k and v = x Wk, x Wv in 2 heads of 4, each repeated over 2 query
-    heads (Unsqueeze, Expand, Reshape), no rotary embedding -> softmax(q kᵀ) v -> (N, 4, 16) -> MatMul -> mean over
-    tokens -> Gemm."""
+def grouped_query_model(weights, kv_heads=2, repeat=True):
+    """x (N, 4, 16) -> q = x Wq in 4 heads of 4, k and v = x Wk, x Wv in `kv_heads` heads of 4, each repeated over
+    its group of query heads (Unsqueeze, Expand, Reshape), no rotary embedding -> softmax(q kᵀ) v -> (N, 4, 16) ->
+    MatMul -> mean over tokens -> Gemm. One key/value head (multi-query attention): its head axis has size 1, and
+    without `repeat` the MatMuls broadcast it."""
     from onnx import helper
     nodes = []
-    for p, heads in (("q", 4), ("k", 2), ("v", 2)):
+    for p, heads in (("q", 4), ("k", kv_heads), ("v", kv_heads)):
         nodes += [helper.make_node("MatMul", ["x", f"{p}.w"], [f"{p}0"]),
                   helper.make_node("Reshape", [f"{p}0", f"heads{heads}"], [f"{p}1"]),
-                  helper.make_node("Transpose", [f"{p}1"], [p if p == "q" else f"{p}2"], perm=[0, 2, 1, 3])]
-    for p in "kv":
+                  helper.make_node("Transpose", [f"{p}1"], [p if p == "q" or not repeat else f"{p}2"],
+                                   perm=[0, 2, 1, 3])]
+    for p in "kv" if repeat else "":
         nodes += [helper.make_node("Unsqueeze", [f"{p}2", "axis2"], [f"{p}3"]),
                   helper.make_node("Expand", [f"{p}3", "copies"], [f"{p}4"]),
                   helper.make_node("Reshape", [f"{p}4", "repeated"], [p])]
@@ -529,41 +533,47 @@ def grouped_query_model(weights):
               helper.make_node("MatMul", ["att", "o.w"], ["o"]),
               helper.make_node("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0),
               helper.make_node("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
-    consts = {"heads4": np.array([0, 4, 4, 4], np.int64), "heads2": np.array([0, 4, 2, 4], np.int64),
-              "axis2": np.array([2], np.int64), "copies": np.array([1, 1, 2, 1, 1], np.int64),
-              "repeated": np.array([0, 4, 4, 4], np.int64), "tokens_shape": np.array([0, 4, 16], np.int64),
-              "tokens": np.array([1], np.int64)}
+    consts = {"heads4": np.array([0, 4, 4, 4], np.int64), f"heads{kv_heads}": np.array([0, 4, kv_heads, 4], np.int64),
+              "tokens_shape": np.array([0, 4, 16], np.int64), "tokens": np.array([1], np.int64)}
+    if repeat:
+        consts.update({"axis2": np.array([2], np.int64), "copies": np.array([1, 1, 4 // kv_heads, 1, 1], np.int64),
+                       "repeated": np.array([0, 4, 4, 4], np.int64)})
     return tokens_model("grouped_query", nodes, weights, consts)
 
 
-def _grouped_query_weights(rng):
-    return {"q.w": rng.randn(16, 16) / 4, "k.w": rng.randn(16, 8) / 4, "v.w": rng.randn(16, 8) / 4,
-            "o.w": rng.randn(16, 16) / 4, "head.w": rng.randn(16, 5) / 4, "head.b": rng.randn(5) * 0.1}
+def _grouped_query_weights(rng, kv_heads=2):
+    return {"q.w": rng.randn(16, 16) / 4, "k.w": rng.randn(16, 4 * kv_heads) / 4,
+            "v.w": rng.randn(16, 4 * kv_heads) / 4, "o.w": rng.randn(16, 16) / 4, "head.w": rng.randn(16, 5) / 4,
+            "head.b": rng.randn(5) * 0.1}
 
 
-def _grouped_query_twin(w, rng):
-    """Inside every key/value head g, its keys and the queries of its 2 query heads by one permutation, its values
-    and the output projection's rows of its 2 query heads by another."""
+def _grouped_query_twin(w, rng, kv_heads=2):
+    """Inside every key/value head g, its keys and the queries of its query heads by one permutation, its values
+    and the output projection's rows of its query heads by another."""
     t = {k: v.copy() for k, v in w.items()}
-    for g in range(2):
+    copies = 4 // kv_heads
+    for g in range(kv_heads):
         keys, values = 4 * g + rng.permutation(4), 4 * g + rng.permutation(4)
         t["k.w"][:, 4 * g:4 * g + 4] = w["k.w"][:, keys]
         t["v.w"][:, 4 * g:4 * g + 4] = w["v.w"][:, values]
-        for h in (2 * g, 2 * g + 1):
+        for h in range(g * copies, (g + 1) * copies):
             t["q.w"][:, 4 * h:4 * h + 4] = w["q.w"][:, 4 * h + keys - 4 * g]
             t["o.w"][4 * h:4 * h + 4] = w["o.w"][4 * h + values - 4 * g]
     return t
 
 
-def test_grouped_query_attention_without_a_rotary_embedding_matches_the_queries_as_their_key_heads():
+@pytest.mark.parametrize("kv_heads, repeat", [(2, True), (1, True), (1, False)])
+def test_grouped_query_attention_without_a_rotary_embedding_matches_the_queries_as_their_key_heads(kv_heads, repeat):
     """Without a rotary embedding pinning them, the queries of each group need one transform with their key head,
     across two spaces of different widths: the queries are matched as the view of the repeated keys. A twin
     permuted inside every key head (queries of its group alike) and every value head merges back exactly, with and
     without the refit; two unrelated models merge with every space zipped; inspect says how the queries are
-    matched."""
+    matched. With one key/value head (multi-query attention) every query head reads it all, repeated or broadcast
+    by the MatMuls."""
     rng = np.random.RandomState(3)
-    w = _grouped_query_weights(rng)
-    a, b = grouped_query_model(w), grouped_query_model(_grouped_query_twin(w, rng))
+    w = _grouped_query_weights(rng, kv_heads)
+    a = grouped_query_model(w, kv_heads, repeat)
+    b = grouped_query_model(_grouped_query_twin(w, rng, kv_heads), kv_heads, repeat)
     an = analyse(a)
     assert not an.blocked_reasons, an.blocked_reasons
     queries = an.tensor_spaces["q0"].space
@@ -576,7 +586,7 @@ def test_grouped_query_attention_without_a_rotary_embedding_matches_the_queries_
         assert not res.card["unmerged"] and not res.card["zipped_nothing"]
         for v in F.run(res.model, x[:16]).values():
             assert np.abs(v - want).max() < 1e-4 * np.abs(want).max(), refit
-    other = grouped_query_model(_grouped_query_weights(np.random.RandomState(4)))
+    other = grouped_query_model(_grouped_query_weights(np.random.RandomState(4), kv_heads), kv_heads, repeat)
     res = onnxzip.merge(a, other, x)
     assert not res.card["unmerged"] and all(np.isfinite(v).all() for v in F.run(res.model, x[:8]).values())
     report = inspect_models(a, other)

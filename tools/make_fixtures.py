@@ -836,6 +836,13 @@ class TinyLlamaGQA(TinyLlama):
                                                 for h in range(self.heads)], dim=1)
 
 
+class TinyLlamaMQA(TinyLlamaGQA):
+    """TinyLlama with multi-query attention: 4 query heads of 4 over one key/value head, repeated over all of them as
+    Hugging Face's repeat_kv does it (its head axis has size 1)."""
+
+    kv_heads = 1
+
+
 def random_inputs(cls, n: int, seed: int) -> np.ndarray:
     """n random inputs for architecture `cls`: token ids below cls.vocab (int64) for a model that reads them,
     standard normal float32 otherwise."""
@@ -1229,6 +1236,15 @@ FIXTURES = {
           "values with the output projection's input of each query head of its group; queries and keys stay in "
           "place."))
       for how, seed in (("ts", 51), ("dynamo", 52))},
+    **{f"llama_mqa_{how}": (lambda out, how=how, seed=seed: torch_fixture(
+        out, f"llama_mqa_{how}", TinyLlamaMQA, how, seed,
+        "Llama-like decoder with multi-query attention (4 query heads over one key/value head, its head axis of size "
+        "1): the key/value head repeated over the query heads as Hugging Face's repeat_kv writes it (Unsqueeze, "
+        "Expand to (N, 1, 4, T, d), Reshape to (N, 4, T, d)); rotary position embeddings, causal mask, RMSNorm, "
+        "SwiGLU MLP; " + {"ts": "TorchScript.", "dynamo": "dynamo."}[how]
+        + " The twin permutes the residual stream, each MLP's hidden features, and the values with the output "
+          "projection's input of every query head alike; queries and keys stay in place."))
+      for how, seed in (("ts", 53), ("dynamo", 54))},
     "preproc": lambda out: torch_fixture(out, "preproc", PreprocCNN, "ts", 10,
                                          "Sub / Div of the input by per-channel constants (1, 3, 1, 1) before "
                                          "conv1."),

@@ -5,6 +5,8 @@ The image models (`ARCHS`, what tools/train_pairs.py trains) take normalised (N,
 (N,num_classes) logits. `Bert` takes int64 token ids (N, T) instead; it is not in `ARCHS` (train_pairs feeds images):
 tools/make_fixtures.py exports it (tests/data/bert_*).
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -191,13 +193,15 @@ class SwinViT(nn.Module):
     and no absolute position embedding, pre-norm blocks whose attention over the whole grid (one Swin window) adds
     a learned relative position bias, final LayerNorm, mean over tokens, linear head."""
 
+    block, attention = Block, RelativeAttention
+
     def __init__(self, num_classes=10, patch=4, dim=64, depth=3, heads=4, mlp_ratio=2, image=28, in_channels=1):
         super().__init__()
         grid = image // patch
         self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[self.block(dim, heads, mlp_ratio) for _ in range(depth)])
         for block in self.blocks:
-            block.attn = RelativeAttention(dim, heads, grid)
+            block.attn = self.attention(dim, heads, grid)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -241,6 +245,63 @@ def vitgqa(num_classes=10):
     for block in model.blocks:
         block.attn = GroupedQueryAttention(64, 4, 2)
     return model
+
+
+class CosineAttention(nn.Module):
+    """Window attention as Swin V2 writes it (torchvision's ShiftedWindowAttentionV2): packed qkv whose bias has the
+    keys' part fixed at zero, cosine similarity of queries and keys (each normalised over its head's features) times
+    a learned per-head logit scale exp(min(s, log 100)), plus a continuous position bias: a small MLP (2 → 64 → heads)
+    of the log-spaced relative coordinates, looked up per token pair, 16·sigmoid; softmax, times v, projection."""
+
+    def __init__(self, dim, heads, grid):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(heads, 1, 1)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, heads, bias=False))
+        offsets = torch.arange(-(grid - 1), grid, dtype=torch.float32)
+        table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1) / (grid - 1) * 8
+        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0
+        self.register_buffer("relative_coords_table", table.reshape(-1, 2), persistent=False)
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + grid - 1
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * grid - 1) + rel[..., 1],
+                             persistent=False)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(n, t, 3, self.heads, d // self.heads) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        table = self.cpb_mlp(self.relative_coords_table)
+        position = table[self.relative_position_index.flatten()].view(t, t, -1).permute(2, 0, 1)
+        attn = (attn + 16 * torch.sigmoid(position).unsqueeze(0)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class PostNormBlock(Block):
+    """Swin V2's residual post-norm block: x + LN(attn(x)), then x + LN(MLP(x))."""
+
+    def forward(self, x):
+        x = x + self.norm1(self.attn(x))
+        return x + self.norm2(self.mlp(x))
+
+
+class SwinV2ViT(SwinViT):
+    """SwinViT with Swin V2's attention and blocks: patch embedding into a g×g grid (one window), residual post-norm
+    blocks of cosine attention with a learned logit scale and a continuous position bias, final LayerNorm, mean over
+    tokens, linear head."""
+
+    block, attention = PostNormBlock, CosineAttention
+
+
+def swinv2vit(num_classes=10):
+    """SwinV2ViT for 28x28: patch 4 (one window of 49 tokens), dim 64, 3 blocks of 4 heads, MLP 128."""
+    return SwinV2ViT(num_classes)
 
 
 class RMSNorm(nn.Module):
@@ -318,6 +379,7 @@ ARCHS = {
     "vit": vit,
     "vitgqa": vitgqa,
     "swinvit": swinvit,
+    "swinv2vit": swinv2vit,
 }
 
 

@@ -38,6 +38,7 @@ RECIPES = {
     "vit": dict(lr=1e-3, weight_decay=0.05, augment=True, optimizer="adamw"),
     "vitgqa": dict(lr=1e-3, weight_decay=0.05, augment=True, optimizer="adamw"),
     "swinvit": dict(lr=1e-3, weight_decay=0.05, augment=True, optimizer="adamw"),
+    "swinv2vit": dict(lr=1e-3, weight_decay=0.05, augment=True, optimizer="adamw"),
 }
 CROP_PAD = 2
 DEFAULT_SPLIT = (5, 5)
@@ -315,7 +316,7 @@ def model_parameters(card, model):
 
 
 def _batchnorm_note(card):
-    if card["arch"] in ("mlp", "vit", "vitgqa", "swinvit"):
+    if card["arch"] in ("mlp", "vit", "vitgqa", "swinvit", "swinv2vit"):
         return "the architecture has no BatchNorm."
     if any("BatchNormalization" in card["files"][k]["ops"] for k in card["tasks"]):
         return "the graphs keep BatchNormalization nodes."
@@ -502,6 +503,11 @@ def _describe(arch):
                    "token or absolute position embedding, 3 pre-norm blocks of dim 64 with 4 attention heads of 16 "
                    "(packed qkv, q kᵀ plus a learned relative position bias per head, softmax) and a GELU MLP "
                    "64 → 128 → 64, final LayerNorm, mean over tokens, linear head",
+        "swinv2vit": "ViT with Swin V2's window attention: 4×4 patches (a 7×7 grid, one window of 49 tokens), 3 "
+                     "residual post-norm blocks of dim 64 with 4 heads of 16 (packed qkv with the keys' bias fixed at "
+                     "zero, cosine attention times a learned logit scale per head, a continuous position bias from "
+                     "an MLP of the relative coordinates) and a GELU MLP 64 → 128 → 64, final LayerNorm, mean over "
+                     "tokens, linear head",
     }[arch]
 
 

@@ -1,5 +1,6 @@
 """Merge Hugging Face text classifiers, as a new user would (issue 13): BERT, DistilBERT, RoBERTa, GPT-2, Llama
-(with 4 key/value heads, and `llama_gqa` with grouped-query attention: 2 key/value heads for the 4 query heads).
+(with 4 key/value heads; `llama_gqa` with grouped-query attention, 2 key/value heads for the 4 query heads;
+`llama_mqa` with multi-query attention, one).
 
 Each model is a `<Arch>ForSequenceClassification` from `transformers` with a small configuration (hidden 64,
 2 layers, 4 heads, vocabulary 1000, 10 labels) and random weights: seed 0 and seed 1 (two initialisations). Both
@@ -59,6 +60,10 @@ def configs():
         # grouped-query attention: 4 query heads over 2 key/value heads (repeat_kv)
         "llama_gqa": (t.LlamaConfig, t.LlamaForSequenceClassification,
                       dict(SMALL, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, max_position_embeddings=64, pad_token_id=0)),
+        # multi-query attention: one key/value head for the 4 query heads
+        "llama_mqa": (t.LlamaConfig, t.LlamaForSequenceClassification,
+                      dict(SMALL, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                            intermediate_size=128, max_position_embeddings=64, pad_token_id=0)),
     }
 
@@ -139,7 +144,7 @@ def check(name, exporter, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["bert", "distilbert", "roberta", "gpt2", "llama", "llama_gqa"])
+    p.add_argument("--models", nargs="+", default=["bert", "distilbert", "roberta", "gpt2", "llama", "llama_gqa", "llama_mqa"])
     p.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"], choices=["torchscript", "dynamo"])
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--timeout", type=int, default=900, help="seconds per onnxzip command")
