@@ -1944,19 +1944,27 @@ def _average_score_constants(w: _Walk, name: str, node: int, j: int, why: str) -
 
 
 # Operators that only select, copy or rearrange the values of their data inputs (listed): the average of what they
-# compute from several models' constants is what they compute from the constants' average.
+# compute from several models' constants is what they compute from the constants' average. And element-wise ones
+# (Swin V2's 16·sigmoid of its continuous position bias, looked up and reshaped to the scores' shape where the
+# exporter leaves the shape to the input's): the merged model computes them from the average, an approximation of
+# the average of what they compute, like every averaged constant.
 _SELECT_INPUTS = {"Gather": (0,), "Reshape": (0,), "Transpose": (0,), "Unsqueeze": (0,), "Squeeze": (0,),
-                  "Identity": (0,), "Slice": (0,), "Expand": (0,), "Tile": (0,), "Flatten": (0,), "Concat": None}
+                  "Identity": (0,), "Slice": (0,), "Expand": (0,), "Tile": (0,), "Flatten": (0,), "Concat": None,
+                  "Sigmoid": (0,), "Tanh": (0,), "Neg": (0,), "Cast": (0,), "Mul": None, "Div": None, "Add": None,
+                  "Sub": None}
 
 
 def _selected_constants(w: _Walk, name: str, node: int, j: int, depth: int = 0) -> list | None:
     """The (node, input) places of the constants that input `j` of node `node`, tensor `name`, is selected from
     through `_SELECT_INPUTS` operators (a relative position bias: a table looked up by constant indices, reshaped,
-    transposed); None where it is computed otherwise, or where a tensor on the way is read by anything else (its
-    average would change that reader too)."""
+    transposed); None where it is computed otherwise (from the graph input's values: only the data inputs listed are
+    followed, and they must end in constants), or where a tensor on the way is read by anything else (its average
+    would change that reader too)."""
     if name in w.initializers and name not in w.producers:
         return [(node, j)] if w.initializers[name].size > 1 and len(w.readers.get(name, [])) == 1 else []
-    if depth > 16 or name not in w.static or name not in w.producers or len(w.readers.get(name, [])) != 1:
+    # (shared, not static: reshaped to a shape read from the input, which is the same in every model)
+    if depth > 16 or (name not in w.static and not _is_shared(w, name)) or name not in w.producers \
+            or len(w.readers.get(name, [])) != 1:
         return None
     i, producer = w.producers[name]
     if producer.op_type not in _SELECT_INPUTS:

@@ -852,11 +852,13 @@ def test_attention_written_as_einsum_merges_twins_exactly():
 # position bias (an MLP of a constant table), a qkv bias whose keys' part is zeroed (ScatterND)
 # ---------------------------------------------------------------------------------------------------------------
 
-def cosine_attention_model(weights):
+def cosine_attention_model(weights, shape_from_input=False):
     """x (N, 4, 16) -> qkv = x W + ScatterND(b, keys' part, 0) -> (N, 4, 3, 2, 8) -> q, k, v (N, 2, 4, 8) ->
     q / max(||q||, eps) and k likewise (ReduceL2 over each head's features, Clip, Expand, Div) -> q kᵀ times
     exp(clip(logit_scale)) (2, 1, 1), plus 16·sigmoid(relu(table W1) W2) reshaped (2, 4, 4) -> Softmax -> times v ->
-    (N, 4, 16) -> MatMul + bias -> mean over tokens -> Gemm head."""
+    (N, 4, 16) -> MatMul + bias -> mean over tokens -> Gemm head. `shape_from_input`: the position bias is reshaped
+    to (2, T, T) with T from the input's shape, as TorchScript writes `.view(t, t, -1)`: the lookup is folded, the
+    Reshape, Sigmoid and Mul after it are not."""
     from onnx import helper
     n = helper.make_node
     nodes = [n("ScatterND", ["qkv.b", "k_rows", "zeros"], ["qkv.b0"]),
@@ -872,7 +874,8 @@ def cosine_attention_model(weights):
               n("Clip", ["logit_scale", "", "max_log"], ["ls0"]), n("Exp", ["ls0"], ["ls"]),
               n("Mul", ["s0", "ls"], ["s1"]),
               n("MatMul", ["table", "cpb.w1"], ["c0"]), n("Relu", ["c0"], ["c1"]), n("MatMul", ["c1", "cpb.w2"], ["c2"]),
-              n("Transpose", ["c2"], ["c3"], perm=[1, 0]), n("Reshape", ["c3", "bias_shape"], ["c4"]),
+              n("Transpose", ["c2"], ["c3"], perm=[1, 0]),
+              n("Reshape", ["c3", "bias_from_input" if shape_from_input else "bias_shape"], ["c4"]),
               n("Sigmoid", ["c4"], ["c5"]), n("Mul", ["c5", "sixteen"], ["cpb"]),
               n("Add", ["s1", "cpb"], ["s"]), n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["a0"]),
               n("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]), n("Reshape", ["a1", "tokens_shape"], ["att"]),
@@ -885,6 +888,11 @@ def cosine_attention_model(weights):
               .astype(np.float32), "bias_shape": np.array([2, 4, 4], np.int64), "sixteen": np.array(16, np.float32),
               "tokens_shape": np.array([0, 4, 16], np.int64), "tokens": np.array([1], np.int64),
               "last": np.array([-1], np.int64)}
+    if shape_from_input:
+        nodes[:0] = [n("Shape", ["x"], ["xs"]), n("Gather", ["xs", "i1"], ["t0"], axis=0),
+                     n("Unsqueeze", ["t0", "zero_axis"], ["t"]),
+                     n("Concat", ["two", "t", "t"], ["bias_from_input"], axis=0)]
+        consts.update({"zero_axis": np.array([0], np.int64), "two": np.array([2], np.int64)})
     return tokens_model("cosine", nodes, weights, consts)
 
 
@@ -916,6 +924,28 @@ def test_swin_v2_cosine_attention_merges_twins_exactly_and_averages_its_scale_an
 
     other = cosine_weights(np.random.RandomState(12))
     res = onnxzip.merge(a, cosine_attention_model(other), {"x": x})
+    assert not res.card["unmerged"] and not res.card["zipped_nothing"]
+    assert sorted(c["why"] for c in res.card["averaged_constants"]) == [
+        "a learned bias added to attention scores", "a learned scale of attention scores"]
+
+
+def test_a_position_bias_reshaped_to_the_input_s_shape_is_averaged_through_its_sigmoid():
+    """Where the position bias is reshaped to a shape read from the input, only its lookup folds: the table is
+    averaged before the Reshape, Sigmoid and Mul that follow it (the merged bias is 16·sigmoid of the average, an
+    approximation like every average). Twins still merge exactly, and two models merge with nothing unmerged (the
+    table used to be a constant that differs, which left the attention unmerged)."""
+    rng = np.random.RandomState(13)
+    w = cosine_weights(rng)
+    pqk = np.concatenate([h * 8 + rng.permutation(8) for h in range(2)])
+    rows = np.concatenate([pqk, 16 + pqk, 32 + np.arange(16)])
+    twin = dict(w, **{"qkv.w": w["qkv.w"][:, rows], "qkv.b": w["qkv.b"][rows]})
+    a, b = cosine_attention_model(w, True), cosine_attention_model(twin, True)
+    an = analyse(a)
+    assert not an.blocked_reasons, an.blocked_reasons
+    assert any(n.op_type == "Sigmoid" for n in an.model.graph.node)  # not folded
+    x = rng.randn(256, 4, 16).astype(np.float32)
+    assert_twins_merge_exactly(a, b, x, zipped=2)
+    res = onnxzip.merge(a, cosine_attention_model(cosine_weights(np.random.RandomState(14)), True), {"x": x})
     assert not res.card["unmerged"] and not res.card["zipped_nothing"]
     assert sorted(c["why"] for c in res.card["averaged_constants"]) == [
         "a learned bias added to attention scores", "a learned scale of attention scores"]
