@@ -843,6 +843,20 @@ class TinyLlamaMQA(TinyLlamaGQA):
     kv_heads = 1
 
 
+# grouped-query and multi-query Llama fixtures: (architecture, what the twin permutes in the attention)
+_GROUPED_LLAMA_NOTES = {
+    "gqa": ("Llama-like decoder with grouped-query attention (4 query heads over 2 key/value heads): each key and "
+            "value head repeated over its group of query heads as Hugging Face's repeat_kv writes it (Unsqueeze, "
+            "Expand to (N, kvH, 2, T, d), Reshape to (N, H, T, d))",
+            "inside every key/value head the values with the output projection's input of each query head of its "
+            "group"),
+    "mqa": ("Llama-like decoder with multi-query attention (4 query heads over one key/value head, its head axis of "
+            "size 1): the key/value head repeated over the query heads as Hugging Face's repeat_kv writes it "
+            "(Unsqueeze, Expand to (N, 1, 4, T, d), Reshape to (N, 4, T, d))",
+            "the values with the output projection's input of every query head alike"),
+}
+
+
 def random_inputs(cls, n: int, seed: int) -> np.ndarray:
     """n random inputs for architecture `cls`: token ids below cls.vocab (int64) for a model that reads them,
     standard normal float32 otherwise."""
@@ -1226,25 +1240,13 @@ FIXTURES = {
           "features, and inside every head the values with the output projection's input; queries and keys stay "
           "in place (the rotary embedding pins them)."))
       for i, how in enumerate(("ts", "dynamo"))},
-    **{f"llama_gqa_{how}": (lambda out, how=how, seed=seed: torch_fixture(
-        out, f"llama_gqa_{how}", TinyLlamaGQA, how, seed,
-        "Llama-like decoder with grouped-query attention (4 query heads over 2 key/value heads): each key and "
-        "value head repeated over its group of query heads as Hugging Face's repeat_kv writes it (Unsqueeze, "
-        "Expand to (N, kvH, 2, T, d), Reshape to (N, H, T, d)); rotary position embeddings, causal mask, RMSNorm, "
-        "SwiGLU MLP; " + {"ts": "TorchScript.", "dynamo": "dynamo."}[how]
-        + " The twin permutes the residual stream, each MLP's hidden features, and inside every key/value head the "
-          "values with the output projection's input of each query head of its group; queries and keys stay in "
-          "place."))
-      for how, seed in (("ts", 51), ("dynamo", 52))},
-    **{f"llama_mqa_{how}": (lambda out, how=how, seed=seed: torch_fixture(
-        out, f"llama_mqa_{how}", TinyLlamaMQA, how, seed,
-        "Llama-like decoder with multi-query attention (4 query heads over one key/value head, its head axis of size "
-        "1): the key/value head repeated over the query heads as Hugging Face's repeat_kv writes it (Unsqueeze, "
-        "Expand to (N, 1, 4, T, d), Reshape to (N, 4, T, d)); rotary position embeddings, causal mask, RMSNorm, "
-        "SwiGLU MLP; " + {"ts": "TorchScript.", "dynamo": "dynamo."}[how]
-        + " The twin permutes the residual stream, each MLP's hidden features, and the values with the output "
-          "projection's input of every query head alike; queries and keys stay in place."))
-      for how, seed in (("ts", 53), ("dynamo", 54))},
+    **{f"llama_{kind}_{how}": (lambda out, kind=kind, cls=cls, how=how, seed=seed: torch_fixture(
+        out, f"llama_{kind}_{how}", cls, how, seed, _GROUPED_LLAMA_NOTES[kind][0] + "; rotary position embeddings, "
+        "causal mask, RMSNorm, SwiGLU MLP; " + {"ts": "TorchScript.", "dynamo": "dynamo."}[how]
+        + " The twin permutes the residual stream, each MLP's hidden features, and " + _GROUPED_LLAMA_NOTES[kind][1]
+        + "; queries and keys stay in place."))
+      for kind, cls, seeds in (("gqa", TinyLlamaGQA, (51, 52)), ("mqa", TinyLlamaMQA, (53, 54)))
+      for how, seed in zip(("ts", "dynamo"), seeds)},
     "preproc": lambda out: torch_fixture(out, "preproc", PreprocCNN, "ts", 10,
                                          "Sub / Div of the input by per-channel constants (1, 3, 1, 1) before "
                                          "conv1."),
