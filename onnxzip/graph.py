@@ -1797,6 +1797,13 @@ def _concat(w: _Walk, node):
     spaced = [w.space_of(n) for n in node.input]
     if any(ts is None for ts in spaced):
         raise _Unsupported("concatenates features with something else")
+    inputs = {i.name for i in w.graph.input}
+    fed = [n for n, ts in zip(node.input, spaced) if n in inputs]
+    if fed and any(w.find(ts.space) not in w.identity and ts.axis != axis for ts in spaced):
+        # a graph input joined to learned features along another axis: a key/value cache (past_key_values), which
+        # holds each model's own keys or values
+        raise _Unsupported(f"concatenates graph input '{fed[0]}' with learned features (a key/value cache holds "
+                           "each model's own features; export the model without a cache to merge it)")
     on_axis = [ts.axis == axis for ts in spaced]
     if any(ts.heads for ts in spaced):
         return _concat_heads(w, node, spaced, axis)

@@ -594,6 +594,40 @@ def test_grouped_query_attention_without_a_rotary_embedding_matches_the_queries_
     assert "queries matched as their key heads" in format_report(report)
 
 
+def test_a_written_out_key_value_cache_is_left_unmerged_with_its_reason():
+    """A decoder exported with its cache concatenates graph inputs (past keys and values) with the new keys and
+    values along the tokens: the cache holds each model's own features, so the attention is left unmerged and the
+    reason says so; the merge still runs."""
+    from onnx import TensorProto, helper, numpy_helper
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "q.w"], ["q"]), n("MatMul", ["x", "k.w"], ["k"]), n("MatMul", ["x", "v.w"], ["v"]),
+             n("Concat", ["past_k", "k"], ["kc"], axis=1), n("Concat", ["past_v", "v"], ["vc"], axis=1),
+             n("Transpose", ["kc"], ["kt"], perm=[0, 2, 1]), n("MatMul", ["q", "kt"], ["s"]),
+             n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "vc"], ["a"]), n("MatMul", ["a", "o.w"], ["o"]),
+             n("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0), n("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
+    rng = np.random.RandomState(5)
+    weights = {"q.w": rng.randn(16, 16), "k.w": rng.randn(16, 16), "v.w": rng.randn(16, 16), "o.w": rng.randn(16, 16),
+               "head.w": rng.randn(16, 5), "head.b": rng.randn(5)}
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])] + [
+        helper.make_tensor_value_info(p, TensorProto.FLOAT, ["N", 2, 16]) for p in ("past_k", "past_v")]
+    graph = helper.make_graph(nodes, "cache", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                    ["N", 5])],
+                              [numpy_helper.from_array((v / 4).astype(np.float32), k) for k, v in weights.items()]
+                              + [numpy_helper.from_array(np.array([1], np.int64), "tokens")])
+    a = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    a.ir_version = 10
+    an = analyse(a)
+    reasons = [info.reason for info in an.nodes if info.kind == "unsupported"]
+    assert len(reasons) == 2 and all("key/value cache" in r and "'past_" in r for r in reasons), reasons
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    F.perturb(b, 0.3, np.random.RandomState(1))
+    feed = {"x": rng.randn(64, 4, 16).astype(np.float32), "past_k": rng.randn(64, 2, 16).astype(np.float32),
+            "past_v": rng.randn(64, 2, 16).astype(np.float32)}
+    res = onnxzip.merge(a, b, feed)
+    assert res.card["unmerged"] and all(np.isfinite(v).all() for v in F.run(res.model, feed).values())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A learned relative position bias added to the attention scores (Swin): averaged like a bias where it differs
 # ---------------------------------------------------------------------------------------------------------------
