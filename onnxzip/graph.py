@@ -14,6 +14,7 @@ Every tensor is one of three kinds:
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -535,6 +536,8 @@ class _Walk:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
+        self.graph_inputs = {i.name for i in self.graph.input}
+        self.graph_outputs = {o.name for o in self.graph.output}
         self.initializers = {t.name: tensor_array(t) for t in self.graph.initializer}
         self.shapes, self.types, self.ranks, self.values = _concrete_shapes(model)
         self.tensor_spaces: dict = {}
@@ -631,12 +634,8 @@ class _Walk:
         `repeats`: a channel may be read more than once (grouped-query attention's keys and values, each head
         repeated over its group of query heads), every channel as often, each copy in order (copy k of a channel
         goes with copy k of the channels it is merged with: `solver.view_matching`)."""
-        if len(set(channels)) != len(channels):
-            counts = {}
-            for pair in channels:
-                counts[pair] = counts.get(pair, 0) + 1
-            if not repeats or len(set(counts.values())) != 1:
-                raise _Unsupported("reads a channel twice")
+        if len(set(channels)) != len(channels) and (not repeats or len(set(Counter(channels).values())) != 1):
+            raise _Unsupported("reads a channel twice")
         read: dict = {}
         for space, c in channels:
             read.setdefault(space, []).append(c)
@@ -1324,14 +1323,14 @@ def _reshape(w: _Walk, node):
     if in_shape is None or out_shape is None:
         raise _Unsupported("the shapes around it are unknown to ONNX shape inference")
     a = x.axis
-    if x.heads and any(n > 1 for n in x.split[:-1]):
-        return _reshape_heads(w, node, x, in_shape, out_shape)
-    if x.heads:  # one head: repeated into several (multi-query attention), or a plain channel axis to a reshape
+    if x.heads:
         repeated = _repeated_heads(w, x, in_shape, out_shape)
         if repeated is not None:
             w.set_space(node.output[0], repeated)
             return "carrier", None, x, repeated
-        x = TensorSpace(x.space, x.axis)
+        if any(n > 1 for n in x.split[:-1]):
+            return _reshape_heads(w, node, x, in_shape, out_shape)
+        x = TensorSpace(x.space, x.axis)  # one head (multi-query attention): a plain channel axis to a reshape
     if x.split:
         if tuple(out_shape) != tuple(in_shape[:a]) + (int(np.prod(x.split)),) + tuple(in_shape[a + len(x.split):]):
             raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} inside a channel shuffle")
@@ -1374,7 +1373,7 @@ def _transposed_into_heads(w: _Walk, node) -> bool:
     """Whether the output of `node` (N, T, 1, d) is read only by Transposes to (N, 1, T, d), as attention code
     splits the heads: x.view(N, T, H, d).transpose(1, 2)."""
     readers = w.readers.get(node.output[0], [])
-    if len(w.shape(node.output[0])) != 4 or node.output[0] in {o.name for o in w.graph.output}:
+    if len(w.shape(node.output[0])) != 4 or node.output[0] in w.graph_outputs:
         return False
     return bool(readers) and all(r.op_type == "Transpose" and list(w.attr(r, "perm") or []) == [0, 2, 1, 3]
                                  for r in readers)
@@ -1441,10 +1440,6 @@ def _reshape_heads(w: _Walk, node, x: TensorSpace, in_shape, out_shape):
             out = TensorSpace(x.space, big_out[i])
             w.set_space(node.output[0], out)
             return "carrier", None, x, out
-    repeated = _repeated_heads(w, x, in_shape, out_shape)
-    if repeated is not None:
-        w.set_space(node.output[0], repeated)
-        return "carrier", None, x, repeated
     raise _Unsupported(f"reshapes {list(in_shape)} to {list(out_shape)} across attention heads")
 
 
@@ -1519,7 +1514,7 @@ def _shuffle_follows(w: _Walk, node, a: int) -> bool:
     """Whether the output of `node` (channels split over axes a, a+1) is read by exactly one Transpose that swaps
     those two axes and keeps every other in place, itself read by exactly one Reshape that merges them back: a
     channel shuffle (ShuffleNet). Only then are the channels split: nothing else reads a tensor so split."""
-    outputs = {o.name for o in w.graph.output}
+    outputs = w.graph_outputs
     readers = w.readers.get(node.output[0], [])
     if len(readers) != 1 or node.output[0] in outputs or readers[0].op_type != "Transpose":
         return False
@@ -1683,7 +1678,7 @@ def _squeeze(w: _Walk, node):
 def _expand(w: _Walk, node):
     """Expand of a feature tensor: numpy broadcasting to the target shape, new axes in front. The axes holding its
     channels must keep their size; its values repeat along the others (grouped-query attention repeats each key
-    and value head over a new axis, then `_reshape_heads` merges it into the head axis)."""
+    and value head over a new axis, then a Reshape merges it into the head axis: `_repeated_heads`)."""
     x = w.space_of(node.input[0])
     in_shape, out_shape = w.shape(node.input[0]), w.shape(node.output[0])
     if in_shape is None or out_shape is None or len(out_shape) < len(in_shape):
@@ -1797,8 +1792,7 @@ def _concat(w: _Walk, node):
     spaced = [w.space_of(n) for n in node.input]
     if any(ts is None for ts in spaced):
         raise _Unsupported("concatenates features with something else")
-    inputs = {i.name for i in w.graph.input}
-    fed = [n for n, ts in zip(node.input, spaced) if n in inputs]
+    fed = [n for n, ts in zip(node.input, spaced) if n in w.graph_inputs]
     if fed and any(w.find(ts.space) not in w.identity and ts.axis != axis for ts in spaced):
         # a graph input joined to learned features along another axis: a key/value cache (past_key_values), which
         # holds each model's own keys or values
@@ -2130,8 +2124,8 @@ del HANDLERS["Where"]
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # what may read a tensor split into attention heads (each handler follows the parts)
 HEAD_OPS = ("Transpose", "Reshape", "MatMul", "Mul", "Div", "Add", "Sub", "Squeeze", "Unsqueeze", "Slice", "Split",
-            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention", "Expand", "Einsum", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceMean",
-            "ReduceSum", "ReduceMax", "ReduceMin")
+            "Gather", "Shape", "Size", "Neg", "Concat", "Identity", "Attention", "Expand", "Einsum", "ReduceL1",
+            "ReduceL2", "ReduceSumSquare", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
 
 
 def analyse(model: onnx.ModelProto, fold_batchnorm: bool = True) -> Analysis:

@@ -604,7 +604,8 @@ def test_a_written_out_key_value_cache_is_left_unmerged_with_its_reason():
              n("Concat", ["past_k", "k"], ["kc"], axis=1), n("Concat", ["past_v", "v"], ["vc"], axis=1),
              n("Transpose", ["kc"], ["kt"], perm=[0, 2, 1]), n("MatMul", ["q", "kt"], ["s"]),
              n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "vc"], ["a"]), n("MatMul", ["a", "o.w"], ["o"]),
-             n("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0), n("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
+             n("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0),
+             n("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
     rng = np.random.RandomState(5)
     weights = {"q.w": rng.randn(16, 16), "k.w": rng.randn(16, 16), "v.w": rng.randn(16, 16), "o.w": rng.randn(16, 16),
                "head.w": rng.randn(16, 5), "head.b": rng.randn(5)}
@@ -907,14 +908,16 @@ def cosine_attention_model(weights, shape_from_input=False):
     nodes += [n("Transpose", ["ku"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["qu", "kt"], ["s0"]),
               n("Clip", ["logit_scale", "", "max_log"], ["ls0"]), n("Exp", ["ls0"], ["ls"]),
               n("Mul", ["s0", "ls"], ["s1"]),
-              n("MatMul", ["table", "cpb.w1"], ["c0"]), n("Relu", ["c0"], ["c1"]), n("MatMul", ["c1", "cpb.w2"], ["c2"]),
+              n("MatMul", ["table", "cpb.w1"], ["c0"]), n("Relu", ["c0"], ["c1"]),
+              n("MatMul", ["c1", "cpb.w2"], ["c2"]),
               n("Transpose", ["c2"], ["c3"], perm=[1, 0]),
               n("Reshape", ["c3", "bias_from_input" if shape_from_input else "bias_shape"], ["c4"]),
               n("Sigmoid", ["c4"], ["c5"]), n("Mul", ["c5", "sixteen"], ["cpb"]),
               n("Add", ["s1", "cpb"], ["s"]), n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["a0"]),
               n("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]), n("Reshape", ["a1", "tokens_shape"], ["att"]),
               n("MatMul", ["att", "o.w"], ["o0"]), n("Add", ["o0", "o.b"], ["o"]),
-              n("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0), n("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
+              n("ReduceMean", ["o", "tokens"], ["pool"], keepdims=0),
+              n("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
     consts = {"k_rows": np.arange(16, 32, dtype=np.int64)[:, None], "zeros": np.zeros(16, np.float32),
               "split": np.array([0, 4, 3, 2, 8], np.int64), "i0": np.array(0, np.int64), "i1": np.array(1, np.int64),
               "i2": np.array(2, np.int64), "eps": np.array(1e-12, np.float32),
