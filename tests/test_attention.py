@@ -594,6 +594,43 @@ def test_grouped_query_attention_without_a_rotary_embedding_matches_the_queries_
     assert "queries matched as their key heads" in format_report(report)
 
 
+def test_the_fused_attention_op_with_heads_that_do_not_divide_is_left_unmerged_with_its_reason():
+    """3 key/value heads for 2 query heads (an attribute ONNX's checker does not compare with the widths): the op is
+    left unmerged and the reason gives the widths and head counts."""
+    a = fused_attention_model(fused_weights(np.random.RandomState(8)), heads=2, kv_heads=2)
+    node = next(n for n in a.graph.node if n.op_type == "Attention")
+    next(at for at in node.attribute if at.name == "kv_num_heads").i = 3
+    an = analyse(a)
+    index = next(i for i, n in enumerate(an.model.graph.node) if n.op_type == "Attention")
+    assert an.nodes[index].kind == "unsupported"
+    assert an.nodes[index].reason == ("attends with 16 query and 16 key features in 2 query heads over 3 key/value "
+                                      "heads")
+
+
+def test_an_expand_along_the_channels_is_left_unmerged_with_its_reason():
+    """Expand broadcasts a feature tensor of one channel to 16 (along its channel axis): no feature space carries
+    through that; the Expand is left unmerged with the shapes in its reason, and the merge still runs."""
+    from onnx import helper
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "a.w"], ["a"]), n("Expand", ["a", "wide"], ["b"]), n("MatMul", ["b", "c.w"], ["c"]),
+             n("ReduceMean", ["c", "tokens"], ["pool"], keepdims=0),
+             n("Gemm", ["pool", "head.w", "head.b"], ["logits"])]
+    rng = np.random.RandomState(6)
+    weights = {"a.w": rng.randn(16, 1), "c.w": rng.randn(16, 16) / 4, "head.w": rng.randn(16, 5) / 4,
+               "head.b": rng.randn(5)}
+    a = tokens_model("expand", nodes, weights, {"wide": np.array([1, 1, 16], np.int64),
+                                                 "tokens": np.array([1], np.int64)})
+    an = analyse(a)
+    expand = next(i for i, node in enumerate(an.model.graph.node) if node.op_type == "Expand")
+    assert an.nodes[expand].reason == "broadcasts [1, 4, 1] to [1, 4, 16] along an axis of its channels"
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    F.perturb(b, 0.3, np.random.RandomState(1))
+    x = rng.randn(64, 4, 16).astype(np.float32)
+    res = onnxzip.merge(a, b, {"x": x})
+    assert res.card["unmerged"] and all(np.isfinite(v).all() for v in F.run(res.model, {"x": x[:8]}).values())
+
+
 def test_a_written_out_key_value_cache_is_left_unmerged_with_its_reason():
     """A decoder exported with its cache concatenates graph inputs (past keys and values) with the new keys and
     values along the tokens: the cache holds each model's own features, so the attention is left unmerged and the
