@@ -33,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .calibration import (CalibrationData, RowRequest, SourceRun, _progress_reporter, as_rows, expose_tensors,
-                          make_session, select_rows, subset_of_rows)
+                          pass_session, select_rows, subset_of_rows)
 from .errors import VerificationError
 from .graph import Analysis, TensorSpace
 from .onnx_io import MAPPED_MIN_BYTES, tensor_array, without_weights
@@ -620,7 +620,7 @@ def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationDat
     runs = []
     for m, model in enumerate(models):
         names = list(dict.fromkeys(layer.target[m] for layer in layers if layer.model in (None, m)))
-        session = make_session(_prune(expose_tensors(model, names), names, {}), device, spin=False) if names else None
+        session = pass_session(_prune(expose_tensors(model, names), names, {}), device) if names else None
         runs.append((session, names))
     rows = {layer.key: [] for layer in layers}
     lo = 0
@@ -779,7 +779,7 @@ class _Passes:
         session, feeds = None, []
         if run_names:
             pruned = _prune(self.model, run_names, self.types, {t: v[0] for t, v in cached.items()})
-            session = make_session(pruned, self.device, spin=False)  # numpy fits between runs
+            session = pass_session(pruned, self.device)
             feeds = [i.name for i in pruned.graph.input]
             self.count += 1
         fetched = {name: {} for name in self.cache}
