@@ -53,6 +53,10 @@ MIN_ROWS = 20000
 # The calibration pass keeps the source models' target rows for the refit up to this size (the rest are found by a
 # source pass of the refit's own).
 ROW_CACHE_BYTES = 1 << 30
+# Regressor and target rows a level holds before it takes their products (`_Pending`), and the most rows one
+# product takes at a time (their float64 copies).
+ROW_BUFFER_BYTES = 128 << 20
+PRODUCT_BYTES = 64 << 20
 # Activations kept between levels (so a level runs from the last level's tensors, not from the graph inputs).
 CACHE_BYTES = 2 << 30
 # A Gram matrix whose reciprocal condition number (LAPACK's 1-norm estimate) is below this is called singular in the
@@ -735,10 +739,12 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
             layouts = {layer.key: _Layout(layer, merged_nodes, inits, plan, surgery) for layer in todo}
             fetch = [t for layer in todo for t in (layouts[layer.key].node.input[0], layer.partner) if t]
             sums = {layer.key: None for layer in todo}
+            pending = _Pending(sums)
             for part, lo, b, n, values in passes.run(fetch):
                 for layer in todo:
-                    _accumulate(layer, layouts[layer.key], values, part_targets[part][layer.key][b], sums,
+                    pending.add(layer, layouts[layer.key], values, part_targets[part][layer.key][b],
                                 part != "calibration", lo, n, fractions[layer.key], seed, a)
+            pending.flush()
             for layer in todo:
                 summary["layers"].append(_solve_and_write(layer, layouts[layer.key], sums[layer.key], model, plan,
                                                           use_held))
@@ -822,74 +828,94 @@ def _regressors(layer: RefitLayer, layout: _Layout, x: np.ndarray, rows: np.ndar
 
 
 def _products(x: np.ndarray, t: np.ndarray, bias: bool) -> tuple:
-    """One batch's (XᵀX upper triangle, XᵀT, Σ t², Σ t) in float64, for regressors X (rows, d) and targets T
-    (rows, F), X with a column of ones appended where `bias`.
+    """Rows' (XᵀX upper triangle, XᵀT, Σ t², Σ t) in float64, for regressors X (rows, d) and targets T (rows, F),
+    X with a column of ones appended where `bias` (its products are the column sums: they cost nothing).
 
-    X and T are shifted by their batch means before the products (syrk for XᵀX: half the work of a product) and
-    the means are put back after, so the products are of the deviations and the bias column costs nothing. They
-    are taken in float64: the ridge's smallest strengths (1e-6 of the mean eigenvalue) are within reach of float32
-    rounding (~1e-7 of the largest), and fits from float32 products move with the last bits of their inputs (two
-    exports of one model no longer merge alike)."""
-    n = x.shape[0]
-    x, t = x.astype(np.float64), t.astype(np.float64)
-    a, b = x.sum(axis=0) / n, t.sum(axis=0) / n
-    x -= a
-    t -= b
-    sx, st = x.sum(axis=0), t.sum(axis=0)  # what rounding leaves of the deviations' sums
-    # a sxᵀ + sx aᵀ + n a aᵀ = a uᵀ + u aᵀ with u = sx + n a / 2: one rank-2 update of the upper triangle
-    gram = _syrk(x, a, sx + 0.5 * n * a)
-    cross = x.T @ t
-    cross += np.outer(a, st + n * b)
-    cross += np.outer(sx, b)
-    sum_t = st + n * b
-    t_sq = float(np.einsum("ij,ij->", t, t) + 2 * b @ st + n * b @ b)
+    The products are taken in float64: the ridge's smallest strengths (1e-6 of the mean eigenvalue) are within reach
+    of float32 rounding (~1e-7 of the largest), and fits from float32 products move with the last bits of their
+    inputs (two exports of one model no longer merge alike). They go through scipy's BLAS only (syrk for XᵀX: half
+    the work of a product): numpy and scipy each bring an OpenBLAS with its own worker threads, which spin for a
+    while after each call, and products alternating between the two ran at half speed, each library's threads
+    taking the cores the other's needed."""
+    from scipy.linalg.blas import dgemm, dsyrk
+    x = x.astype(np.float64)
+    gram = dsyrk(1.0, x.T, trans=0, lower=0)
+    cross = dgemm(1.0, x.T, t)
+    sum_t = t.sum(axis=0)
+    t_sq = float(np.einsum("ij,ij->", t, t))
     if bias:
         d = x.shape[1]
-        full = np.zeros((d + 1, d + 1))
+        full = np.zeros((d + 1, d + 1), order="F")
         full[:d, :d] = gram
-        full[:d, d] = sx + n * a
-        full[d, d] = n
+        full[:d, d] = x.sum(axis=0)
+        full[d, d] = x.shape[0]
         gram, cross = full, np.vstack([cross, sum_t[None, :]])
     return gram, cross, t_sq, sum_t
 
 
-def _syrk(x: np.ndarray, a: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """xᵀx + a uᵀ + u aᵀ, upper triangle only (BLAS syrk, then syr2k)."""
-    from scipy.linalg.blas import dsyr2k, dsyrk
-    gram = dsyrk(1.0, x.T, trans=0, lower=0)
-    return dsyr2k(1.0, a[:, None], u[:, None], beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+class _Pending:
+    """One level's regressor and target rows, held until ROW_BUFFER_BYTES are pending and then multiplied at once.
+
+    A pass alternates onnxruntime runs with numpy products; taken a batch at a time, every product is small, and
+    BLAS's worker threads, which spin for a while after each call before they sleep, take the cores onnxruntime
+    needs for the next batch (on the bundled ResNet-20 pair, 2 cores: the Gram products ran at 10 GFLOP/s inside a
+    merge against 40 alone). Held back and taken in large blocks, the products run on every core at full speed, the
+    runs between them are not disturbed, and the sums are the same to float64 rounding."""
+
+    def __init__(self, sums: dict):
+        self.sums = sums
+        self.rows = {}  # (layer key, held) -> [(layer, layout, [regressor blocks], targets)]
+        self.bytes = 0
+
+    def add(self, layer, layout, values, target, held, lo, n, fraction, seed, a) -> None:
+        x = values[layout.node.input[0]]
+        # a Gemm/MatMul has a row per leading index of its input, however the batch sits among them
+        # (nn.MultiheadAttention computes on (T*N, D): the batch merged with the tokens)
+        count = (n * _output_positions(layer, a) if layer.op == "Conv"
+                 else x.size // x.shape[x.ndim - 1 if layer.op == "MatMul" else 1])
+        rows = select_rows(layer.rows_key, held, lo, count, fraction, seed)
+        t = target.astype(np.float64)
+        if layer.partner:
+            t -= as_rows(values[layer.partner], layer.channel_axis, rows)
+        blocks = _regressors(layer, layout, x, rows, a)
+        self.rows.setdefault((layer.key, held), []).append((layer, layout, blocks, t))
+        self.bytes += t.nbytes + sum(b.nbytes for b in blocks)
+        if self.bytes >= ROW_BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        for (key, held), parts in self.rows.items():
+            layer, layout = parts[0][:2]
+            blocks = [np.concatenate([p[2][g] for p in parts]) for g in range(len(parts[0][2]))]
+            _accumulate(layer, layout, blocks, np.concatenate([p[3] for p in parts]), self.sums, held)
+        self.rows, self.bytes = {}, 0
 
 
-def _accumulate(layer, layout, values, target, sums, held, lo, n, fraction, seed, a) -> None:
-    x = values[layout.node.input[0]]
-    # a Gemm/MatMul has a row per leading index of its input, however the batch sits among them (nn.MultiheadAttention
-    # computes on (T*N, D): the batch merged with the tokens)
-    count = n * _output_positions(layer, a) if layer.op == "Conv" else x.size // x.shape[x.ndim - 1 if layer.op ==
-                                                                                         "MatMul" else 1]
-    rows = select_rows(layer.rows_key, held, lo, count, fraction, seed)
-    t = target.astype(np.float64)
-    if layer.partner:
-        t -= as_rows(values[layer.partner], layer.channel_axis, rows)
-    blocks = _regressors(layer, layout, x, rows, a)
+def _accumulate(layer, layout, blocks, t, sums, held) -> None:
+    """Add rows (per group, regressor `blocks` and the targets `t` of every group side by side) to a layer's sums."""
     per = t.shape[1] // len(blocks)
     if sums[layer.key] is None:
         dims = [b.shape[1] + int(layout.has_bias) for b in blocks]
         sums[layer.key] = [_Sums(np.zeros((d, d)), np.zeros((d, per)), t_sum=np.zeros(per), h_gram=np.zeros((d, d)),
                                  h_cross=np.zeros((d, per)), h_t_sum=np.zeros(per)) for d in dims]
-    for g, (s, xb) in enumerate(zip(sums[layer.key], blocks)):
-        gram, cross, t_sq, t_sum = _products(xb, np.ascontiguousarray(t[:, g * per:(g + 1) * per]), layout.has_bias)
-        if held:
-            s.h_gram += gram
-            s.h_cross += cross
-            s.h_t_sq += t_sq
-            s.h_t_sum += t_sum
-            s.h_rows += xb.shape[0]
-        else:
-            s.gram += gram
-            s.cross += cross
-            s.t_sq += t_sq
-            s.t_sum += t_sum
-            s.rows += xb.shape[0]
+    for g, (s, xg) in enumerate(zip(sums[layer.key], blocks)):
+        step = max(1, PRODUCT_BYTES // (8 * (xg.shape[1] + per)))  # rows a product takes (in float64)
+        for lo in range(0, xg.shape[0], step):
+            xb = xg[lo:lo + step]
+            gram, cross, t_sq, t_sum = _products(xb, np.ascontiguousarray(t[lo:lo + step, g * per:(g + 1) * per]),
+                                                 layout.has_bias)
+            if held:
+                s.h_gram += gram
+                s.h_cross += cross
+                s.h_t_sq += t_sq
+                s.h_t_sum += t_sum
+                s.h_rows += xb.shape[0]
+            else:
+                s.gram += gram
+                s.cross += cross
+                s.t_sq += t_sq
+                s.t_sum += t_sum
+                s.rows += xb.shape[0]
 
 
 def _full(upper: np.ndarray) -> np.ndarray:
@@ -897,8 +923,9 @@ def _full(upper: np.ndarray) -> np.ndarray:
 
 
 def _error(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, t_sq: float) -> float:
-    """||X Wᵀ - T||² from the sums (W: F x d)."""
-    return float(np.sum((w @ gram) * w) - 2 * np.sum(w * cross.T) + t_sq)
+    """||X Wᵀ - T||² from the sums (W: F x d); the product through scipy's BLAS (see `_products`)."""
+    from scipy.linalg.blas import dsymm
+    return float(np.sum(dsymm(1.0, gram, w, side=1) * w) - 2 * np.sum(w * cross.T) + t_sq)
 
 
 def _solve_and_write(layer, layout, sums, model, plan, use_held) -> dict:
