@@ -297,6 +297,47 @@ def test_targets_kept_by_calibration_equal_a_pass_of_their_own(twins, monkeypatc
         np.testing.assert_allclose(outs[0][name], outs[1][name], rtol=1e-4, atol=1e-4 * np.abs(outs[1][name]).max())
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_products_are_the_regression_sums(bias):
+    """XᵀX (upper triangle, with the bias column of ones), XᵀT, Σt² and Σt of float32 regressors with a large
+    mean, in float64, against numpy's."""
+    from onnxzip.refit import _products
+
+    rng = np.random.RandomState(3)
+    x = (rng.randn(500, 7) * 0.1 + 40.0).astype(np.float32)
+    t = rng.randn(500, 3) + 5.0
+    gram, cross, t_sq, t_sum = _products(x, t, bias)
+    xx = np.hstack([x.astype(np.float64), np.ones((500, 1))]) if bias else x.astype(np.float64)
+    np.testing.assert_allclose(np.triu(gram), np.triu(xx.T @ xx), rtol=1e-12)
+    np.testing.assert_allclose(cross, xx.T @ t, rtol=1e-12)
+    np.testing.assert_allclose(t_sq, np.sum(t * t), rtol=1e-12)
+    np.testing.assert_allclose(t_sum, t.sum(axis=0), rtol=1e-12)
+
+
+def test_products_taken_in_blocks_are_the_products_of_every_batch(monkeypatch):
+    """A level's rows are held and multiplied in blocks after its pass (refit.ROW_BUFFER_BYTES, PRODUCT_BYTES):
+    taken a batch at a time, or a few rows at a time, the fit is the same (two unrelated models: the layers after
+    the stem do not fit exactly, so their ridge strengths are chosen by real differences)."""
+    import onnxzip.refit as R
+
+    a, _ = F.ARCHS["resnet"](seed=11)
+    b, _ = F.ARCHS["resnet"](seed=12)
+    data = F.calib(a, 120, seed=1)
+    blocks = onnxzip.merge(a, b, data, method="zip")
+    monkeypatch.setattr(R, "ROW_BUFFER_BYTES", 0)  # every batch's products at once, as it comes
+    monkeypatch.setattr(R, "PRODUCT_BYTES", 4096)  # and those a few rows at a time
+    batches = onnxzip.merge(a, b, data, method="zip")
+    for x, y in zip(blocks.card["refit"]["layers"], batches.card["refit"]["layers"]):
+        assert x["rows"] == y["rows"], (x, y)
+        assert abs(x["r2_held_back"] - y["r2_held_back"]) < 1e-9, (x, y)
+        if x["r2_held_back"] < 1 - 1e-6:  # (the stem's target is linear in its patches: every λ fits it exactly)
+            assert x["lambda"] == y["lambda"], (x, y)
+    x = F.calib(a, 16, seed=2)
+    outs = [F.run(r.model, x) for r in (blocks, batches)]
+    for name in outs[0]:
+        np.testing.assert_allclose(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-5 * np.abs(outs[1][name]).max())
+
+
 @pytest.mark.parametrize("value", ["BN", "reset", None])
 def test_bad_repair_targets_option_is_a_usage_error(twins, value):
     a, b = twins["mlp"]

@@ -1,7 +1,7 @@
 """What a whole merge costs against its physical floor: running the models once (issue 12).
 
 Usage: python3 tools/merge_cost.py [--pairs mlp-s0 vgg-s0 resnet20-s0 resnet20x2-s0] [--samples 1000 4000]
-                                   [--repeats 1] [--out FILE] [-- extra merge options]
+                                   [--repeats 1] [--before CHECKOUT] [--out FILE] [-- extra merge options]
 
 The floor of a merge is onnxruntime running each source model over the calibration samples, plus one pass of the
 merged model: everything else is bookkeeping. For each pair and sample count this script times, interleaved in one
@@ -11,6 +11,9 @@ run (these machines are shared and noisy: read the ratios, not the seconds):
   through it in batches of 64 (the merge's batch size);
 - merge: the whole `onnxzip merge A B --data calib.npy -o OUT` command in a fresh process (start-up and imports
   included), with the default options (zip, least-squares refit, verification) plus any options after `--`.
+
+`--before CHECKOUT` times the same merge from another checkout of onnxzip too (a git worktree of an earlier
+commit), each pair's two merges one after the other before its floor: a before/after ratio from one run.
 
 Calibration samples are the first N Fashion-MNIST training images (normalised like models/data/calib.npy), written
 to a temporary .npy. The card's stage times (`seconds`) are kept for each merge. Prints one line per case and, with
@@ -57,10 +60,13 @@ def floor_seconds(paths: list, data: np.ndarray) -> float:
     return total
 
 
-def merge_seconds(a: str, b: str, calib: str, out: str, extra: list) -> tuple:
+def merge_seconds(a: str, b: str, calib: str, out: str, extra: list, code: str = ROOT) -> tuple:
+    """Seconds of the whole `onnxzip merge` command run from checkout `code` (its package, not the installed one),
+    and the card."""
     cmd = [sys.executable, "-m", "onnxzip", "merge", a, b, "--data", calib, "-o", out, "--force", "-q", *extra]
+    env = dict(os.environ, PYTHONPATH=code)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=code, env=env)
     seconds = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"merge failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
@@ -81,20 +87,27 @@ def torchvision_pair(name: str, size: int, work: str) -> str:
     return folder
 
 
-def measure(pair: str, models: str, calib: str, data: np.ndarray, repeats: int, extra: list, work: str) -> dict:
+def measure(pair: str, models: str, calib: str, data: np.ndarray, repeats: int, extra: list, work: str,
+            before: str | None = None) -> dict:
     folder = pair if os.path.isabs(pair) else os.path.join(models, pair)
     pair = os.path.basename(folder)
     a, b = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
     out = os.path.join(work, f"{pair}.onnx")
-    floors, merges, card = [], [], None
+    floors, merges, card, befores, before_card = [], [], None, [], None
     for _ in range(repeats):
+        if before:
+            seconds, before_card = merge_seconds(a, b, calib, out + ".before.onnx", extra, before)
+            befores.append(seconds)
         seconds, card = merge_seconds(a, b, calib, out, extra)
         merges.append(seconds)
         floors.append(floor_seconds([a, b, out], data))
     floor, merge = statistics.median(floors), statistics.median(merges)
-    return {"pair": pair, "samples": len(data), "floor_seconds": floors, "merge_seconds": merges,
-            "ratio": merge / floor, "stages": card["seconds"],
-            "refit_passes": card.get("refit", {}).get("passes")}
+    row = {"pair": pair, "samples": len(data), "floor_seconds": floors, "merge_seconds": merges,
+           "ratio": merge / floor, "stages": card["seconds"], "refit_passes": card.get("refit", {}).get("passes")}
+    if before:
+        row.update({"before_seconds": befores, "before_ratio": statistics.median(befores) / floor,
+                    "before_stages": before_card["seconds"]})
+    return row
 
 
 def main(argv=None) -> int:
@@ -111,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--torchvision", nargs="+", metavar="NAME",
                    help="torchvision models (random weights) instead of the bundled pairs")
     p.add_argument("--size", type=int, default=224, help="with --torchvision: the image size")
+    p.add_argument("--before", metavar="CHECKOUT",
+                   help="another checkout of onnxzip (e.g. a git worktree of an earlier commit): its merge is timed "
+                        "too, interleaved with this one's, against the same floor")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
     rows = []
@@ -129,14 +145,18 @@ def main(argv=None) -> int:
             calib = os.path.join(work, f"calib{n}.npy")
             np.save(calib, data)
             for pair in pairs:
-                row = measure(pair, args.models, calib, data, args.repeats, extra, work)
+                row = measure(pair, args.models, calib, data, args.repeats, extra, work, args.before)
                 rows.append(row)
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items() if k != "total")
+                was = (f"; before: {statistics.median(row['before_seconds']):.2f} s, {row['before_ratio']:.1f}x"
+                       if args.before else "")
                 print(f"{pair} N={n}: floor {statistics.median(row['floor_seconds']):.2f} s, whole merge "
-                      f"{statistics.median(row['merge_seconds']):.2f} s: {row['ratio']:.1f}x ({stages})", flush=True)
+                      f"{statistics.median(row['merge_seconds']):.2f} s: {row['ratio']:.1f}x ({stages}){was}",
+                      flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "size": args.size if args.torchvision else None,
+            json.dump({"command": " ".join(sys.argv), "before": args.before,
+                       "size": args.size if args.torchvision else None,
                        "cpu_count": os.cpu_count(), "load": os.getloadavg(),
                        "extra_options": extra, "rows": rows}, f, indent=2)
     return 0

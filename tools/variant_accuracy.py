@@ -49,7 +49,7 @@ def parse_variant(text: str) -> tuple:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variant", action="append", required=True, type=parse_variant)
+    p.add_argument("--variant", action="append", default=[], type=parse_variant)
     p.add_argument("--pairs", nargs="+", default=PAIRS)
     p.add_argument("--out")
     args = p.parse_args(argv)
