@@ -73,16 +73,19 @@ class FeatureStats:
                 f"FeatureStats.update expects {self.width} features per sample, got shape {x.shape}"
             )
         x = x.astype(np.float64, copy=False)
-        bad = x.size - int(np.count_nonzero(np.isfinite(x)))
-        if bad:
-            raise ValueError(
-                f"FeatureStats.update got {bad} non-finite value(s) (NaN or inf) among {x.size}; "
-                "check the calibration inputs and the model's numerics"
-            )
+        batch_sum = x.sum(axis=0)
+        # a NaN or inf anywhere reaches its column's sum: x itself is scanned only when a sum is not finite
+        if not np.isfinite(batch_sum).all():
+            bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+            if bad:
+                raise ValueError(
+                    f"FeatureStats.update got {bad} non-finite value(s) (NaN or inf) among {x.size}; "
+                    "check the calibration inputs and the model's numerics"
+                )
         n = x.shape[0]
         if n == 0:
             return self
-        batch_mean = x.sum(axis=0) / n
+        batch_mean = batch_sum / n
         # deviations from the batch mean; their own mean `s` (what rounding leaves) is taken out of the co-moment
         xc = x - batch_mean
         s = xc.sum(axis=0) / n
