@@ -44,6 +44,14 @@ def previous(path: str) -> dict:
     return out
 
 
+def bundled_pair(pair: str) -> tuple:
+    """(path of a.onnx, path of b.onnx, {task: [class ids]}) of the bundled pair models/`pair`."""
+    folder = os.path.join(ROOT, "models", pair)
+    with open(os.path.join(folder, "card.json")) as f:
+        tasks = {t: [int(c) for c in cls] for t, cls in json.load(f)["tasks"].items()}
+    return os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx"), tasks
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", nargs="+", default=PAIRS)
@@ -57,10 +65,7 @@ def main(argv=None) -> int:
     rows = []
     default_sampling = P.STATS_SAMPLING
     for pair in args.pairs:
-        folder = os.path.join(ROOT, "models", pair)
-        with open(os.path.join(folder, "card.json")) as f:
-            tasks = {t: [int(c) for c in cls] for t, cls in json.load(f)["tasks"].items()}
-        a, b = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
+        a, b, tasks = bundled_pair(pair)
         row = {"pair": pair}
         ens = evaluate(onnxzip.merge(a, b, calib, method="ensemble").model, x, y, tasks, latency=False)
         row["ensemble"] = ens.joint_accuracy

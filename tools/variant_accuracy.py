@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import onnxzip  # noqa: E402
 from onnxzip.evaluate import evaluate  # noqa: E402
-from pass_accuracy import PAIRS  # noqa: E402
+from pass_accuracy import PAIRS, bundled_pair  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple:
@@ -60,10 +60,7 @@ def main(argv=None) -> int:
     variants = [("default", [])] + args.variant
     rows = []
     for pair in args.pairs:
-        folder = os.path.join(ROOT, "models", pair)
-        with open(os.path.join(folder, "card.json")) as f:
-            tasks = {t: [int(c) for c in cls] for t, cls in json.load(f)["tasks"].items()}
-        a, b = os.path.join(folder, "a.onnx"), os.path.join(folder, "b.onnx")
+        a, b, tasks = bundled_pair(pair)
         row = {"pair": pair}
         row["ensemble"] = evaluate(onnxzip.merge(a, b, calib, method="ensemble").model, x, y, tasks,
                                    latency=False).joint_accuracy
