@@ -693,8 +693,10 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
     fractions = {}  # share of each layer's rows kept
     merged_nodes = _node_by_name(model)
     too_large = []
+    reads = {}  # the tensors each layer's pass fetches: its input and its residual partner
     for layer in layers:
         layout = _Layout(layer, merged_nodes, inits, plan, surgery)
+        reads[layer.key] = [t for t in (layout.node.input[0], layer.partner) if t]
         if layout.sums_bytes(use_held) > MAX_SUMS_BYTES:
             why = (f"too large to refit: its sums would take {layout.sums_bytes(use_held) / 2**30:.1f} GiB, more "
                    f"than refit.MAX_SUMS_BYTES ({MAX_SUMS_BYTES / 2**30:g} GiB); it keeps surgery's weights")
@@ -738,9 +740,10 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
             merged_nodes = _node_by_name(model)
             layouts = {layer.key: _Layout(layer, merged_nodes, inits, plan, surgery) for layer in todo}
             fetch = [t for layer in todo for t in (layouts[layer.key].node.input[0], layer.partner) if t]
+            later = {t for layer in layers if layer.level > level for t in reads[layer.key]}
             sums = {layer.key: None for layer in todo}
             pending = _Pending(sums)
-            for part, lo, b, n, values in passes.run(fetch):
+            for part, lo, b, n, values in passes.run(fetch, later):
                 for layer in todo:
                     pending.add(layer, layouts[layer.key], values, part_targets[part][layer.key][b],
                                 part != "calibration", lo, n, fractions[layer.key], seed, a)
@@ -763,11 +766,12 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
 
 
 class _Passes:
-    """Runs the merged model for one level's tensors, from the tensors the previous level fetched where it can.
+    """Runs the merged model for one level's tensors, from the tensors earlier levels fetched where it can.
 
     Every tensor a level fetches (its layers' inputs and residual partners) depends only on layers fitted in
     earlier levels, so it is final: the next level's pass starts from it instead of from the graph inputs, and only
-    the part of the graph in between runs (kept within `cache_bytes`; beyond it a pass starts further back)."""
+    the part of the graph in between runs. Kept are the last level's tensors and the earlier ones a later level
+    fetches again, within `cache_bytes`; beyond it a pass starts further back."""
 
     def __init__(self, model, parts, batch_size, device, cache_bytes):
         self.model, self.parts, self.batch_size, self.device = model, parts, batch_size, device
@@ -777,8 +781,9 @@ class _Passes:
         self.graph_inputs = {i.name for i in model.graph.input}
         self.count = 0
 
-    def run(self, fetch: list):
-        """Yield (part, first sample, batch index, samples, {tensor: value}) over every batch of every part."""
+    def run(self, fetch: list, later: set = frozenset()):
+        """Yield (part, first sample, batch index, samples, {tensor: value}) over every batch of every part.
+        `later`: tensors a later level fetches, kept cached (within the budget) once fetched."""
         fetch = list(dict.fromkeys(fetch))
         cached = self.cache[self.parts[0][0]]
         run_names = [t for t in fetch if t not in cached and t not in self.graph_inputs]
@@ -802,9 +807,16 @@ class _Passes:
                         fetched[part].setdefault(t, []).append(values[t])
                 yield part, lo, b, n, values
                 lo += n
-        # keep what this level fetched (within the budget) for the next one; drop the rest
+        # keep what this level fetched for the next one, then what earlier levels fetched that a later level reads
+        # again (a residual join's partner: dropped, it would be computed again from the graph inputs, the whole
+        # network before it run once more), within the budget; drop the rest
+        first = self.parts[0][0]
+        for part in fetched:
+            for t, v in self.cache[part].items():
+                if t in later and t not in fetched[part]:
+                    fetched[part][t] = v
         kept, size = set(), 0
-        for t in fetched[self.parts[0][0]]:
+        for t in fetched[first]:
             nbytes = sum(v.nbytes for c in fetched.values() for v in c.get(t, []))
             if size + nbytes <= self.cache_bytes:
                 kept.add(t)

@@ -338,6 +338,64 @@ def test_products_taken_in_blocks_are_the_products_of_every_batch(monkeypatch):
         np.testing.assert_allclose(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-5 * np.abs(outs[1][name]).max())
 
 
+def _bottleneck_model(seed):
+    """stem Conv 3->8, Relu, two bottleneck blocks (1x1 8->4, 3x3 4->4, 1x1 4->8, + the block's input, Relu),
+    GlobalAveragePool, Gemm to 5 classes: a residual join's partner is fetched two levels before the join."""
+    rng = np.random.RandomState(seed)
+    inits, nodes = [], []
+
+    def w(name, *shape):
+        fan_in = int(np.prod(shape[1:]))
+        inits.append(numpy_helper.from_array((rng.randn(*shape) * np.sqrt(2.0 / fan_in)).astype(np.float32),
+                                             name + "_w"))
+        inits.append(numpy_helper.from_array((rng.rand(shape[0]) * 0.1).astype(np.float32), name + "_b"))
+        return [name + "_w", name + "_b"]
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    x = node("Relu", [node("Conv", ["input", *w("stem", 8, 3, 3, 3)], "stem", pads=[1, 1, 1, 1])], "stem_relu")
+    for b in ("b1", "b2"):
+        h = node("Relu", [node("Conv", [x, *w(f"{b}c1", 4, 8, 1, 1)], f"{b}c1")], f"{b}r1")
+        h = node("Relu", [node("Conv", [h, *w(f"{b}c2", 4, 4, 3, 3)], f"{b}c2", pads=[1, 1, 1, 1])], f"{b}r2")
+        h = node("Conv", [h, *w(f"{b}c3", 8, 4, 1, 1)], f"{b}c3")
+        x = node("Relu", [node("Add", [h, x], f"{b}_add")], f"{b}r3")
+    x = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "flatten", axis=1)
+    fc = w("fc", 5, 8)
+    nodes.append(helper.make_node("Gemm", [x, *fc], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "bottleneck", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def test_refit_passes_run_each_node_about_once(monkeypatch):
+    """The refit's level passes start from tensors earlier levels fetched, residual partners included: together
+    they run each node of the merged model about once, not the whole network before every residual join again
+    (a bottleneck block's join reads its input, fetched two levels before)."""
+    import onnxzip.refit as R
+
+    ran = []
+    prune = R._prune
+
+    def counting(model, outputs, types, known=None):
+        pruned = prune(model, outputs, types, known)
+        ran.append(len(pruned.graph.node))
+        return pruned
+
+    monkeypatch.setattr(R, "_prune", counting)
+    a, b = _bottleneck_model(1), _bottleneck_model(2)
+    data = np.random.RandomState(0).randn(120, 3, 8, 8).astype(np.float32)
+    result = onnxzip.merge(a, b, data, method="zip", verify=False)
+    refit_card = result.card["refit"]
+    assert refit_card["levels"] >= 7 and sum(x["residual"] for x in refit_card["layers"]) == 2
+    nodes = len(result.model.graph.node)
+    assert sum(ran) <= 1.2 * nodes, f"the refit's passes ran {sum(ran)} nodes in all for a model of {nodes}: {ran}"
+
+
 @pytest.mark.parametrize("value", ["BN", "reset", None])
 def test_bad_repair_targets_option_is_a_usage_error(twins, value):
     a, b = twins["mlp"]
