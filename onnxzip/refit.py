@@ -57,7 +57,7 @@ ROW_CACHE_BYTES = 1 << 30
 # product takes at a time (their float64 copies).
 ROW_BUFFER_BYTES = 128 << 20
 PRODUCT_BYTES = 64 << 20
-# Activations kept between levels (so a level runs from the last level's tensors, not from the graph inputs).
+# Activations kept between levels (so a level runs from earlier levels' tensors, not from the graph inputs).
 CACHE_BYTES = 2 << 30
 # A Gram matrix whose reciprocal condition number (LAPACK's 1-norm estimate) is below this is called singular in the
 # card.
