@@ -739,7 +739,7 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
             todo = [layer for layer in layers if layer.level == level]
             merged_nodes = _node_by_name(model)
             layouts = {layer.key: _Layout(layer, merged_nodes, inits, plan, surgery) for layer in todo}
-            fetch = [t for layer in todo for t in (layouts[layer.key].node.input[0], layer.partner) if t]
+            fetch = [t for layer in todo for t in reads[layer.key]]
             later = {t for layer in layers if layer.level > level for t in reads[layer.key]}
             sums = {layer.key: None for layer in todo}
             pending = _Pending(sums)
@@ -937,7 +937,8 @@ def _full(upper: np.ndarray) -> np.ndarray:
 def _error(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, t_sq: float) -> float:
     """||X Wᵀ - T||² from the sums (W: F x d); the product through scipy's BLAS (see `_products`)."""
     from scipy.linalg.blas import dsymm
-    return float(np.sum(dsymm(1.0, gram, w, side=1) * w) - 2 * np.sum(w * cross.T) + t_sq)
+    # gram is symmetric: its transpose is the same matrix in Fortran order, which BLAS takes without a copy
+    return float(np.sum(dsymm(1.0, gram.T, w, side=1) * w) - 2 * np.sum(w * cross.T) + t_sq)
 
 
 def _solve_and_write(layer, layout, sums, model, plan, use_held) -> dict:
@@ -990,7 +991,7 @@ def _near_singular(gram: np.ndarray) -> bool:
 def _ridge_factor(gram: np.ndarray, lam: float):
     """The Cholesky factor of XᵀX + λI, or None where it is not positive definite in floating point."""
     from scipy.linalg import cho_factor
-    g = gram.copy()
+    g = np.array(gram, order="F")  # factorised in place (a C-ordered copy would be copied once more)
     g.flat[::g.shape[0] + 1] += lam
     try:
         return cho_factor(g, lower=False, overwrite_a=True, check_finite=False)
