@@ -41,7 +41,13 @@ class FeatureStats:
     count: number of samples seen.
     mean: (D,) the mean (see the property).
     m2_diag: (D,) sum of squared deviations from the mean.
-    m2: (D, D) sum of outer products of the deviations from the mean, or None when not ``full``.
+    m2: (D, D) sum of outer products of the deviations from the mean (a new array at each access), or None when not
+        ``full``.
+
+    Kept inside: the sums of the samples shifted by the first batch's mean, Σ y and Σ y yᵀ (y = x − shift, its upper
+    triangle, added to in place by BLAS's syrk: half the work of a full product, and no D×D temporary a batch).
+    The co-moment follows as Σ y yᵀ − (Σ y)(Σ y)ᵀ / n. With the shift near the mean, Σ y is small and nothing
+    cancels (a feature with a large mean and a small spread keeps its variance).
     """
 
     def __init__(self, width: int, full: bool = True):
@@ -50,18 +56,22 @@ class FeatureStats:
         self.width = int(width)
         self.full = bool(full)
         self.count = 0
-        self._mean = np.zeros(self.width, dtype=np.float64)
-        self.m2_diag = np.zeros(self.width, dtype=np.float64)
-        self.m2 = np.zeros((self.width, self.width), dtype=np.float64) if self.full else None
+        self._shift = np.zeros(self.width, dtype=np.float64)  # the first batch's mean
+        self._sum = np.zeros(self.width, dtype=np.float64)  # Σ y
+        self._squares = None if self.full else np.zeros(self.width, dtype=np.float64)  # Σ y² (full=False)
+        # upper triangle of Σ y yᵀ, Fortran order (BLAS updates it in place); the lower triangle is never read
+        self._products = np.zeros((self.width, self.width), dtype=np.float64, order="F") if self.full else None
 
     def __repr__(self) -> str:
         return f"FeatureStats(width={self.width}, full={self.full}, count={self.count})"
 
-    def update(self, features: np.ndarray) -> "FeatureStats":
-        """Add S samples given as an (S, D) array of any real dtype. Returns self.
+    def update(self, features: np.ndarray, overwrite: bool = False) -> "FeatureStats":
+        """Add S samples given as an (S, D) array of any real dtype. Returns self. `overwrite`: a float64 array in C
+        or Fortran order may be shifted in place (it is not copied; its values are lost).
 
         Raises ValueError on a wrong shape or on NaN/inf values (a single one would poison every sum).
         """
+        from scipy.linalg.blas import dsyrk
         x = np.asarray(features)
         if x.ndim != 2:
             raise ValueError(
@@ -72,40 +82,33 @@ class FeatureStats:
             raise ValueError(
                 f"FeatureStats.update expects {self.width} features per sample, got shape {x.shape}"
             )
-        x = x.astype(np.float64, copy=False)
-        batch_sum = x.sum(axis=0)
-        # a NaN or inf anywhere reaches its column's sum: x itself is scanned only when a sum is not finite
+        contiguous = x.flags.c_contiguous or x.flags.f_contiguous
+        y = x if overwrite and x.dtype == np.float64 and contiguous else np.array(x, np.float64, order="C")
+        batch_sum = y.sum(axis=0)
+        # a NaN or inf anywhere reaches its column's sum: y itself is scanned only when a sum is not finite
         if not np.isfinite(batch_sum).all():
-            bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+            bad = y.size - int(np.count_nonzero(np.isfinite(y)))
             if bad:
                 raise ValueError(
-                    f"FeatureStats.update got {bad} non-finite value(s) (NaN or inf) among {x.size}; "
+                    f"FeatureStats.update got {bad} non-finite value(s) (NaN or inf) among {y.size}; "
                     "check the calibration inputs and the model's numerics"
                 )
-        n = x.shape[0]
+        n = y.shape[0]
         if n == 0:
             return self
-        batch_mean = batch_sum / n
-        # deviations from the batch mean; their own mean `s` (what rounding leaves) is taken out of the co-moment
-        xc = x - batch_mean
-        s = xc.sum(axis=0) / n
+        self._own()
+        if self.count == 0:
+            self._shift = batch_sum / n
+        y -= self._shift
+        self._sum += y.sum(axis=0)
         if self.full:
-            batch_m2 = xc.T @ xc - n * np.outer(s, s)
-            self._combine(n, batch_mean, np.diag(batch_m2).copy(), batch_m2)
+            # BLAS reads y without a copy: in C order as yᵀ (Fortran order) times its transpose, else as yᵀ y
+            a, trans = (y.T, 0) if y.flags.c_contiguous else (y, 1)
+            self._products = dsyrk(1.0, a, beta=1.0, c=self._products, trans=trans, lower=0, overwrite_c=1)
         else:
-            self._combine(n, batch_mean, np.einsum("sd,sd->d", xc, xc) - n * s * s, None)
+            self._squares += np.einsum("sd,sd->d", y, y)
+        self.count += n
         return self
-
-    def _combine(self, n: int, mean: np.ndarray, m2_diag: np.ndarray, m2: np.ndarray | None) -> None:
-        """Add n samples summarised by their mean and co-moments (Chan et al.'s pairwise formula)."""
-        total = self.count + n
-        delta = mean - self._mean
-        weight = self.count * n / total
-        self._mean = self._mean + delta * (n / total)
-        self.m2_diag = self.m2_diag + m2_diag + weight * delta * delta
-        if self.full:
-            self.m2 = self.m2 + m2 + weight * np.outer(delta, delta)
-        self.count = total
 
     def merge_from(self, other: "FeatureStats") -> "FeatureStats":
         """Add the samples summarised by another FeatureStats of the same width (e.g. another tensor of the same
@@ -116,9 +119,54 @@ class FeatureStats:
             raise ValueError(f"cannot merge FeatureStats of width {other.width} into one of width {self.width}")
         if self.full and not other.full:
             raise ValueError("cannot merge a FeatureStats without outer products (full=False) into a full one")
-        if other.count:
-            self._combine(other.count, other._mean, other.m2_diag, other.m2 if self.full else None)
+        if not other.count:
+            return self
+        self._own()
+        if not self.count:
+            self._shift = other._shift.copy()
+        # the other's samples shifted by this shift: y' = y + delta
+        delta = other._shift - self._shift
+        n, s = other.count, other._sum
+        if self.full:
+            self._products += other._products + np.outer(delta, s) + np.outer(s, delta) + n * np.outer(delta, delta)
+        else:
+            squares = other._squares if not other.full else np.diag(other._products)
+            self._squares += squares + 2 * delta * s + n * delta * delta
+        self._sum += s + n * delta
+        self.count += n
         return self
+
+    def _own(self) -> None:
+        """Make the sums writable where they are not (statistics sent back by a Ray worker are read-only views of
+        its object store) before they are added to in place."""
+        for name in ("_shift", "_sum", "_squares", "_products"):
+            value = getattr(self, name)
+            if value is not None and not value.flags.writeable:
+                setattr(self, name, np.array(value, order="K"))
+
+    @property
+    def m2_diag(self) -> np.ndarray:
+        squares = np.diag(self._products) if self.full else self._squares
+        return squares - self._sum * self._sum / max(self.count, 1)
+
+    @property
+    def m2(self) -> np.ndarray | None:
+        if not self.full:
+            return None
+        m2 = np.empty((self.width, self.width))
+        for lo in range(0, self.width, _ROWS_PER_CHUNK):
+            hi = min(lo + _ROWS_PER_CHUNK, self.width)
+            m2[lo:hi] = self._m2_rows(lo, hi)
+        return m2
+
+    def _m2_rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo:hi of the co-moment, from the upper triangle of Σ y yᵀ (exactly symmetric: entry (i, j) for
+        j < i is read from (j, i), and (Σ y)(Σ y)ᵀ is)."""
+        rows = self._products[lo:hi].copy()
+        below = np.arange(hi)[None, :] < np.arange(lo, hi)[:, None]  # j < i
+        rows[:, :hi][below] = self._products[:hi, lo:hi].T[below]
+        rows -= np.outer(self._sum[lo:hi], self._sum) / max(self.count, 1)  # s_i s_j / n: symmetric
+        return rows
 
     def _require_samples(self) -> None:
         if self.count == 0:
@@ -132,7 +180,7 @@ class FeatureStats:
     def mean(self) -> np.ndarray:
         """(D,) mean of each feature."""
         self._require_samples()
-        return self._mean.copy()
+        return self._shift + self._sum / self.count
 
     def second_moment(self) -> np.ndarray:
         """(D,) E[x²] of each feature."""
@@ -184,13 +232,12 @@ class FeatureStats:
         return corr
 
     def _symmetric_covariance(self) -> np.ndarray:
-        """covariance() with one D×D temporary: (m2/n + (m2/n)ᵀ) / 2, the diagonal clipped at 0."""
+        """covariance(), exactly symmetric, the diagonal clipped at 0, with no D×D temporary."""
         self._require_full("covariance")
         self._require_samples()
-        cov = np.empty_like(self.m2)
+        cov = np.empty((self.width, self.width))
         for lo in range(0, self.width, _ROWS_PER_CHUNK):
             hi = min(lo + _ROWS_PER_CHUNK, self.width)
-            np.add(self.m2[lo:hi] / self.count, self.m2[:, lo:hi].T / self.count, out=cov[lo:hi])
-        cov *= 0.5
+            np.divide(self._m2_rows(lo, hi), self.count, out=cov[lo:hi])
         np.fill_diagonal(cov, np.maximum(np.diag(cov), 0.0))
         return cov

@@ -148,3 +148,23 @@ def test_accepts_any_float_dtype():
         stats = FeatureStats(3).update(x.astype(dtype))
         assert stats.mean.dtype == np.float64 and stats.m2.dtype == np.float64
         np.testing.assert_allclose(stats.mean, x.astype(dtype).astype(np.float64).mean(axis=0), rtol=1e-12)
+
+
+def test_blocks_in_either_order_handed_over_to_be_overwritten_give_the_same_sums():
+    """update(x, overwrite=True) shifts a float64 block in place, in C or Fortran order (calibration writes a
+    convolution's features channel by channel and hands over the transpose): the same statistics as a copy."""
+    x = _random_features(seed=6, samples=300, width=9).astype(np.float64)
+    want = _fed_in_batches(x)
+    for order in ("C", "F"):
+        got = FeatureStats(x.shape[1])
+        start = 0
+        for size in (1, 7, 300, 0, 150):
+            block = np.array(x[start:start + size], order=order)
+            got.update(block, overwrite=True)
+            start += size
+        assert got.count == want.count
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-12)
+        np.testing.assert_allclose(got.covariance(), want.covariance(), rtol=1e-10, atol=1e-12)
+    kept = x.copy()
+    FeatureStats(x.shape[1]).update(kept)  # without overwrite the caller's array is untouched
+    np.testing.assert_array_equal(kept, x)
