@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import onnx
-from onnxzip.errors import CalibrationDataError, MismatchError, ModelError, UsageError, VerificationError
+from onnxzip.errors import (CalibrationDataError, MismatchError, ModelError, OnnxzipError, UsageError,
+                            VerificationError)
 from onnxzip.onnx_io import has_mapped_weights, inference_session, without_weights
 from onnxzip.runtime import import_onnxruntime
 
@@ -522,6 +524,50 @@ class RowRequest:
     tensors: list[str]
     axis: int
     fraction: float
+    spill: bool = False  # kept in a temporary file (`RowSpill`) instead of in memory
+
+
+class RowSpill:
+    """Rows kept in an unnamed temporary file instead of in memory, and read back through a memory map: the kernel
+    pages them in when they are read and can drop them again, so they hold none of the process's own memory. The
+    file has no name (it is gone when the process ends, however it ends); its space is freed when the last array
+    read from it is. `directory`: where the file goes (default: Python's temporary directory, $TMPDIR)."""
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory
+        self.nbytes = 0
+        self._file = None
+
+    def write(self, array: np.ndarray) -> tuple:
+        """Append `array` (as float32); returns its place in the file, for `read`."""
+        a = np.ascontiguousarray(array, dtype=np.float32)
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self.directory, prefix="onnxzip-rows-")
+            self._file.write(a.tobytes() if a.size == 0 else memoryview(a).cast("B"))
+        except OSError as exc:
+            where = self.directory or tempfile.gettempdir()
+            self.close()
+            raise OnnxzipError(f"cannot keep the refit's target rows in a temporary file in {where} ({exc}); free "
+                               "space there, or point TMPDIR at a disk with room") from exc
+        place = (self.nbytes, a.shape)
+        self.nbytes += a.nbytes
+        return place
+
+    def reader(self) -> Callable[[tuple], np.ndarray]:
+        """Stop writing; returns place -> the array written there (read-only, mapped from the file)."""
+        if self._file is None or not self.nbytes:
+            self.close()
+            return lambda place: np.zeros(place[1], dtype=np.float32)
+        self._file.flush()
+        mapped = np.memmap(self._file, dtype=np.uint8, mode="r", shape=(self.nbytes,))
+        self.close()  # the map holds the file open
+        return lambda place: np.ndarray(place[1], dtype=np.float32, buffer=mapped, offset=place[0])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def select_rows(key: int, held: bool, lo: int, count: int, fraction: float, seed: int) -> np.ndarray:
@@ -551,6 +597,18 @@ def as_rows(value: np.ndarray, axis: int, rows: np.ndarray | None = None) -> np.
     if rows is None:
         return moved.reshape(-1, value.shape[axis])
     return moved[np.unravel_index(rows, moved.shape[:-1])] if moved.ndim > 1 else moved[rows]
+
+
+def _channel_columns(value: np.ndarray, axis: int, rows: np.ndarray | None, out: np.ndarray) -> None:
+    """Write ``as_rows(value, axis, rows)`` transposed, (channels, rows), into `out` (C-ordered)."""
+    channels = value.shape[axis]
+    before, after = int(np.prod(value.shape[:axis])), int(np.prod(value.shape[axis + 1:]))
+    by_channel = value.reshape(before, channels, after).transpose(1, 0, 2)
+    if rows is None:
+        out.reshape(channels, before, after)[...] = by_channel
+    else:
+        i, j = np.divmod(rows, after)
+        out[...] = by_channel[:, i, j]
 
 
 def _channel_view(x: np.ndarray, request: FeatureRequest, model_index: int) -> tuple:
@@ -686,8 +744,9 @@ def run_sources(
     fit_total: int | None = None,
 ) -> SourceRun:
     """One onnxruntime pass of every model over `data` and then `held`: statistics for `requests` (on `data`),
-    the rows `rows` ask for (`RowRequest`, on both, as float32) and, with `outputs`, every model's graph outputs on
-    `held`. Each model runs once per sample, whatever is asked of it.
+    the rows `rows` ask for (`RowRequest`, on both, as float32; in a temporary file where they ask to spill) and,
+    with `outputs`, every model's graph outputs on `held`. Each model runs once per sample, whatever is asked of
+    it.
 
     A shard of a larger pass (distributed.py): `first` numbers the first sample of `data` and of `held` as in the
     whole pass, and `fit_total` is the whole pass's number of calibration samples (rows are drawn by those)."""
@@ -712,6 +771,7 @@ def run_sources(
     width_of: dict[str, tuple[int, str]] = {}  # key -> (width, the tensor that set it)
     fractions: dict[tuple, float] = {}  # (request index) -> fraction of its rows used for statistics
     kept_rows = {request.key: {False: [], True: []} for request in rows}
+    spill = RowSpill()  # the rows of requests with `spill` (nothing is written, and no file made, without them)
     held_outputs = [{} for _ in models] if outputs else None
     fitted = 0
     update, close = _progress_reporter(progress, sum(part.num_samples for _, part in parts), desc)
@@ -740,15 +800,23 @@ def run_sources(
                     tensors = [values[m][t] for m, t in enumerate(request.tensors)]
                     count = tensors[0].size // max(tensors[0].shape[request.axis], 1)
                     chosen = select_rows(request.key, is_held, lo, count, request.fraction, seed)
-                    kept_rows[request.key][is_held].append(
-                        (lo, count, [as_rows(t, request.axis, chosen).astype(np.float32, copy=False) for t in tensors]))
+                    kept = [as_rows(t, request.axis, chosen).astype(np.float32, copy=False) for t in tensors]
+                    if request.spill:
+                        kept = [spill.write(k) for k in kept]
+                    kept_rows[request.key][is_held].append((lo, count, kept))
                 if is_held and outputs:
                     for m, model in enumerate(models):
                         for o in model.graph.output:
                             held_outputs[m].setdefault(o.name, []).append(values[m][o.name])
                 update(samples)
+        read = spill.reader()
+        for request in rows:
+            if request.spill:
+                for entries in kept_rows[request.key].values():
+                    entries[:] = [(lo, count, [read(place) for place in kept]) for lo, count, kept in entries]
     finally:
         close()
+        spill.close()
     if (requests or rows) and not fitted:
         raise CalibrationDataError(f"{data.path}: no calibration samples to run (0 samples, or none fill a batch)")
     if held_outputs is not None:
@@ -775,11 +843,21 @@ def _add_features(stats, width_of, full_by_key, fractions, j, request, values, l
         if fractions[j] < 1.0:
             key = zlib.crc32(f"{request.key}#{j if request.number is None else request.number}".encode())
             chosen = select_rows(key, False, lo, count, fractions[j], sampling.seed)
-    # float32 and float64 features are taken as they are (FeatureStats multiplies float32 in float32)
-    blocks = [as_rows(v, ax, chosen) for v, ax in views]
-    blocks = [b if b.dtype in (np.float32, np.float64) else b.astype(np.float64) for b in blocks]
-    block = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-    width = block.shape[1]
+    # every model's rows side by side, written once into the float64 block the statistics shift in place
+    width = channels * len(views)
+    rows = count if chosen is None else len(chosen)
+    if int(np.prod(x.shape[axis + 1:])) > 1:
+        # channels before other axes (a convolution's NCHW): the block is written channel by channel, (width, rows),
+        # each channel's values copied in the runs they lie in (a (rows, width) block would take them one by one,
+        # 2-5x slower), and handed over as its transpose
+        block = np.empty((width, rows))
+        for k, (v, ax) in enumerate(views):
+            _channel_columns(v, ax, chosen, block[k * channels:(k + 1) * channels])
+        block = block.T
+    else:
+        block = np.empty((rows, width))
+        for k, (v, ax) in enumerate(views):
+            block[:, k * channels:(k + 1) * channels] = as_rows(v, ax, chosen)
     if request.key not in stats:
         stats[request.key] = FeatureStats(width, full=full_by_key[request.key])
         width_of[request.key] = (width, request.tensors[0])
@@ -788,7 +866,7 @@ def _add_features(stats, width_of, full_by_key, fractions, j, request, values, l
             f"feature space {request.key!r}: tensor {request.tensors[0]!r} gives {width} features but "
             f"{width_of[request.key][1]!r} in the same space gave {width_of[request.key][0]}"
         )
-    stats[request.key].update(block)
+    stats[request.key].update(block, overwrite=True)
 
 
 def _numbered(batches: Iterator[dict[str, np.ndarray]], lo: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

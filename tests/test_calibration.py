@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import zlib
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from onnxzip.calibration import (
     InputSpec,
     RowRequest,
     StatsSampling,
+    as_rows,
     collect_stats,
     expose_tensors,
     input_specs,
@@ -169,6 +171,17 @@ def test_stats_subsample_is_seeded_and_close(tmp_path):
     assert other.count != first.count or not np.array_equal(other.covariance(), first.covariance())
     corr, corr_all = first.correlation(), every.correlation()
     assert np.abs(corr - corr_all).max() < 0.1
+    # exactly the rows select_rows draws in each batch, in as_rows' order: model 0's channels, then model 1's
+    x = np.load(data.path)
+    outs = [_run(m, x, ["r"])["r"] for m in models]
+    fraction = sampling.fraction(2 * C, total)
+    picked = np.concatenate([
+        np.concatenate([as_rows(o[lo:lo + 8], 1, select_rows(zlib.crc32(b"conv#0"), False, lo, 8 * H * W, fraction, 3))
+                        for o in outs], axis=1) for lo in range(0, 400, 8)])
+    assert first.count == len(picked)
+    mean, cov = _moments(picked.astype(np.float64))
+    _assert_close(first.mean, mean, 1e-6)
+    _assert_close(first.covariance(), cov, 1e-6)
     # a space with few rows is never subsampled
     dense = collect_stats(models, requests, data, batch_size=8, device="cpu",
                           sampling=StatsSampling(min_rows=10 * total, rows_per_feature=1))["conv"]
@@ -453,3 +466,24 @@ def test_progress_bar_goes_to_stderr(tmp_path, capsys, monkeypatch):
                   desc="zipping")
     captured = capsys.readouterr()
     assert "zipping" in captured.err and captured.out == ""
+
+
+def test_rows_that_cannot_be_spilled_name_the_directory(monkeypatch, tmp_path):
+    """A temporary file for the refit's rows that cannot be written (a full disk) is an error that says where and
+    what to do, and leaves no file behind."""
+    import tempfile
+
+    from onnxzip.calibration import RowSpill
+    from onnxzip.errors import OnnxzipError
+
+    spill = RowSpill(str(tmp_path))
+    place = spill.write(np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(spill.reader()(place), np.arange(6).reshape(2, 3))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    with pytest.raises(OnnxzipError, match=f"temporary file in {tmp_path}.*No space left.*TMPDIR"):
+        RowSpill(str(tmp_path)).write(np.zeros((2, 3)))
+    assert list(tmp_path.iterdir()) == []
