@@ -893,8 +893,9 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
     rows = []
     if opts.refit == "ls" and opts.method != "ensemble":
         plans = [ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names) for trunk in trunks]
+        # Ray workers return their rows through the object store: they keep them in memory (no file to share)
         rows = target_row_requests(plans, samples.fit.num_samples, held.num_samples if held is not None else 0,
-                                   max(widths))
+                                   max(widths), spill_bytes=0 if opts.ray is not None else None)
     outputs = held is not None and (opts.verify or opts.budget is not None)
     # numbered in one list, as a single pass takes them: the same rows are sampled whatever the grouping
     for number, request in enumerate(r for rs in requests.values() for r in rs):

@@ -50,9 +50,11 @@ DEFAULT_LAMBDA = 1e-4
 # Rows (samples x output positions) kept per layer: at most this many per regressor, at least MIN_ROWS.
 ROWS_PER_REGRESSOR = 32
 MIN_ROWS = 20000
-# The calibration pass keeps the source models' target rows for the refit up to this size (the rest are found by a
-# source pass of the refit's own).
+# The calibration pass keeps the source models' target rows for the refit up to this size in memory, and beyond it
+# up to ROW_SPILL_BYTES (and half the free space there) in a temporary file (`calibration.RowSpill`); the rest are
+# found by a source pass of the refit's own, which runs the source models over the samples again.
 ROW_CACHE_BYTES = 1 << 30
+ROW_SPILL_BYTES = 64 << 30
 # Regressor and target rows a level holds before it takes their products (`_Pending`), and the most rows one
 # product takes at a time (their float64 copies).
 ROW_BUFFER_BYTES = 128 << 20
@@ -208,14 +210,28 @@ def sums_bytes(regressors: int, outputs: int, groups: int, held: bool) -> int:
     return (2 if held else 1) * groups * (regressors * regressors + regressors * (outputs // groups)) * 8
 
 
+def spill_room(directory: str | None = None) -> int:
+    """Bytes of target rows the calibration pass may write to a temporary file in `directory` (default: Python's
+    temporary directory): ROW_SPILL_BYTES, or half the free space there where that is less."""
+    import shutil
+    import tempfile
+    try:
+        free = shutil.disk_usage(directory or tempfile.gettempdir()).free
+    except OSError:
+        return 0
+    return min(ROW_SPILL_BYTES, free // 2)
+
+
 def target_row_requests(plans: list, num_samples: int, held_samples: int, width: float,
-                        budget_bytes: int | None = None) -> list:
+                        budget_bytes: int | None = None, spill_bytes: int | None = None) -> list:
     """What the calibration pass keeps of the source models for the refit's targets (`calibration.RowRequest`),
     for every plan (a budget tries several) and widths up to `width`: each possible target tensor of every layer
     to refit, at the largest share of rows the layer can need, in network order while the rows fit in
-    `budget_bytes` (default ROW_CACHE_BYTES). The refit finds the rest with a source pass of its own."""
+    `budget_bytes` (default ROW_CACHE_BYTES) in memory, then in `spill_bytes` (default `spill_room()`) in a
+    temporary file. The refit finds the rest with a source pass of its own."""
     budget_bytes = ROW_CACHE_BYTES if budget_bytes is None else budget_bytes
-    requests, size = {}, 0
+    spill_bytes = spill_room() if spill_bytes is None else spill_bytes
+    requests, size, spilled = {}, 0, 0
     for plan in plans:
         a = plan.a
         places = layer_places(a)
@@ -235,10 +251,14 @@ def target_row_requests(plans: list, num_samples: int, held_samples: int, width:
                 positions = _positions(shape, axis)
                 fraction = _fraction(upper, num_samples, positions)
                 nbytes = int(fraction * (num_samples + held_samples) * positions) * shape[axis] * 4 * len(plan.analyses)
-                if size + nbytes > budget_bytes:
+                spill = size + nbytes > budget_bytes
+                if spill and spilled + nbytes > spill_bytes:
                     continue
-                size += nbytes
-                requests[key] = RowRequest(key, plan.tensor_names(target), axis, fraction)
+                if spill:
+                    spilled += nbytes
+                else:
+                    size += nbytes
+                requests[key] = RowRequest(key, plan.tensor_names(target), axis, fraction, spill)
     return list(requests.values())
 
 
@@ -643,11 +663,19 @@ def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationDat
                 z = as_rows(z, layer.channel_axis,
                             select_rows(layer.rows_key, held, lo, count, fractions[layer.key], seed)).astype(np.float64)
                 if layer.model is None:
-                    z = z @ plan.matching(layer.space.space).merge[m].T
+                    z = _times_transpose(z, plan.matching(layer.space.space).merge[m])
                 total = z if total is None else total + z
             rows[layer.key].append(total.astype(np.float32))
         lo += n
     return rows
+
+
+def _times_transpose(z: np.ndarray, merge: np.ndarray) -> np.ndarray:
+    """z Mᵀ in float64 through scipy's BLAS, as every product of the refit (see `_products`: numpy's BLAS threads
+    would fight scipy's)."""
+    from scipy.linalg.blas import dgemm
+    # C-ordered z: (M zᵀ)ᵀ, every operand read in place (zᵀ and Mᵀ are Fortran-ordered views)
+    return dgemm(1.0, merge.T, z.T, trans_a=1).T if z.flags.c_contiguous else dgemm(1.0, z, merge, trans_b=1)
 
 
 def _kept_target_rows(plan: ZipPlan, layer: RefitLayer, run: SourceRun, fraction: float, held: bool) -> list:
@@ -662,7 +690,7 @@ def _kept_target_rows(plan: ZipPlan, layer: RefitLayer, run: SourceRun, fraction
             continue
         total = None
         for m, z in enumerate(arrays):
-            z = z[pick].astype(np.float64) @ merges[m].T
+            z = _times_transpose(z[pick].astype(np.float64), merges[m])
             total = z if total is None else total + z
         out.append(total.astype(np.float32))
     return out
@@ -715,11 +743,9 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
               and source_rows.fractions[layer.rows_key] >= fractions[layer.key]
               and (not use_held or kept[layer.rows_key][True])]
     missing = [layer for layer in layers if layer not in cached]
+    cached_keys = {layer.key for layer in cached}
+    # the kept rows' targets are made when their level is fitted and dropped after it (below)
     targets, held_targets = {}, {} if use_held else None
-    for layer in cached:
-        targets[layer.key] = _kept_target_rows(plan, layer, source_rows, fractions[layer.key], False)
-        if use_held:
-            held_targets[layer.key] = _kept_target_rows(plan, layer, source_rows, fractions[layer.key], True)
     if missing:
         targets.update(_target_rows(plan, missing, models, calib, batch_size, device, seed, fractions, False))
         if use_held:
@@ -737,6 +763,12 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
     try:
         for level in levels:
             todo = [layer for layer in layers if layer.level == level]
+            for layer in todo:
+                if layer.key in cached_keys:
+                    targets[layer.key] = _kept_target_rows(plan, layer, source_rows, fractions[layer.key], False)
+                    if use_held:
+                        held_targets[layer.key] = _kept_target_rows(plan, layer, source_rows, fractions[layer.key],
+                                                                    True)
             merged_nodes = _node_by_name(model)
             layouts = {layer.key: _Layout(layer, merged_nodes, inits, plan, surgery) for layer in todo}
             fetch = [t for layer in todo for t in reads[layer.key]]
@@ -749,6 +781,9 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
                                 part != "calibration", lo, n, fractions[layer.key], seed, a)
             pending.flush()
             for layer in todo:
+                targets.pop(layer.key)
+                if use_held:
+                    held_targets.pop(layer.key)
                 summary["layers"].append(_solve_and_write(layer, layouts[layer.key], sums[layer.key], model, plan,
                                                           use_held))
             update(1)

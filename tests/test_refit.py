@@ -279,22 +279,40 @@ def test_card_records_each_fit(twins):
 
 
 def test_targets_kept_by_calibration_equal_a_pass_of_their_own(twins, monkeypatch):
-    """The refit's targets from the rows the calibration pass kept, or (beyond the memory budget for them) from a
-    source pass of the refit's own: the same rows, the same fit."""
+    """The refit's targets from the rows the calibration pass kept in memory, in a temporary file (beyond the memory
+    budget for them), or (beyond that too) from a source pass of the refit's own: the same rows, the same fit."""
+    import onnxzip.calibration as C
     import onnxzip.refit as R
 
+    written = []
+    reader = C.RowSpill.reader
+
+    def counted(self):
+        written.append(self.nbytes)
+        return reader(self)
+
+    monkeypatch.setattr(C.RowSpill, "reader", counted)
     a, b = twins["resnet"]
     data = F.calib(a, 120, seed=1)
     kept = onnxzip.merge(a, b, data, method="zip")
+    assert written == [0]  # every row in memory: no file
     monkeypatch.setattr(R, "ROW_CACHE_BYTES", 0)
+    spilled = onnxzip.merge(a, b, data, method="zip")
+    assert written[1] > 0
+    monkeypatch.setattr(R, "ROW_SPILL_BYTES", 0)
     own = onnxzip.merge(a, b, data, method="zip")
-    assert kept.card["refit"]["targets_kept_by_calibration"] == len(kept.card["refit"]["layers"]) > 0
+    assert written[2] == 0
+    layers = len(kept.card["refit"]["layers"])
+    assert kept.card["refit"]["targets_kept_by_calibration"] == layers > 0
+    assert spilled.card["refit"]["targets_kept_by_calibration"] == layers
+    assert spilled.card["refit"]["passes"] == kept.card["refit"]["passes"]
     assert own.card["refit"]["targets_kept_by_calibration"] == 0
     assert own.card["refit"]["passes"] == kept.card["refit"]["passes"] + 4  # each source over both parts
     x = F.calib(a, 16, seed=2)
-    outs = [F.run(r.model, x) for r in (kept, own)]
+    outs = [F.run(r.model, x) for r in (kept, spilled, own)]
     for name in outs[0]:
-        np.testing.assert_allclose(outs[0][name], outs[1][name], rtol=1e-4, atol=1e-4 * np.abs(outs[1][name]).max())
+        np.testing.assert_array_equal(outs[1][name], outs[0][name])  # the same float32 rows, from the file
+        np.testing.assert_allclose(outs[0][name], outs[2][name], rtol=1e-4, atol=1e-4 * np.abs(outs[2][name]).max())
 
 
 @pytest.mark.parametrize("bias", [True, False])
