@@ -2,12 +2,13 @@
 
 ZIPIT.md, "Statistics": for each feature space, stack the models' features into one vector and collect, over every
 calibration sample, the mean and the covariance, from which the correlation matrix the matcher works on follows.
-`FeatureStats` keeps only the count, the mean and the co-moment (the sum of outer products of the deviations from
-the mean), so memory is O(D²) whatever the number of samples, and batches from several runs (or several tensors of
-one space, or several workers) combine exactly (Chan, Golub & LeVeque's pairwise update).
+`FeatureStats` keeps only the count and the sums of the samples and of their outer products, so memory is O(D²)
+whatever the number of samples, and batches from several runs (or several tensors of one space, or several
+workers) combine exactly.
 
-Precision: the mean is summed in float64, and each batch is shifted by its own mean before its outer products
-are taken, in float64, so they never cancel (a feature with a large mean and a small spread keeps its variance).
+Precision: the samples are shifted by the first batch's mean before they are summed, in float64, so the co-moment
+Σ y yᵀ − (Σ y)(Σ y)ᵀ / n never cancels (a feature with a large mean and a small spread keeps its variance: the
+shift takes the large mean out, and what is left of it is within a few spreads of zero).
 Float64 products are not only about accuracy here: merging permuted twins relies on exact ties (a feature and its
 copy correlate exactly 1, in every pair), and float32 products would break those ties at the 1e-7 level and send
 the greedy N-model zip down another path. The cost is bounded instead by using fewer rows (`calibration`'s
