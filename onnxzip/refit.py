@@ -876,28 +876,40 @@ def _regressors(layer: RefitLayer, layout: _Layout, x: np.ndarray, rows: np.ndar
 
 def _products(x: np.ndarray, t: np.ndarray, bias: bool) -> tuple:
     """Rows' (XᵀX upper triangle, XᵀT, Σ t², Σ t) in float64, for regressors X (rows, d) and targets T (rows, F),
-    X with a column of ones appended where `bias` (its products are the column sums: they cost nothing).
+    X with a column of ones appended where `bias` (`_add_products` to zeros)."""
+    d = x.shape[1] + int(bias)
+    gram, cross = np.zeros((d, d)), np.zeros((d, t.shape[1]))
+    t_sq, t_sum = _add_products(gram, cross, x, t, bias)
+    return gram, cross, t_sq, t_sum
+
+
+def _add_products(gram: np.ndarray, cross: np.ndarray, x: np.ndarray, t: np.ndarray, bias: bool) -> tuple:
+    """Add rows' XᵀX to the upper triangle of `gram` and XᵀT to `cross` (both C-ordered float64, in place), for
+    regressors X (rows, d) and targets T (rows, F), X with a column of ones appended where `bias`; returns the rows'
+    (Σ t², Σ t).
 
     The products are taken in float64: the ridge's smallest strengths (1e-6 of the mean eigenvalue) are within reach
     of float32 rounding (~1e-7 of the largest), and fits from float32 products move with the last bits of their
     inputs (two exports of one model no longer merge alike). They go through scipy's BLAS only (syrk for XᵀX: half
     the work of a product): numpy and scipy each bring an OpenBLAS with its own worker threads, which spin for a
     while after each call, and products alternating between the two ran at half speed, each library's threads
-    taking the cores the other's needed."""
+    taking the cores the other's needed. BLAS adds them to the sums where they lie (a C-ordered matrix is its
+    transpose in Fortran order), with no d x d temporary."""
     from scipy.linalg.blas import dgemm, dsyrk
-    x = x.astype(np.float64)
-    gram = dsyrk(1.0, x.T, trans=0, lower=0)
-    cross = dgemm(1.0, x.T, t)
-    sum_t = t.sum(axis=0)
-    t_sq = float(np.einsum("ij,ij->", t, t))
+    n, d = x.shape
+    xa = np.empty((n, d + int(bias)))
+    xa[:, :d] = x
     if bias:
-        d = x.shape[1]
-        full = np.zeros((d + 1, d + 1), order="F")
-        full[:d, :d] = gram
-        full[:d, d] = x.sum(axis=0)
-        full[d, d] = x.shape[0]
-        gram, cross = full, np.vstack([cross, sum_t[None, :]])
-    return gram, cross, t_sq, sum_t
+        xa[:, d] = 1.0
+    ta = np.ascontiguousarray(t, dtype=np.float64)
+    # gramᵀ's lower triangle is gram's upper one; crossᵀ = Tᵀ X
+    g = dsyrk(1.0, xa.T, beta=1.0, c=gram.T, trans=0, lower=1, overwrite_c=1)
+    c = dgemm(1.0, ta.T, xa.T, trans_b=1, beta=1.0, c=cross.T, overwrite_c=1)
+    if not np.may_share_memory(g, gram):  # a copy was made after all (another layout): the sums are its values
+        gram.T[...] = g
+    if not np.may_share_memory(c, cross):
+        cross.T[...] = c
+    return float(np.einsum("ij,ij->", ta, ta)), ta.sum(axis=0)
 
 
 class _Pending:
@@ -948,25 +960,29 @@ def _accumulate(layer, layout, blocks, t, sums, held) -> None:
     for g, (s, xg) in enumerate(zip(sums[layer.key], blocks)):
         step = max(1, PRODUCT_BYTES // (8 * (xg.shape[1] + per)))  # rows a product takes (in float64)
         for lo in range(0, xg.shape[0], step):
-            xb = xg[lo:lo + step]
-            gram, cross, t_sq, t_sum = _products(xb, np.ascontiguousarray(t[lo:lo + step, g * per:(g + 1) * per]),
-                                                 layout.has_bias)
+            xb, tb = xg[lo:lo + step], t[lo:lo + step, g * per:(g + 1) * per]
             if held:
-                s.h_gram += gram
-                s.h_cross += cross
+                t_sq, t_sum = _add_products(s.h_gram, s.h_cross, xb, tb, layout.has_bias)
                 s.h_t_sq += t_sq
                 s.h_t_sum += t_sum
                 s.h_rows += xb.shape[0]
             else:
-                s.gram += gram
-                s.cross += cross
+                t_sq, t_sum = _add_products(s.gram, s.cross, xb, tb, layout.has_bias)
                 s.t_sq += t_sq
                 s.t_sum += t_sum
                 s.rows += xb.shape[0]
 
 
-def _full(upper: np.ndarray) -> np.ndarray:
-    return np.triu(upper) + np.triu(upper, 1).T
+def _symmetrized(upper: np.ndarray) -> np.ndarray:
+    """The symmetric matrix whose upper triangle `upper` holds, written over its lower triangle in place (in bands:
+    no d x d temporary)."""
+    d = upper.shape[0]
+    for lo in range(0, d, 256):
+        hi = min(lo + 256, d)
+        band = upper[lo:hi, lo:hi]
+        band[...] = np.triu(band) + np.triu(band, 1).T
+        upper[hi:, lo:hi] = upper[lo:hi, hi:].T
+    return upper
 
 
 def _error(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, t_sq: float) -> float:
@@ -987,8 +1003,8 @@ def _solve_and_write(layer, layout, sums, model, plan, use_held) -> dict:
     err_cal = ss_cal = err_h = ss_h = 0.0
     grid = LAMBDA_GRID if use_held else (DEFAULT_LAMBDA,)
     for s, w0 in zip(sums, layout.matrices()):
-        gram = _full(s.gram)
-        h_gram = _full(s.h_gram) if use_held else None
+        gram = _symmetrized(s.gram)
+        h_gram = _symmetrized(s.h_gram) if use_held else None
         d = gram.shape[0]
         singular |= s.rows < d or _near_singular(gram)
         scale = max(float(np.trace(gram)) / d, 1e-300)  # the mean eigenvalue
@@ -1016,17 +1032,24 @@ def _near_singular(gram: np.ndarray) -> bool:
     from scipy.linalg import cho_factor
     from scipy.linalg.lapack import dpocon
     try:
-        factor, _ = cho_factor(gram, lower=False, check_finite=False)
+        factor, _ = cho_factor(gram.T, lower=False, check_finite=False)  # the same matrix, in Fortran order
     except np.linalg.LinAlgError:
         return True
     rcond, info = dpocon(factor, float(np.abs(gram).sum(axis=0).max()), uplo="U")
     return info != 0 or rcond <= SINGULAR_RCOND
 
 
-def _ridge_factor(gram: np.ndarray, lam: float):
-    """The Cholesky factor of XᵀX + λI, or None where it is not positive definite in floating point."""
+def _ridge_factor(gram: np.ndarray, lam: float, out: np.ndarray | None = None):
+    """The Cholesky factor of XᵀX + λI, or None where it is not positive definite in floating point. `out`: a
+    Fortran-ordered d x d array to factorise in (the factors of a group's ridge strengths in turn: one allocation,
+    not one per strength)."""
     from scipy.linalg import cho_factor
-    g = np.array(gram, order="F")  # factorised in place (a C-ordered copy would be copied once more)
+    # factorised in place, in Fortran order: gram is symmetric, so its transpose (a Fortran-ordered view) is the same
+    # matrix and the copy is a straight one, not a transposition
+    if out is None:
+        out = np.empty(gram.shape, order="F")
+    g = out
+    np.copyto(g, gram.T)
     g.flat[::g.shape[0] + 1] += lam
     try:
         return cho_factor(g, lower=False, overwrite_a=True, check_finite=False)
@@ -1052,8 +1075,9 @@ def _ridge_solve(s, w0, gram, h_gram, scale, grid, use_held) -> tuple:
         return cho_solve(factor, s.cross[:, b] + lam * w0[b].T, check_finite=False).T
 
     best = None  # (held-back error, k, W or None)
+    work = np.empty(gram.shape, order="F")  # where each strength's factor is made (the last one's is not kept)
     for k, rel in enumerate(grid):
-        factor = _ridge_factor(gram, rel * scale)
+        factor = _ridge_factor(gram, rel * scale, work)
         if factor is None:
             continue
         score, finite, w = 0.0, True, None
@@ -1072,7 +1096,7 @@ def _ridge_solve(s, w0, gram, h_gram, scale, grid, use_held) -> tuple:
     score, k, w = best
     lam = grid[k] * scale
     if w is None:
-        factor = _ridge_factor(gram, lam)
+        factor = _ridge_factor(gram, lam, work)
         w = np.empty_like(w0)
         for b in blocks:
             w[b] = fit(factor, lam, b)
