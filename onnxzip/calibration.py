@@ -634,8 +634,9 @@ def _channel_view(x: np.ndarray, request: FeatureRequest, model_index: int) -> t
 @dataclass(frozen=True)
 class StatsSampling:
     """Statistics from a seeded subsample of rows where a feature space has far more rows (samples x positions)
-    than it needs: each space keeps about max(`min_rows`, `rows_per_feature` x its stacked width) rows over the
-    calibration samples, drawn afresh in every batch (`select_rows`, seeded by `seed`)."""
+    than it needs: each of a space's merge points (a tensor read for it) keeps about max(`min_rows`,
+    `rows_per_feature` x the stacked width) rows over the calibration samples, drawn afresh in every batch
+    (`select_rows`, seeded by `seed`); a space read at k tensors keeps up to k times as many."""
 
     min_rows: int = 100_000
     rows_per_feature: int = 1000

@@ -72,7 +72,7 @@ CORRELATION_DECIMALS = 9
 # metadata (and so the model file) does not change with the last bits of onnxruntime's arithmetic either.
 CARD_DIGITS = 6
 # Correlation statistics from a seeded subsample of rows where a space has far more rows (samples x positions) than
-# it needs (calibration.StatsSampling: about max(100,000, 1,000 x stacked width) rows per space).
+# it needs (calibration.StatsSampling: about max(100,000, 1,000 x stacked width) rows per merge point).
 STATS_SAMPLING = StatsSampling()
 # Seeds the rows the refit draws (--seed only picks the calibration samples).
 REFIT_SEED = 0
