@@ -539,7 +539,7 @@ class RowSpill:
         self._file = None
 
     def write(self, array: np.ndarray) -> tuple:
-        """Append `array` (as float32); returns its place in the file, for `read`."""
+        """Append `array` (as float32); returns its place in the file, for `reader`."""
         a = np.ascontiguousarray(array, dtype=np.float32)
         try:
             if self._file is None:

@@ -1046,9 +1046,7 @@ def _ridge_factor(gram: np.ndarray, lam: float, out: np.ndarray | None = None):
     from scipy.linalg import cho_factor
     # factorised in place, in Fortran order: gram is symmetric, so its transpose (a Fortran-ordered view) is the same
     # matrix and the copy is a straight one, not a transposition
-    if out is None:
-        out = np.empty(gram.shape, order="F")
-    g = out
+    g = np.empty(gram.shape, order="F") if out is None else out
     np.copyto(g, gram.T)
     g.flat[::g.shape[0] + 1] += lam
     try:
