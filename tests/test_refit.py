@@ -315,6 +315,18 @@ def test_targets_kept_by_calibration_equal_a_pass_of_their_own(twins, monkeypatc
         np.testing.assert_allclose(outs[0][name], outs[2][name], rtol=1e-4, atol=1e-4 * np.abs(outs[2][name]).max())
 
 
+@pytest.mark.parametrize("d", [1, 255, 256, 600])
+def test_the_gram_matrix_is_symmetrised_in_place_from_its_upper_triangle(d):
+    """The refit's sums hold XᵀX's upper triangle; the solve fills the lower one in place, in bands of 256 rows."""
+    from onnxzip.refit import _symmetrized
+
+    upper = np.random.RandomState(d).randn(d, d)
+    want = np.triu(upper) + np.triu(upper, 1).T
+    got = _symmetrized(upper)
+    assert got is upper
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_products_are_the_regression_sums(bias):
     """XᵀX (upper triangle, with the bias column of ones), XᵀT, Σt² and Σt of float32 regressors with a large
