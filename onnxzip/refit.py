@@ -671,7 +671,7 @@ def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationDat
 
 
 def _times_transpose(z: np.ndarray, merge: np.ndarray) -> np.ndarray:
-    """z Mᵀ in float64 through scipy's BLAS, as every product of the refit (see `_products`: numpy's BLAS threads
+    """z Mᵀ in float64 through scipy's BLAS, as every product of the refit (see `_add_products`: numpy's BLAS threads
     would fight scipy's)."""
     from scipy.linalg.blas import dgemm
     # C-ordered z: (M zᵀ)ᵀ, every operand read in place (zᵀ and Mᵀ are Fortran-ordered views)
@@ -860,7 +860,7 @@ class _Passes:
 
 
 def _regressors(layer: RefitLayer, layout: _Layout, x: np.ndarray, rows: np.ndarray, a: Analysis) -> list:
-    """Per group, the (rows, d) regressor block, in the model's float type (without the bias column: `_products`
+    """Per group, the (rows, d) regressor block, in the model's float type (without the bias column: `_add_products`
     adds it)."""
     if layer.op == "Conv":
         out_shape = a.shapes[a.model.graph.node[layer.node].output[0]]
@@ -872,15 +872,6 @@ def _regressors(layer: RefitLayer, layout: _Layout, x: np.ndarray, rows: np.ndar
     else:
         blocks = [as_rows(x, x.ndim - 1 if layer.op == "MatMul" else 1, rows)]
     return [np.ascontiguousarray(b) for b in blocks]
-
-
-def _products(x: np.ndarray, t: np.ndarray, bias: bool) -> tuple:
-    """Rows' (XᵀX upper triangle, XᵀT, Σ t², Σ t) in float64, for regressors X (rows, d) and targets T (rows, F),
-    X with a column of ones appended where `bias` (`_add_products` to zeros)."""
-    d = x.shape[1] + int(bias)
-    gram, cross = np.zeros((d, d)), np.zeros((d, t.shape[1]))
-    t_sq, t_sum = _add_products(gram, cross, x, t, bias)
-    return gram, cross, t_sq, t_sum
 
 
 def _add_products(gram: np.ndarray, cross: np.ndarray, x: np.ndarray, t: np.ndarray, bias: bool) -> tuple:
@@ -986,7 +977,7 @@ def _symmetrized(upper: np.ndarray) -> np.ndarray:
 
 
 def _error(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, t_sq: float) -> float:
-    """||X Wᵀ - T||² from the sums (W: F x d); the product through scipy's BLAS (see `_products`)."""
+    """||X Wᵀ - T||² from the sums (W: F x d); the product through scipy's BLAS (see `_add_products`)."""
     from scipy.linalg.blas import dsymm
     # gram is symmetric: its transpose is the same matrix in Fortran order, which BLAS takes without a copy
     return float(np.sum(dsymm(1.0, gram.T, w, side=1) * w) - 2 * np.sum(w * cross.T) + t_sq)

@@ -45,8 +45,9 @@ class FeatureStats:
     m2: (D, D) sum of outer products of the deviations from the mean (a new array at each access), or None when not
         ``full``.
 
-    Kept inside: the sums of the samples shifted by the first batch's mean, Σ y and Σ y yᵀ (y = x − shift, its upper
-    triangle, added to in place by BLAS's syrk: half the work of a full product, and no D×D temporary a batch).
+    Kept inside: the sums of the samples shifted by the first batch's mean, Σ y and Σ y yᵀ (y = x − shift; the
+    latter's upper triangle, added to in place by BLAS's syrk: half the work of a full product, and no D×D temporary
+    a batch).
     The co-moment follows as Σ y yᵀ − (Σ y)(Σ y)ᵀ / n. With the shift near the mean, Σ y is small and nothing
     cancels (a feature with a large mean and a small spread keeps its variance).
     """

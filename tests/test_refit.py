@@ -331,12 +331,14 @@ def test_the_gram_matrix_is_symmetrised_in_place_from_its_upper_triangle(d):
 def test_products_are_the_regression_sums(bias):
     """XᵀX (upper triangle, with the bias column of ones), XᵀT, Σt² and Σt of float32 regressors with a large
     mean, in float64, against numpy's."""
-    from onnxzip.refit import _products
+    from onnxzip.refit import _add_products
 
     rng = np.random.RandomState(3)
     x = (rng.randn(500, 7) * 0.1 + 40.0).astype(np.float32)
     t = rng.randn(500, 3) + 5.0
-    gram, cross, t_sq, t_sum = _products(x, t, bias)
+    d = 8 if bias else 7
+    gram, cross = np.zeros((d, d)), np.zeros((d, 3))
+    t_sq, t_sum = _add_products(gram, cross, x, t, bias)  # added to zeros
     xx = np.hstack([x.astype(np.float64), np.ones((500, 1))]) if bias else x.astype(np.float64)
     np.testing.assert_allclose(np.triu(gram), np.triu(xx.T @ xx), rtol=1e-12)
     np.testing.assert_allclose(cross, xx.T @ t, rtol=1e-12)
