@@ -448,3 +448,20 @@ def test_batchnorm_repair_targets_use_the_recorded_batchnorms():
                            repair_targets="batchnorm", verify=False)
     assert kept.card["repair"]["batchnorm_targets"] > 0
     assert folded.card["repair"]["batchnorm_targets"] == 0
+
+
+def test_spill_room_is_half_the_free_space_up_to_the_bound_and_none_where_the_directory_cannot_be_read(tmp_path,
+                                                                                                      monkeypatch):
+    """Target rows beyond the memory budget go to a temporary file only where there is room: ROW_SPILL_BYTES, or
+    half the free space; a directory that cannot be read gives no room (the refit then runs the sources again)."""
+    import shutil
+
+    import onnxzip.refit as R
+
+    usage = shutil.disk_usage
+    free = [10 << 30]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=free[0]))
+    assert R.spill_room(str(tmp_path)) == 5 << 30  # half the free space
+    free[0] = 1 << 40
+    assert R.spill_room(str(tmp_path)) == R.ROW_SPILL_BYTES  # the bound
+    assert R.spill_room(str(tmp_path / "missing" / "dir")) == 0  # disk_usage raises FileNotFoundError
