@@ -143,6 +143,44 @@ def matching_from_clusters(
     )
 
 
+def contract(matrix: np.ndarray, x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """`matrix` (F' × F) applied along `axis` of `x` (size F there; size F' in the result): Σ_j matrix[:, j] x[.., j, ..].
+
+    A merge or unmerge matrix has at most one nonzero in each column (a feature belongs to one cluster): then
+    the result is a gather of x's slices, scaled, and summed cluster by cluster, O(x.size) instead of a dense
+    product's O(F' · x.size) (on a ViT-B/16 pair the dense products of the refit's targets took minutes). The
+    same sums, but over the members only and in their order. Any other matrix takes a dense product."""
+    matrix = np.asarray(matrix)
+    x = np.asarray(x, dtype=np.result_type(matrix, x, np.float32))
+    if x.shape[axis] != matrix.shape[1]:
+        raise ValueError(f"a {matrix.shape[0]}x{matrix.shape[1]} matrix cannot be applied along axis {axis} of "
+                         f"an array of shape {x.shape}")
+    nonzero = matrix != 0
+    if np.any(np.count_nonzero(nonzero, axis=0) > 1):
+        return np.moveaxis(np.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
+    cols = np.flatnonzero(nonzero.any(axis=0))
+    rows = np.argmax(nonzero[:, cols], axis=0)
+    order = np.argsort(rows, kind="stable")
+    rows, cols = rows[order], cols[order]
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    picked = np.take(x, cols, axis=axis)
+    picked *= matrix[rows, cols].astype(picked.dtype).reshape(shape)
+    out_shape = list(x.shape)
+    out_shape[axis] = matrix.shape[0]
+    if not cols.size:
+        return np.zeros(out_shape, dtype=picked.dtype)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    sums = np.add.reduceat(picked, starts, axis=axis)
+    if starts.size == matrix.shape[0]:  # every row has a member (a partition's merge and unmerge matrices)
+        return sums
+    out = np.zeros(out_shape, dtype=picked.dtype)
+    where = [slice(None)] * x.ndim
+    where[axis] = rows[starts]
+    out[tuple(where)] = sums
+    return out
+
+
 def concat_matchings(parts: list) -> Matching:
     """The matching of channels concatenated from several spaces: block-diagonal, each part merged by its own
     matching (a channel Concat moves no feature across parts)."""

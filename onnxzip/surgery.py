@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from .graph import Analysis, descendants
 from .onnx_io import MAPPED_MIN_BYTES, WeightFile, is_mapped, tensor_array
-from .solver import Matching, concat_matchings, identity_match, view_matching
+from .solver import Matching, concat_matchings, contract, identity_match, view_matching
 
 TRUNK_PREFIX = "zip"
 # A merged weight whose float64 working copy would exceed this is computed a slice at a time (of about this size);
@@ -184,7 +184,7 @@ def transform_axis(value: np.ndarray, axis: int, expand: int, matrix: np.ndarray
                                for g, chunk in enumerate(chunks)], axis=0)
     x = np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0)
     rest = x.shape[1:]
-    y = matrix @ x.reshape(matrix.shape[1], -1)  # one BLAS product (einsum's loops took 15 s on a ResNet-18 pair)
+    y = contract(matrix, x.reshape(matrix.shape[1], -1))  # a gather and sums: one nonzero per column
     return np.moveaxis(y.reshape((matrix.shape[0] * expand,) + rest), 0, axis)
 
 

@@ -6,6 +6,7 @@ import pytest
 from onnxzip.solver import (
     Matching,
     average_match,
+    contract,
     identity_match,
     permute_match,
     solve,
@@ -516,3 +517,38 @@ def test_solve_blocks_refuses_a_block_order_that_is_no_permutation():
 
     with pytest.raises(ValueError, match="one permutation"):
         solve_blocks("permute", np.eye(16), 8, np.arange(8) // 4, block_order=[[0, 1], [1, 1]])
+
+
+@pytest.mark.parametrize("method", ["zip", "permute", "average"])
+def test_contract_applies_merge_and_unmerge_matrices_as_their_dense_products(method):
+    rng = np.random.default_rng(3)
+    width, num_models = 24, 3 if method == "zip" else 2
+    feats = rng.standard_normal((400, width))
+    stacked = np.concatenate([feats[:, rng.permutation(width)] + 0.3 * rng.standard_normal((400, width))
+                              for _ in range(num_models)], axis=1)
+    matching = solve(method, np.corrcoef(stacked.T), width, num_models=num_models)
+    for m in range(num_models):
+        for matrix in (matching.merge[m], matching.unmerge[m].T):
+            for shape, axis in (((width,), 0), ((width, 7), 0), ((5, width), 1), ((2, width, 3), 1)):
+                x = rng.standard_normal(shape)
+                dense = np.moveaxis(np.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
+                got = contract(matrix, x, axis)
+                assert got.shape == dense.shape and got.dtype == np.float64
+                np.testing.assert_allclose(got, dense, rtol=1e-14, atol=1e-14)
+            # float32 values take the matrix's float64, as the dense product does
+            x32 = rng.standard_normal((width, 4)).astype(np.float32)
+            assert contract(matrix, x32).dtype == np.float64
+            np.testing.assert_allclose(contract(matrix, x32), matrix @ x32.astype(np.float64), rtol=1e-14)
+
+
+def test_contract_leaves_rows_without_members_zero_and_takes_a_dense_product_otherwise():
+    rng = np.random.default_rng(4)
+    sparse = np.zeros((6, 5))
+    sparse[[4, 0, 4, 2], [0, 1, 3, 4]] = [0.5, 2.0, -1.5, 1.0]  # column 2 and rows 1, 3, 5 are empty
+    dense = rng.standard_normal((6, 5))  # many nonzeros a column: the general product
+    for matrix in (sparse, dense, np.zeros((3, 5))):
+        x = rng.standard_normal((4, 5, 2))
+        want = np.einsum("ij,kjl->kil", matrix, x)
+        np.testing.assert_allclose(contract(matrix, x, axis=1), want, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="cannot be applied along axis 0"):
+        contract(sparse, np.ones((6, 5)))
