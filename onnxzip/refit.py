@@ -38,6 +38,7 @@ from .errors import VerificationError
 from .graph import Analysis, TensorSpace
 from .onnx_io import MAPPED_MIN_BYTES, tensor_array, without_weights
 from .repair import _chain  # the layer, then its bias Add / BatchNorm: the same chain the repair corrects
+from .solver import contract
 from .surgery import Surgery, ZipPlan, zipped_spaces
 
 log = logging.getLogger("onnxzip")
@@ -663,19 +664,11 @@ def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationDat
                 z = as_rows(z, layer.channel_axis,
                             select_rows(layer.rows_key, held, lo, count, fractions[layer.key], seed)).astype(np.float64)
                 if layer.model is None:
-                    z = _times_transpose(z, plan.matching(layer.space.space).merge[m])
+                    z = contract(plan.matching(layer.space.space).merge[m], z, axis=1)
                 total = z if total is None else total + z
             rows[layer.key].append(total.astype(np.float32))
         lo += n
     return rows
-
-
-def _times_transpose(z: np.ndarray, merge: np.ndarray) -> np.ndarray:
-    """z Mᵀ in float64 through scipy's BLAS, as every product of the refit (see `_add_products`: numpy's BLAS threads
-    would fight scipy's)."""
-    from scipy.linalg.blas import dgemm
-    # C-ordered z: (M zᵀ)ᵀ, every operand read in place (zᵀ and Mᵀ are Fortran-ordered views)
-    return dgemm(1.0, merge.T, z.T, trans_a=1).T if z.flags.c_contiguous else dgemm(1.0, z, merge, trans_b=1)
 
 
 def _kept_target_rows(plan: ZipPlan, layer: RefitLayer, run: SourceRun, fraction: float, held: bool) -> list:
@@ -690,7 +683,7 @@ def _kept_target_rows(plan: ZipPlan, layer: RefitLayer, run: SourceRun, fraction
             continue
         total = None
         for m, z in enumerate(arrays):
-            z = _times_transpose(z[pick].astype(np.float64), merges[m])
+            z = contract(merges[m], z[pick].astype(np.float64), axis=1)
             total = z if total is None else total + z
         out.append(total.astype(np.float32))
     return out
@@ -801,12 +794,14 @@ def refit(plan: ZipPlan, surgery: Surgery, calib: CalibrationData, held_back: Ca
 
 
 class _Passes:
-    """Runs the merged model for one level's tensors, from the tensors earlier levels fetched where it can.
+    """Runs the merged model for one level's tensors, from the tensors earlier passes computed where it can.
 
     Every tensor a level fetches (its layers' inputs and residual partners) depends only on layers fitted in
-    earlier levels, so it is final: the next level's pass starts from it instead of from the graph inputs, and only
-    the part of the graph in between runs. Kept are the last level's tensors and the earlier ones a later level
-    fetches again, within `cache_bytes`; beyond it a pass starts further back."""
+    earlier levels, and so does everything computed on the way to it: it is final. Each pass keeps its frontier,
+    the tensors it or an earlier pass computed that a node not yet run reads (a residual join's other input, a
+    shape), and the ones a later level fetches again, within `cache_bytes`; the next pass starts from them, so
+    that the passes together run each node about once. Beyond the budget a pass starts further back (the graph
+    inputs at worst): the same values, more work."""
 
     def __init__(self, model, parts, batch_size, device, cache_bytes):
         self.model, self.parts, self.batch_size, self.device = model, parts, batch_size, device
@@ -814,7 +809,18 @@ class _Passes:
         self.cache = {name: {} for name, _ in parts}  # part -> tensor -> per-batch values
         self.types = _value_types(model)
         self.graph_inputs = {i.name for i in model.graph.input}
+        self.readers = {}  # tensor -> the output tensors of every node reading it (a node stands for its outputs)
+        for node in model.graph.node:
+            for t in node.input:
+                if t:
+                    self.readers.setdefault(t, []).append(tuple(o for o in node.output if o))
+        self.computed = set()  # tensors some pass computed (kept or not)
         self.count = 0
+
+    def _frontier(self, tensors, later: set) -> list:
+        """Of `tensors` (computed), those a node not yet run reads, or a later level fetches."""
+        return [t for t in tensors if t in later
+                or any(not outputs or not self.computed.issuperset(outputs) for outputs in self.readers.get(t, ()))]
 
     def run(self, fetch: list, later: set = frozenset()):
         """Yield (part, first sample, batch index, samples, {tensor: value}) over every batch of every part.
@@ -822,13 +828,27 @@ class _Passes:
         fetch = list(dict.fromkeys(fetch))
         cached = self.cache[self.parts[0][0]]
         run_names = [t for t in fetch if t not in cached and t not in self.graph_inputs]
-        session, feeds = None, []
+        session, feeds, outputs = None, [], []
         if run_names:
             pruned = _prune(self.model, run_names, self.types, {t: v[0] for t, v in cached.items()})
+            produced = [t for n in pruned.graph.node for t in n.output if t]
+            self.computed.update(produced)
+            # what this pass computes that later passes read: its outputs too (onnxruntime returns only outputs)
+            extra = [t for t in self._frontier(produced, later) if t not in run_names]
+            outputs = run_names + extra
+            if extra:
+                pruned.graph.output.extend(self.types.get(t) or helper.make_empty_tensor_value_info(t)
+                                           for t in extra)
             session = pass_session(pruned, self.device)
             feeds = [i.name for i in pruned.graph.input]
             self.count += 1
-        fetched = {name: {} for name in self.cache}
+        # the next level starts from this level's fetched tensors: kept first, then what later levels fetch, then
+        # the rest of the frontier, within the budget
+        keep = self._frontier(list(dict.fromkeys([*fetch, *cached, *outputs])), later)
+        keep = [t for group in ([t for t in keep if t in fetch], [t for t in keep if t in later and t not in fetch],
+                                [t for t in keep if t not in fetch and t not in later])
+                for t in group if t not in self.graph_inputs]
+        fetched = {name: {t: [] for t in keep} for name in self.cache}
         for part, data in self.parts:
             cache, lo = self.cache[part], 0
             for b, feed in enumerate(data.batches(self.batch_size)):
@@ -836,23 +856,14 @@ class _Passes:
                 values = {t: cache[t][b] if t in cache else feed[t] for t in fetch if t not in run_names}
                 if session is not None:
                     inputs = {k: feed[k] if k in feed else cache[k][b] for k in feeds}
-                    values.update(zip(run_names, session.run(run_names, inputs)))
-                for t in fetch:
-                    if t not in self.graph_inputs:
-                        fetched[part].setdefault(t, []).append(values[t])
+                    values.update(zip(outputs, session.run(outputs, inputs)))
+                for t in keep:
+                    fetched[part][t].append(values[t] if t in values else cache[t][b])
                 yield part, lo, b, n, values
                 lo += n
-        # keep what this level fetched for the next one, then what earlier levels fetched that a later level reads
-        # again (a residual join's partner: dropped, it would be computed again from the graph inputs, the whole
-        # network before it run once more), within the budget; drop the rest
-        first = self.parts[0][0]
-        for part in fetched:
-            for t, v in self.cache[part].items():
-                if t in later and t not in fetched[part]:
-                    fetched[part][t] = v
         kept, size = set(), 0
-        for t in fetched[first]:
-            nbytes = sum(v.nbytes for c in fetched.values() for v in c.get(t, []))
+        for t in keep:
+            nbytes = sum(v.nbytes for c in fetched.values() for v in c[t])
             if size + nbytes <= self.cache_bytes:
                 kept.add(t)
                 size += nbytes
