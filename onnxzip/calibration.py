@@ -19,7 +19,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
@@ -504,7 +504,10 @@ def provider_name(session: ort.InferenceSession) -> str:
 class FeatureRequest:
     """Features to collect into ``stats[key]``: ``tensors[m]`` is the tensor name in model m, its channels on
     `axis`. `expand` > 1: the channel axis was flattened channel-major from C x positions (size C*expand); it is
-    read as (C, expand) and the positions count as samples. ``full=False`` collects per-channel moments only."""
+    read as (C, expand) and the positions count as samples. ``full=False`` collects per-channel moments only.
+    ``defer``: the feature blocks go to the pass's temporary file instead, as the statistics would take them
+    (`SourceRun.deferred`); `deferred_stats` makes the statistics from them later, the same sums in the same order.
+    """
 
     key: str
     tensors: list[str]
@@ -512,6 +515,7 @@ class FeatureRequest:
     expand: int = 1
     full: bool = True
     number: int | None = None  # seeds its rows' subsample (default: its position in the list run_sources gets)
+    defer: bool = False
 
 
 @dataclass
@@ -548,7 +552,8 @@ class RowSpill:
         except OSError as exc:
             where = self.directory or tempfile.gettempdir()
             self.close()
-            raise OnnxzipError(f"cannot keep the refit's target rows in a temporary file in {where} ({exc}); free "
+            raise OnnxzipError(f"cannot keep the calibration pass's rows (the refit's targets, features for later "
+                               f"statistics) in a temporary file in {where} ({exc}); free "
                                "space there, or point TMPDIR at a disk with room") from exc
         place = (self.nbytes, a.shape)
         self.nbytes += a.nbytes
@@ -709,6 +714,21 @@ class SourceRun:
     fractions: dict  # RowRequest key -> the fraction of rows kept
     outputs: list | None  # per model, {graph output name: array over the held-back samples}
     seed: int = 0
+    # FeatureRequest key (deferred) -> (width, full, per batch and request: the block, mapped from the file)
+    deferred: dict = field(default_factory=dict)
+
+
+def deferred_stats(run: SourceRun, keys) -> dict:
+    """The statistics of deferred requests' `keys` (FeatureRequest `defer`): each block read back from the file
+    and added in the order the pass took them, as a pass with the request not deferred would have (the same
+    float64 sums)."""
+    stats = {}
+    for key in keys:
+        width, full, blocks = run.deferred[key]
+        stats[key] = FeatureStats(width, full=full)
+        for block in blocks:
+            stats[key].update(block.astype(np.float64, order="K"), overwrite=True)
+    return stats
 
 
 def pass_session(model: onnx.ModelProto, device: str) -> ort.InferenceSession:
@@ -772,7 +792,9 @@ def run_sources(
     width_of: dict[str, tuple[int, str]] = {}  # key -> (width, the tensor that set it)
     fractions: dict[tuple, float] = {}  # (request index) -> fraction of its rows used for statistics
     kept_rows = {request.key: {False: [], True: []} for request in rows}
-    spill = RowSpill()  # the rows of requests with `spill` (nothing is written, and no file made, without them)
+    # the rows of requests with `spill` and the features of deferred ones (no file is made without them)
+    spill = RowSpill()
+    deferred: dict[str, tuple] = {}
     held_outputs = [{} for _ in models] if outputs else None
     fitted = 0
     update, close = _progress_reporter(progress, sum(part.num_samples for _, part in parts), desc)
@@ -796,7 +818,7 @@ def run_sources(
                     fitted += samples
                     for j, request in enumerate(requests):
                         _add_features(stats, width_of, full_by_key, fractions, j, request, values, lo, samples,
-                                      fit_total or part.num_samples, sampling)
+                                      fit_total or part.num_samples, sampling, deferred, spill)
                 for request in rows:
                     tensors = [values[m][t] for m, t in enumerate(request.tensors)]
                     count = tensors[0].size // max(tensors[0].shape[request.axis], 1)
@@ -811,6 +833,9 @@ def run_sources(
                             held_outputs[m].setdefault(o.name, []).append(values[m][o.name])
                 update(samples)
         read = spill.reader()
+        for width, full, blocks in deferred.values():
+            # a block written as its transpose (a convolution's, `_add_features`) is read back as one
+            blocks[:] = [read(place).T if transposed else read(place) for place, transposed in blocks]
         for request in rows:
             if request.spill:
                 for entries in kept_rows[request.key].values():
@@ -822,13 +847,14 @@ def run_sources(
         raise CalibrationDataError(f"{data.path}: no calibration samples to run (0 samples, or none fill a batch)")
     if held_outputs is not None:
         held_outputs = [{k: np.concatenate(v, axis=0) for k, v in out.items()} for out in held_outputs]
-    return SourceRun(stats, kept_rows, {request.key: request.fraction for request in rows}, held_outputs, seed)
+    return SourceRun(stats, kept_rows, {request.key: request.fraction for request in rows}, held_outputs, seed,
+                     deferred)
 
 
 def _add_features(stats, width_of, full_by_key, fractions, j, request, values, lo, samples, num_samples,
-                  sampling) -> None:
+                  sampling, deferred=None, spill=None) -> None:
     """Feed one request's features of every model, side by side, into its statistics (a seeded subsample of the
-    rows under `sampling`)."""
+    rows under `sampling`), or, for a deferred request, write them to `spill` (float32: the models' own values)."""
     views = [_channel_view(values[m][t], request, m) for m, t in enumerate(request.tensors)]
     if len({v.shape for v, _ in views}) > 1:
         shapes = ", ".join(f"model {m} {t!r} {values[m][t].shape}" for m, t in enumerate(request.tensors))
@@ -859,15 +885,22 @@ def _add_features(stats, width_of, full_by_key, fractions, j, request, values, l
         block = np.empty((rows, width))
         for k, (v, ax) in enumerate(views):
             block[:, k * channels:(k + 1) * channels] = as_rows(v, ax, chosen)
-    if request.key not in stats:
-        stats[request.key] = FeatureStats(width, full=full_by_key[request.key])
+    if request.key not in width_of:
         width_of[request.key] = (width, request.tensors[0])
+        if request.defer:
+            deferred[request.key] = (width, full_by_key[request.key], [])
+        else:
+            stats[request.key] = FeatureStats(width, full=full_by_key[request.key])
     elif width_of[request.key][0] != width:
         raise MismatchError(
             f"feature space {request.key!r}: tensor {request.tensors[0]!r} gives {width} features but "
             f"{width_of[request.key][1]!r} in the same space gave {width_of[request.key][0]}"
         )
-    stats[request.key].update(block, overwrite=True)
+    if request.defer:
+        transposed = not block.flags.c_contiguous  # the transpose of a C block: written as that block
+        deferred[request.key][2].append((spill.write(block.T if transposed else block), transposed))
+    else:
+        stats[request.key].update(block, overwrite=True)
 
 
 def _numbered(batches: Iterator[dict[str, np.ndarray]], lo: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

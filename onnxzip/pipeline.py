@@ -33,13 +33,13 @@ import onnx
 
 from . import __version__
 from .calibration import (CalibrationData, FeatureRequest, SourceRun, StatsSampling, calibration_from_arrays,
-                          input_specs, load_calibration, run_model, run_sources)
+                          deferred_stats, input_specs, load_calibration, run_model, run_sources)
 from .errors import (CalibrationDataError, ModelError, OnnxzipError, OutputError, UnsupportedModelError, UsageError,
                      VerificationError)
 from .evaluate import count_macs, count_parameters
 from .graph import Analysis, analyse, averaged_report, match, stop_points, trunk_nodes, unsupported_report
 from .onnx_io import check_model
-from .refit import REFIT_METHODS, refit as refit_layers, target_row_requests
+from .refit import REFIT_METHODS, refit as refit_layers, spill_room, target_row_requests
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
 from .runtime import onnxruntime_errors
 from .solver import block_labels, match_blocks, matching_from_clusters, solve_blocks
@@ -77,8 +77,9 @@ STATS_SAMPLING = StatsSampling()
 # Seeds the rows the refit draws (--seed only picks the calibration samples).
 REFIT_SEED = 0
 # The feature statistics held at once at most (each space's (N·F)² float64 co-moment): beyond it the spaces are
-# calibrated in groups, one pass of the sources each, and each group solved before the next (`_source_pass`). A
-# ViT-B/16 pair's 25 spaces take 5.4 GB: three passes.
+# calibrated in groups, each group solved and dropped before the next (`_source_pass`): the later groups' features
+# go to a temporary file in the one pass of the sources and are added from it after (a pass per group where the
+# file has no room, and under --ray). A ViT-B/16 pair's 25 spaces take 5.4 GB: three groups.
 STATS_BYTES = 2 << 30
 # The activations a batch of the source pass holds at most (every model's merge points and layer inputs and outputs,
 # float32): beyond it the merge runs in smaller batches than --batch-size (`_fitting_batch_size`). A ResNet-50 pair at
@@ -901,20 +902,63 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
     for number, request in enumerate(r for rs in requests.values() for r in rs):
         request.number = number
     groups = stats_groups(a, spaces, sources.num_models, STATS_BYTES)
+    # the spaces beyond the first group: their features go to a temporary file in the one pass and their
+    # statistics are made from it afterwards, where there is room (under Ray, a pass per group: the workers'
+    # files are not the driver's)
+    later = [r for keys in groups[1:] for key in keys for r in requests[key]]
+    deferred = _feature_bytes(a, later, spaces, sources.num_models, samples.fit.num_samples)
+    room = 0 if opts.ray is not None or not later else spill_room() - _spilled_bytes(a, rows, samples)
+    defer = bool(later) and deferred <= room
+    for r in later:
+        r.defer = defer
     logger.info("calibrating on %d samples (%d feature spaces%s)%s", samples.fit.num_samples,
-                len(set(spaces.values())), f", in {len(groups)} passes: their statistics would take more than "
-                f"{STATS_BYTES / 2**30:g} GiB at once" if len(groups) > 1 else "",
+                len(set(spaces.values())),
+                "" if len(groups) == 1 else
+                f"; their statistics would take more than {STATS_BYTES / 2**30:g} GiB at once: "
+                + (f"the features of {len(groups) - 1} group(s) of spaces go to a temporary file "
+                   f"({deferred / 1e9:.1f} GB) for later" if defer else f"in {len(groups)} passes"),
                 f", then {held.num_samples} held back" if held is not None and (rows or outputs) else "")
     kept = None
-    for g, keys in enumerate(groups):
+    for g, keys in enumerate(groups[:1] if defer else groups):
         first = g == 0
-        run = _calibrate(sources, samples, [r for key in keys for r in requests[key]], opts,
+        run = _calibrate(sources, samples, [r for key in (spaces if defer else keys) for r in requests[key]], opts,
                          rows if first else [], held if first and (rows or outputs) else None, outputs and first,
-                         "calibrating" if len(groups) == 1 else f"calibrating ({g + 1}/{len(groups)})", logger)
+                         "calibrating" if len(groups) == 1 or defer else f"calibrating ({g + 1}/{len(groups)})",
+                         logger)
         kept = run if first else kept
         solve(run.stats)
         run.stats = {}
+    if defer:
+        for keys in groups[1:]:
+            solve(deferred_stats(kept, keys))
+        kept.deferred = {}
     return kept
+
+
+def _feature_bytes(a: Analysis, requests: list, spaces: dict, num_models: int, num_samples: int) -> int:
+    """Bytes of the feature blocks `requests` would write to a pass's temporary file (float32, every model's
+    features side by side, at the rows STATS_SAMPLING keeps)."""
+    total = 0
+    for r in requests:
+        shape = a.shapes.get(r.tensors[0])
+        if shape is None:
+            return 1 << 62  # unknown: not deferred
+        width = a.spaces[spaces[r.key]].width
+        rows = int(np.prod(shape[1:], dtype=np.int64)) // max(width, 1) * num_samples
+        total += int(STATS_SAMPLING.fraction(num_models * width, rows) * rows) * num_models * width * 4
+    return total
+
+
+def _spilled_bytes(a: Analysis, rows: list, samples: Samples) -> int:
+    """Bytes of the refit's target rows `rows` (RowRequest) that go to the pass's temporary file."""
+    n = samples.fit.num_samples + (samples.held.num_samples if samples.held is not None else 0)
+    total = 0
+    for r in rows:
+        if r.spill:
+            shape = a.shapes.get(r.tensors[0])
+            per_sample = int(np.prod(shape[1:], dtype=np.int64)) if shape else 0
+            total += int(r.fraction * n * per_sample) * 4 * len(r.tensors)
+    return total
 
 
 def _fitting_batch_size(sources: Sources, samples: Samples, trunks: list, opts: MergeOptions, logger) -> int:

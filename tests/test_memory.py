@@ -169,8 +169,10 @@ def test_wide_spaces_are_solved_without_holding_every_spaces_matrices(tmp_path):
                               f"(allowed: {allowed:.0f} MB)"
 
 
-# With more statistics than pipeline.STATS_BYTES, the spaces are calibrated in groups, one pass each, and each group
-# solved before the next: the merge must be the one a single pass gives, bit for bit.
+# With more statistics than pipeline.STATS_BYTES, the spaces are calibrated in groups, each group solved before the
+# next: the features of the later groups go to a temporary file in the one pass and their statistics are made from
+# it afterwards, or, where the file has no room, each group takes a pass of its own. Either way the merge must be
+# the one a single pass gives, bit for bit.
 def _grouped_conv_pair():
     from tests.test_exporters import load
     a, b = load("grouped")
@@ -179,7 +181,7 @@ def _grouped_conv_pair():
 
 @pytest.mark.parametrize("pair", ["resnet", "grouped"])
 def test_statistics_in_groups_give_the_merge_of_one_pass(pair, monkeypatch, caplog):
-    from onnxzip import pipeline
+    from onnxzip import calibration, pipeline
     from onnxzip.calibration import StatsSampling
     from onnxzip.graph import analyse
 
@@ -190,19 +192,37 @@ def test_statistics_in_groups_give_the_merge_of_one_pass(pair, monkeypatch, capl
     data = F.calib(a, n=200, seed=1)
     # statistics from a subsample of rows, as on large inputs: the same rows must be drawn however spaces are grouped
     monkeypatch.setattr(pipeline, "STATS_SAMPLING", StatsSampling(min_rows=500, rows_per_feature=20))
+    runs = []
+    run_sources = calibration.run_sources
+    monkeypatch.setattr(pipeline, "run_sources", lambda *args, **kw: runs.append(1) or run_sources(*args, **kw))
     one = onnxzip.merge(a, b, data, progress=False)
-    monkeypatch.setattr(pipeline, "STATS_BYTES", 1)  # every space (every grouped family) in a pass of its own
-    with caplog.at_level("INFO", logger="onnxzip"):
-        grouped = onnxzip.merge(a, b, data, progress=False)
+    assert len(runs) == 1
+    monkeypatch.setattr(pipeline, "STATS_BYTES", 1)  # every space (every grouped family) in a group of its own
     spaces = len(one.card["spaces"])
     families = analyse(a).block_families
-    passes = spaces - sum(len(f.spaces) - 1 for f in families)
-    assert passes > 1 and f"in {passes} passes" in caplog.text, caplog.text
+    groups = spaces - sum(len(f.spaces) - 1 for f in families)
+    assert groups > 1
     if pair == "grouped":
         assert families and any(len(f.spaces) > 1 for f in families)
-    assert [i.SerializeToString() for i in one.model.graph.initializer] == \
-        [i.SerializeToString() for i in grouped.model.graph.initializer]
-    assert one.card["spaces"] == grouped.card["spaces"]
+    written = []
+    write = calibration.RowSpill.write
+    monkeypatch.setattr(calibration.RowSpill, "write", lambda self, x: written.append(x.shape) or write(self, x))
+    runs.clear()
+    with caplog.at_level("INFO", logger="onnxzip"):
+        deferred = onnxzip.merge(a, b, data, progress=False)
+    assert f"the features of {groups - 1} group(s) of spaces go to a temporary file" in caplog.text, caplog.text
+    assert len(runs) == 1 and written
+    monkeypatch.setattr(pipeline, "spill_room", lambda: 0)  # no room for the file: a pass per group
+    caplog.clear()
+    runs.clear()
+    with caplog.at_level("INFO", logger="onnxzip"):
+        passes = onnxzip.merge(a, b, data, progress=False)
+    assert f"in {groups} passes" in caplog.text, caplog.text
+    assert len(runs) == groups
+    for grouped in (deferred, passes):
+        assert [i.SerializeToString() for i in one.model.graph.initializer] == \
+            [i.SerializeToString() for i in grouped.model.graph.initializer]
+        assert one.card["spaces"] == grouped.card["spaces"]
 
 
 def test_batches_shrink_to_fit_the_activation_bound(monkeypatch, caplog):
