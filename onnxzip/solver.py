@@ -503,7 +503,12 @@ def zip_match(
     Raises ValueError on invalid input.
     """
     num_models = _check_num_models(num_models)
-    sim = _check_corr(corr, num_models)
+    return _zip_match(_check_corr(corr, num_models), num_models, alpha, beta, target_width)
+
+
+def _zip_match(sim: np.ndarray, num_models: int, alpha: float, beta: float, target_width) -> Matching:
+    """`zip_match` on the solver's own checked copy of the correlation matrix (`_check_corr`), which it modifies:
+    `solve` checks its input once and calls this (a check is a full copy: seconds on a 6144-wide space)."""
     total = sim.shape[0]
     width = total // num_models
     target = width if target_width is None else target_width
@@ -733,7 +738,7 @@ def solve(
         return average_match(width, num_models)
     c = _check_corr(corr, num_models, width)
     if method == "zip":
-        return zip_match(c, num_models, alpha=alpha, beta=beta, target_width=target_width)
+        return _zip_match(c, num_models, alpha, beta, target_width)
     if target_width is not None and target_width != width:
         raise ValueError(f"method {method!r} keeps the width of the space; target_width applies to 'zip' only")
     if method == "permute":
