@@ -249,7 +249,7 @@ def target_row_requests(plans: list, num_samples: int, held_samples: int, width:
                 groups = int(_attr(a.model.graph.node[i], "group", 1))
                 if sums_bytes(d, shape[axis], groups, held_samples > 0) > MAX_SUMS_BYTES:
                     continue  # too large to refit even at width 1 (with its bias column, larger still)
-                positions = _positions(shape, axis)
+                positions = _positions(shape, axis, _shape_batch(a))
                 fraction = _fraction(upper, num_samples, positions)
                 nbytes = int(fraction * (num_samples + held_samples) * positions) * shape[axis] * 4 * len(plan.analyses)
                 spill = size + nbytes > budget_bytes
@@ -580,9 +580,22 @@ def _shift_batchnorm(model, inits, node, bias: np.ndarray) -> None:
 # Rows: which (sample, position) pairs each layer regresses on
 # ---------------------------------------------------------------------------------------------------------------
 
-def _positions(shape: tuple, axis: int) -> int:
-    """Positions per sample of a layer output: every index of every axis but the batch and channel axes."""
-    return int(np.prod([s for k, s in enumerate(shape) if k not in (0, axis % len(shape))], dtype=np.int64))
+def _positions(shape: tuple, axis: int, batch: int = 1) -> int:
+    """Positions per sample of a layer output: every index of every axis but the channel axis, over the batch in
+    graph analysis's shapes (`batch`: 1, or a model's fixed batch size). Wherever the batch sits: nn.MultiheadAttention
+    computes on (T, N, D) and (T·N, D), where the first axis is the tokens (counted as N there, they made the rows
+    of a ViT-B/16 layer 197× more than estimated: memory meant for 1 GiB of target rows took 16 GB)."""
+    return max(1, int(np.prod(shape, dtype=np.int64)) // max(int(shape[axis % len(shape)]), 1) // max(batch, 1))
+
+
+def _shape_batch(a: Analysis) -> int:
+    """The batch size of graph analysis's shapes: a model's fixed batch, else 1 (`graph._concrete_shapes`)."""
+    inits = set(a.initializers)
+    for i in a.model.graph.input:
+        if i.name not in inits:
+            dims = i.type.tensor_type.shape.dim
+            return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
+    return 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -634,9 +647,10 @@ def _value_types(model: onnx.ModelProto) -> dict:
 
 
 def _output_positions(layer: RefitLayer, a: Analysis) -> int:
-    """Rows per sample: the output positions of a Conv, the leading axes of a MatMul, 1 for a Gemm."""
+    """Rows per sample: the output positions of a Conv, the leading axes of a MatMul (the tokens of a sample), 1 for
+    a Gemm over samples (T for one over nn.MultiheadAttention's T·N rows)."""
     shape = a.shapes[a.model.graph.node[layer.node].output[0]]
-    return _positions(shape, layer.channel_axis)
+    return _positions(shape, layer.channel_axis, _shape_batch(a))
 
 
 def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationData, batch_size: int, device: str,

@@ -491,3 +491,25 @@ def test_spill_room_is_half_the_free_space_up_to_the_bound_and_none_where_the_di
     free[0] = 1 << 40
     assert R.spill_room(str(tmp_path)) == R.ROW_SPILL_BYTES  # the bound
     assert R.spill_room(str(tmp_path / "missing" / "dir")) == 0  # disk_usage raises FileNotFoundError
+
+
+def test_rows_per_sample_count_the_tokens_wherever_the_batch_sits():
+    """nn.MultiheadAttention computes on (T, N, D) and (T·N, D): graph analysis's shapes (batch 1) hold the tokens on
+    the first axis, which must count as rows of a sample, not as the batch (that estimated a ViT-B/16 pair's target
+    rows 197× too small: 16 GB in memory for a budget of 1 GiB)."""
+    from onnxzip.refit import _positions, _shape_batch
+
+    assert _positions((197, 1, 2304), 2) == 197
+    assert _positions((197, 768), 1) == 197
+    assert _positions((1, 197, 3072), 2) == 197
+    assert _positions((1, 768, 14, 14), 1) == 196
+    assert _positions((1, 10), 1) == 1
+    assert _positions((8, 64, 4, 4), 1, batch=8) == 16  # a model with a fixed batch of 8
+    dynamic, _ = F.mlp(seed=0)
+    assert _shape_batch(analyse(dynamic)) == 1
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(dynamic)
+    dims = fixed.graph.input[0].type.tensor_type.shape.dim
+    dims[0].Clear()
+    dims[0].dim_value = 8
+    assert _shape_batch(analyse(fixed)) == 8
