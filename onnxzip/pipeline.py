@@ -39,7 +39,7 @@ from .errors import (CalibrationDataError, ModelError, OnnxzipError, OutputError
 from .evaluate import count_macs, count_parameters
 from .graph import Analysis, analyse, averaged_report, match, stop_points, trunk_nodes, unsupported_report
 from .onnx_io import check_model
-from .refit import REFIT_METHODS, refit as refit_layers, spill_room, target_row_requests
+from .refit import REFIT_METHODS, _shape_batch, refit as refit_layers, spill_room, target_row_requests
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
 from .runtime import onnxruntime_errors
 from .solver import block_labels, match_blocks, matching_from_clusters, solve_blocks
@@ -891,24 +891,27 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
     if not requests:
         return SourceRun({}, {}, {}, None)
     held = samples.held
+    # numbered in one list, as a single pass takes them: the same rows are sampled whatever the grouping
+    for number, request in enumerate(r for rs in requests.values() for r in rs):
+        request.number = number
+    groups = stats_groups(a, spaces, sources.num_models, STATS_BYTES)
+    # The spaces beyond the first group: their features go to the pass's temporary file and their statistics are
+    # made from it afterwards, where there is room (under Ray, a pass per group: the workers' files are not the
+    # driver's). The file also takes the refit's target rows beyond memory; rows it has no room for cost one more
+    # pass of the sources (the refit's own, for all of them), features it has no room for a pass per group: with
+    # three groups or more the features go first.
+    later = [r for keys in groups[1:] for key in keys for r in requests[key]]
+    deferred = _feature_bytes(a, later, spaces, sources.num_models, samples.fit.num_samples)
+    room = 0 if opts.ray is not None else spill_room()
+    first = bool(later) and len(groups) >= 3 and deferred <= room
     rows = []
     if opts.refit == "ls" and opts.method != "ensemble":
         plans = [ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names) for trunk in trunks]
         # Ray workers return their rows through the object store: they keep them in memory (no file to share)
         rows = target_row_requests(plans, samples.fit.num_samples, held.num_samples if held is not None else 0,
-                                   max(widths), spill_bytes=0 if opts.ray is not None else None)
+                                   max(widths), spill_bytes=room - deferred if first else room)
     outputs = held is not None and (opts.verify or opts.budget is not None)
-    # numbered in one list, as a single pass takes them: the same rows are sampled whatever the grouping
-    for number, request in enumerate(r for rs in requests.values() for r in rs):
-        request.number = number
-    groups = stats_groups(a, spaces, sources.num_models, STATS_BYTES)
-    # the spaces beyond the first group: their features go to a temporary file in the one pass and their
-    # statistics are made from it afterwards, where there is room (under Ray, a pass per group: the workers'
-    # files are not the driver's)
-    later = [r for keys in groups[1:] for key in keys for r in requests[key]]
-    deferred = _feature_bytes(a, later, spaces, sources.num_models, samples.fit.num_samples)
-    room = 0 if opts.ray is not None or not later else spill_room() - _spilled_bytes(a, rows, samples)
-    defer = bool(later) and deferred <= room
+    defer = first or bool(later) and deferred <= room - _spilled_bytes(a, rows, samples)
     for r in later:
         r.defer = defer
     logger.info("calibrating on %d samples (%d feature spaces%s)%s", samples.fit.num_samples,
@@ -937,14 +940,16 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
 
 def _feature_bytes(a: Analysis, requests: list, spaces: dict, num_models: int, num_samples: int) -> int:
     """Bytes of the feature blocks `requests` would write to a pass's temporary file (float32, every model's
-    features side by side, at the rows STATS_SAMPLING keeps)."""
+    features side by side, at the rows STATS_SAMPLING keeps). A sample's rows are its tensor's values over the
+    space's width, wherever the batch sits in analysis's shapes (`refit._shape_batch`)."""
+    batch = _shape_batch(a)
     total = 0
     for r in requests:
         shape = a.shapes.get(r.tensors[0])
         if shape is None:
             return 1 << 62  # unknown: not deferred
         width = a.spaces[spaces[r.key]].width
-        rows = int(np.prod(shape[1:], dtype=np.int64)) // max(width, 1) * num_samples
+        rows = int(np.prod(shape, dtype=np.int64)) // batch // max(width, 1) * num_samples
         total += int(STATS_SAMPLING.fraction(num_models * width, rows) * rows) * num_models * width * 4
     return total
 
@@ -952,11 +957,12 @@ def _feature_bytes(a: Analysis, requests: list, spaces: dict, num_models: int, n
 def _spilled_bytes(a: Analysis, rows: list, samples: Samples) -> int:
     """Bytes of the refit's target rows `rows` (RowRequest) that go to the pass's temporary file."""
     n = samples.fit.num_samples + (samples.held.num_samples if samples.held is not None else 0)
+    batch = _shape_batch(a)
     total = 0
     for r in rows:
         if r.spill:
             shape = a.shapes.get(r.tensors[0])
-            per_sample = int(np.prod(shape[1:], dtype=np.int64)) if shape else 0
+            per_sample = int(np.prod(shape, dtype=np.int64)) // batch if shape else 0
             total += int(r.fraction * n * per_sample) * 4 * len(r.tensors)
     return total
 

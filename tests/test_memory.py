@@ -243,3 +243,27 @@ def test_batches_shrink_to_fit_the_activation_bound(monkeypatch, caplog):
     assert "batch_size_asked" not in plain.card["options"]
     assert [i.SerializeToString() for i in capped.model.graph.initializer] == \
         [i.SerializeToString() for i in plain.model.graph.initializer]
+
+
+def test_the_features_deferred_to_the_file_take_the_bytes_estimated(monkeypatch):
+    """The room the deferred features need is estimated from analysis's shapes before the pass: on a transformer
+    exported with nn.MultiheadAttention, whose (T, N, D) tensors hold the tokens first, it must count every token
+    (it counted one a sample: a ViT-B/16 pair's estimate was far below the 10 GB it wrote)."""
+    import os
+
+    from onnxzip import calibration, pipeline
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "vit_mha_ts")
+    a, b = (onnx.load(os.path.join(folder, f"{m}.onnx")) for m in "ab")
+    data = F.calib(a, n=64, seed=0)
+    monkeypatch.setattr(pipeline, "STATS_BYTES", 1)
+    estimates, written = [], []
+    feature_bytes = pipeline._feature_bytes
+    monkeypatch.setattr(pipeline, "_feature_bytes", lambda *args: estimates.append(feature_bytes(*args)) or
+                        estimates[-1])
+    write = calibration.RowSpill.write
+    monkeypatch.setattr(calibration.RowSpill, "write", lambda self, x: written.append(x.size * 4) or write(self, x))
+    merged = onnxzip.merge(a, b, data, progress=False, verify=False)
+    assert merged.card["refit"]["applied"]
+    # every row is kept at these sizes (fraction 1), and the refit's target rows all fit in memory
+    assert len(estimates) == 1 and estimates[0] == sum(written) > 0
