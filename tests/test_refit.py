@@ -404,10 +404,8 @@ def _bottleneck_model(seed):
     return model
 
 
-def test_refit_passes_run_each_node_about_once(monkeypatch):
-    """The refit's level passes start from tensors earlier levels fetched, residual partners included: together
-    they run each node of the merged model about once, not the whole network before every residual join again
-    (a bottleneck block's join reads its input, fetched two levels before)."""
+def _count_pruned_nodes(monkeypatch) -> list:
+    """The node count of every pruned graph the refit's passes run (filled as they are made)."""
     import onnxzip.refit as R
 
     ran = []
@@ -419,6 +417,14 @@ def test_refit_passes_run_each_node_about_once(monkeypatch):
         return pruned
 
     monkeypatch.setattr(R, "_prune", counting)
+    return ran
+
+
+def test_refit_passes_run_each_node_about_once(monkeypatch):
+    """The refit's level passes start from tensors earlier levels fetched, residual partners included: together
+    they run each node of the merged model about once, not the whole network before every residual join again
+    (a bottleneck block's join reads its input, fetched two levels before)."""
+    ran = _count_pruned_nodes(monkeypatch)
     a, b = _bottleneck_model(1), _bottleneck_model(2)
     data = np.random.RandomState(0).randn(120, 3, 8, 8).astype(np.float32)
     result = onnxzip.merge(a, b, data, method="zip", verify=False)
@@ -435,17 +441,7 @@ def test_refit_passes_of_a_transformer_run_each_node_about_once(monkeypatch, nam
     block's input is not computed again from the graph inputs for every block (that ran 351 nodes for 123)."""
     import os
 
-    import onnxzip.refit as R
-
-    ran = []
-    prune = R._prune
-
-    def counting(model, outputs, types, known=None):
-        pruned = prune(model, outputs, types, known)
-        ran.append(len(pruned.graph.node))
-        return pruned
-
-    monkeypatch.setattr(R, "_prune", counting)
+    ran = _count_pruned_nodes(monkeypatch)
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
     a, b = (onnx.load(os.path.join(folder, f"{m}.onnx")) for m in "ab")
     result = onnxzip.merge(a, b, F.calib(a, 64, seed=0), method="zip", verify=False)
