@@ -529,6 +529,7 @@ class RowRequest:
     axis: int
     fraction: float
     spill: bool = False  # kept in a temporary file (`RowSpill`) instead of in memory
+    nbytes: int = 0  # the rows' size as estimated from graph analysis's shapes (`refit.target_row_requests`)
 
 
 class RowSpill:

@@ -903,15 +903,15 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
     later = [r for keys in groups[1:] for key in keys for r in requests[key]]
     deferred = _feature_bytes(a, later, spaces, sources.num_models, samples.fit.num_samples)
     room = 0 if opts.ray is not None else spill_room()
-    first = bool(later) and len(groups) >= 3 and deferred <= room
+    features_first = bool(later) and len(groups) >= 3 and deferred <= room
     rows = []
     if opts.refit == "ls" and opts.method != "ensemble":
         plans = [ZipPlan(sources.analyses, sources.correspondences, trunk, {}, opts.names) for trunk in trunks]
         # Ray workers return their rows through the object store: they keep them in memory (no file to share)
         rows = target_row_requests(plans, samples.fit.num_samples, held.num_samples if held is not None else 0,
-                                   max(widths), spill_bytes=room - deferred if first else room)
+                                   max(widths), spill_bytes=room - deferred if features_first else room)
     outputs = held is not None and (opts.verify or opts.budget is not None)
-    defer = first or bool(later) and deferred <= room - _spilled_bytes(a, rows, samples)
+    defer = features_first or bool(later) and deferred <= room - sum(r.nbytes for r in rows if r.spill)
     for r in later:
         r.defer = defer
     logger.info("calibrating on %d samples (%d feature spaces%s)%s", samples.fit.num_samples,
@@ -951,19 +951,6 @@ def _feature_bytes(a: Analysis, requests: list, spaces: dict, num_models: int, n
         width = a.spaces[spaces[r.key]].width
         rows = int(np.prod(shape, dtype=np.int64)) // batch // max(width, 1) * num_samples
         total += int(STATS_SAMPLING.fraction(num_models * width, rows) * rows) * num_models * width * 4
-    return total
-
-
-def _spilled_bytes(a: Analysis, rows: list, samples: Samples) -> int:
-    """Bytes of the refit's target rows `rows` (RowRequest) that go to the pass's temporary file."""
-    n = samples.fit.num_samples + (samples.held.num_samples if samples.held is not None else 0)
-    batch = _shape_batch(a)
-    total = 0
-    for r in rows:
-        if r.spill:
-            shape = a.shapes.get(r.tensors[0])
-            per_sample = int(np.prod(shape, dtype=np.int64)) // batch if shape else 0
-            total += int(r.fraction * n * per_sample) * 4 * len(r.tensors)
     return total
 
 

@@ -259,7 +259,7 @@ def target_row_requests(plans: list, num_samples: int, held_samples: int, width:
                     spilled += nbytes
                 else:
                     size += nbytes
-                requests[key] = RowRequest(key, plan.tensor_names(target), axis, fraction, spill)
+                requests[key] = RowRequest(key, plan.tensor_names(target), axis, fraction, spill, nbytes)
     return list(requests.values())
 
 
