@@ -8,6 +8,7 @@ from onnxzip.solver import (
     average_match,
     contract,
     identity_match,
+    matching_from_clusters,
     permute_match,
     solve,
     zip_match,
@@ -539,6 +540,33 @@ def test_contract_applies_merge_and_unmerge_matrices_as_their_dense_products(met
             x32 = rng.standard_normal((width, 4)).astype(np.float32)
             assert contract(matrix, x32).dtype == np.float64
             np.testing.assert_allclose(contract(matrix, x32), matrix @ x32.astype(np.float64), rtol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["zip", "permute", "average"])
+def test_merge_features_is_the_sum_of_each_models_merge_matrix_product(method):
+    rng = np.random.default_rng(5)
+    width, num_models = 24, 3 if method == "zip" else 2
+    feats = rng.standard_normal((400, width))
+    stacked = np.concatenate([feats[:, rng.permutation(width)] + 0.3 * rng.standard_normal((400, width))
+                              for _ in range(num_models)], axis=1)
+    solved = solve(method, np.corrcoef(stacked.T), width, num_models=num_models)
+    # and by hand: clusters with several features of one model, and clusters with none of a model
+    by_hand = matching_from_clusters(np.r_[0, 0, 1, 2, 3, 3, 4, 5, 5, 5, 1, 2], 2, 6)
+    for matching in (solved, by_hand):
+        xs = [rng.standard_normal((9, matching.width)).astype(np.float32) for _ in range(matching.num_models)]
+        want = sum(x.astype(np.float64) @ matching.merge[m].T for m, x in enumerate(xs))
+        got = matching.merge_features(xs)
+        assert got.shape == (9, matching.merged_width) and got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
+    matching = solved
+    xs = [rng.standard_normal((9, width)).astype(np.float32) for _ in range(num_models)]
+    assert matching.merge_features([x[:0] for x in xs]).shape == (0, matching.merged_width)
+    with pytest.raises(ValueError, match="one feature array per model"):
+        matching.merge_features(xs[:1])
+    with pytest.raises(ValueError, match="with the same rows"):
+        matching.merge_features([x[:, 1:] for x in xs])
+    with pytest.raises(ValueError, match="with the same rows"):
+        matching.merge_features([xs[0][:3]] + xs[1:])
 
 
 def test_contract_leaves_rows_without_members_zero_and_takes_a_dense_product_otherwise():
