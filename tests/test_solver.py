@@ -520,14 +520,19 @@ def test_solve_blocks_refuses_a_block_order_that_is_no_permutation():
         solve_blocks("permute", np.eye(16), 8, np.arange(8) // 4, block_order=[[0, 1], [1, 1]])
 
 
-@pytest.mark.parametrize("method", ["zip", "permute", "average"])
-def test_contract_applies_merge_and_unmerge_matrices_as_their_dense_products(method):
-    rng = np.random.default_rng(3)
-    width, num_models = 24, 3 if method == "zip" else 2
+def _solved_noisy_permutations(rng, method: str, width: int = 24):
+    """A matching solved by `method` on noisy permuted copies of one set of features (3 models for zip, else 2)."""
+    num_models = 3 if method == "zip" else 2
     feats = rng.standard_normal((400, width))
     stacked = np.concatenate([feats[:, rng.permutation(width)] + 0.3 * rng.standard_normal((400, width))
                               for _ in range(num_models)], axis=1)
-    matching = solve(method, np.corrcoef(stacked.T), width, num_models=num_models)
+    return solve(method, np.corrcoef(stacked.T), width, num_models=num_models), width, num_models
+
+
+@pytest.mark.parametrize("method", ["zip", "permute", "average"])
+def test_contract_applies_merge_and_unmerge_matrices_as_their_dense_products(method):
+    rng = np.random.default_rng(3)
+    matching, width, num_models = _solved_noisy_permutations(rng, method)
     for m in range(num_models):
         for matrix in (matching.merge[m], matching.unmerge[m].T):
             for shape, axis in (((width,), 0), ((width, 7), 0), ((5, width), 1), ((2, width, 3), 1)):
@@ -545,11 +550,7 @@ def test_contract_applies_merge_and_unmerge_matrices_as_their_dense_products(met
 @pytest.mark.parametrize("method", ["zip", "permute", "average"])
 def test_merge_features_is_the_sum_of_each_models_merge_matrix_product(method):
     rng = np.random.default_rng(5)
-    width, num_models = 24, 3 if method == "zip" else 2
-    feats = rng.standard_normal((400, width))
-    stacked = np.concatenate([feats[:, rng.permutation(width)] + 0.3 * rng.standard_normal((400, width))
-                              for _ in range(num_models)], axis=1)
-    solved = solve(method, np.corrcoef(stacked.T), width, num_models=num_models)
+    solved, width, num_models = _solved_noisy_permutations(rng, method)
     # and by hand: clusters with several features of one model, and clusters with none of a model
     by_hand = matching_from_clusters(np.r_[0, 0, 1, 2, 3, 3, 4, 5, 5, 5, 1, 2], 2, 6)
     for matching in (solved, by_hand):
