@@ -379,6 +379,17 @@ def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict, dict, dict]:
     return _collect_shapes(m) + (values,)
 
 
+def shape_batch(a: "Analysis") -> int:
+    """The batch size of analysis's shapes: the model's fixed batch, else 1 (`_concrete_shapes` sets a dynamic one
+    to 1)."""
+    inits = set(a.initializers)
+    for i in a.model.graph.input:
+        if i.name not in inits:
+            dims = i.type.tensor_type.shape.dim
+            return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
+    return 1
+
+
 def infer_shapes_folding(m: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """Rounds of `_fold_shape_computations` and shape inference on `m` (already shape-inferred, inputs of concrete
     shape, weights possibly stripped to their shapes) until nothing more folds: the model whose value infos hold

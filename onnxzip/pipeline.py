@@ -37,9 +37,9 @@ from .calibration import (CalibrationData, FeatureRequest, SourceRun, StatsSampl
 from .errors import (CalibrationDataError, ModelError, OnnxzipError, OutputError, UnsupportedModelError, UsageError,
                      VerificationError)
 from .evaluate import count_macs, count_parameters
-from .graph import Analysis, analyse, averaged_report, match, stop_points, trunk_nodes, unsupported_report
+from .graph import Analysis, analyse, averaged_report, match, shape_batch, stop_points, trunk_nodes, unsupported_report
 from .onnx_io import check_model
-from .refit import REFIT_METHODS, _shape_batch, refit as refit_layers, spill_room, target_row_requests
+from .refit import REFIT_METHODS, refit as refit_layers, spill_room, target_row_requests
 from .repair import REPAIR_TARGETS, repair as repair_statistics, repair_points
 from .runtime import onnxruntime_errors
 from .solver import block_labels, match_blocks, matching_from_clusters, solve_blocks
@@ -941,8 +941,8 @@ def _source_pass(sources: Sources, samples: Samples, trunks: list, widths: list,
 def _feature_bytes(a: Analysis, requests: list, spaces: dict, num_models: int, num_samples: int) -> int:
     """Bytes of the feature blocks `requests` would write to a pass's temporary file (float32, every model's
     features side by side, at the rows STATS_SAMPLING keeps). A sample's rows are its tensor's values over the
-    space's width, wherever the batch sits in analysis's shapes (`refit._shape_batch`)."""
-    batch = _shape_batch(a)
+    space's width, wherever the batch sits in analysis's shapes (`graph.shape_batch`)."""
+    batch = shape_batch(a)
     total = 0
     for r in requests:
         shape = a.shapes.get(r.tensors[0])

@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 from .calibration import (CalibrationData, RowRequest, SourceRun, _progress_reporter, as_rows, expose_tensors,
                           pass_session, select_rows, subset_of_rows)
 from .errors import VerificationError
-from .graph import Analysis, TensorSpace
+from .graph import Analysis, TensorSpace, shape_batch
 from .onnx_io import MAPPED_MIN_BYTES, tensor_array, without_weights
 from .repair import _chain  # the layer, then its bias Add / BatchNorm: the same chain the repair corrects
 from .surgery import Surgery, ZipPlan, zipped_spaces
@@ -248,7 +248,7 @@ def target_row_requests(plans: list, num_samples: int, held_samples: int, width:
                 groups = int(_attr(a.model.graph.node[i], "group", 1))
                 if sums_bytes(d, shape[axis], groups, held_samples > 0) > MAX_SUMS_BYTES:
                     continue  # too large to refit even at width 1 (with its bias column, larger still)
-                positions = _positions(shape, axis, _shape_batch(a))
+                positions = _positions(shape, axis, shape_batch(a))
                 fraction = _fraction(upper, num_samples, positions)
                 nbytes = int(fraction * (num_samples + held_samples) * positions) * shape[axis] * 4 * len(plan.analyses)
                 spill = size + nbytes > budget_bytes
@@ -607,16 +607,6 @@ def _positions(shape: tuple, axis: int, batch: int = 1) -> int:
     return max(1, int(np.prod(shape, dtype=np.int64)) // max(int(shape[axis % len(shape)]), 1) // max(batch, 1))
 
 
-def _shape_batch(a: Analysis) -> int:
-    """The batch size of graph analysis's shapes: a model's fixed batch, else 1 (`graph._concrete_shapes`)."""
-    inits = set(a.initializers)
-    for i in a.model.graph.input:
-        if i.name not in inits:
-            dims = i.type.tensor_type.shape.dim
-            return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
-    return 1
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The refit
 # ---------------------------------------------------------------------------------------------------------------
@@ -669,7 +659,7 @@ def _output_positions(layer: RefitLayer, a: Analysis) -> int:
     """Rows per sample: the output positions of a Conv, the leading axes of a MatMul (the tokens of a sample), 1 for
     a Gemm over samples (T for one over nn.MultiheadAttention's T·N rows)."""
     shape = a.shapes[a.model.graph.node[layer.node].output[0]]
-    return _positions(shape, layer.channel_axis, _shape_batch(a))
+    return _positions(shape, layer.channel_axis, shape_batch(a))
 
 
 def _target_rows(plan: ZipPlan, layers: list, models: list, data: CalibrationData, batch_size: int, device: str,

@@ -495,7 +495,8 @@ def test_rows_per_sample_count_the_tokens_wherever_the_batch_sits():
     """nn.MultiheadAttention computes on (T, N, D) and (T·N, D): graph analysis's shapes (batch 1) hold the tokens on
     the first axis, which must count as rows of a sample, not as the batch (that estimated a ViT-B/16 pair's target
     rows 197× too small: 16 GB in memory for a budget of 1 GiB)."""
-    from onnxzip.refit import _positions, _shape_batch
+    from onnxzip.graph import shape_batch
+    from onnxzip.refit import _positions
 
     assert _positions((197, 1, 2304), 2) == 197
     assert _positions((197, 768), 1) == 197
@@ -504,10 +505,10 @@ def test_rows_per_sample_count_the_tokens_wherever_the_batch_sits():
     assert _positions((1, 10), 1) == 1
     assert _positions((8, 64, 4, 4), 1, batch=8) == 16  # a model with a fixed batch of 8
     dynamic, _ = F.mlp(seed=0)
-    assert _shape_batch(analyse(dynamic)) == 1
+    assert shape_batch(analyse(dynamic)) == 1
     fixed = onnx.ModelProto()
     fixed.CopyFrom(dynamic)
     dims = fixed.graph.input[0].type.tensor_type.shape.dim
     dims[0].Clear()
     dims[0].dim_value = 8
-    assert _shape_batch(analyse(fixed)) == 8
+    assert shape_batch(analyse(fixed)) == 8
