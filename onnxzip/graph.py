@@ -382,9 +382,8 @@ def _concrete_shapes(model: onnx.ModelProto) -> tuple[dict, dict, dict, dict]:
 def shape_batch(a: "Analysis") -> int:
     """The batch size of analysis's shapes: the model's fixed batch, else 1 (`_concrete_shapes` sets a dynamic one
     to 1)."""
-    inits = set(a.initializers)
     for i in a.model.graph.input:
-        if i.name not in inits:
+        if i.name not in a.initializers:
             dims = i.type.tensor_type.shape.dim
             return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
     return 1
