@@ -9,8 +9,10 @@ run (these machines are shared and noisy: read the ratios, not the seconds):
 
 - floor: for A, B and the merged model in turn, create a default onnxruntime CPU session and run every sample
   through it in batches of 64 (the merge's batch size);
-- merge: the whole `onnxzip merge A B --data calib.npy -o OUT` command in a fresh process (start-up and imports
-  included), with the default options (zip, least-squares refit, verification) plus any options after `--`.
+- merge: the whole `onnxzip merge A B --data calib.npy -o OUT --num-samples N` command in a fresh process (start-up
+  and imports included), with the default options (zip, least-squares refit, verification) plus any options after
+  `--`. `--num-samples N` makes the merge use all N samples the floor runs (its default is 1000: without it, a
+  merge at N = 4000 would use a quarter of the floor's samples).
 
 `--before CHECKOUT` times the same merge from another checkout of onnxzip too (a git worktree of an earlier
 commit), each pair's two merges one after the other before its floor: a before/after ratio from one run.
@@ -64,6 +66,8 @@ def merge_seconds(a: str, b: str, calib: str, out: str, extra: list, code: str =
     """Seconds of the whole `onnxzip merge` command run from checkout `code` (its package, not the installed one),
     and the card."""
     cmd = [sys.executable, "-m", "onnxzip", "merge", a, b, "--data", calib, "-o", out, "--force", "-q", *extra]
+    if "--num-samples" not in extra:  # the merge uses every sample the floor runs
+        cmd += ["--num-samples", str(len(np.load(calib, mmap_mode="r")))]
     env = dict(os.environ, PYTHONPATH=code)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=code, env=env)
