@@ -353,6 +353,20 @@ def test_error_classes_have_documented_codes():
     assert len(set(codes.values())) == len(codes)
 
 
+@pytest.mark.parametrize("given, expected", [(None, "4"), ("20", "20")])
+def test_the_command_stops_openblas_threads_spinning_before_numpy_loads(given, expected):
+    """`onnxzip` sets OPENBLAS_THREAD_TIMEOUT (read once, when OpenBLAS loads) before anything imports numpy, and
+    keeps a value the user set."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = ("import os, sys; from onnxzip import cli\n"
+            "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split()[-2:] == [expected, "False"], out.stdout
+
+
 def test_help_and_version_import_no_numpy_onnx_or_onnxruntime():
     """Start-up: `onnxzip --help` / `--version` import only click and the CLI (numpy, onnx, onnxruntime and scipy
     take seconds to import); the API is imported when a command needs it."""
