@@ -456,8 +456,8 @@ def _check_num_models(num_models: int) -> int:
     return int(num_models)
 
 
-# Rows of a stacked correlation matrix checked at a time.
-_ROWS_PER_BAND = 256
+# Side of the square tiles a stacked correlation matrix is checked in.
+_TILE = 256
 
 
 def _check_corr(corr: np.ndarray, num_models: int, width: int | None = None) -> np.ndarray:
@@ -472,22 +472,33 @@ def _check_corr(corr: np.ndarray, num_models: int, width: int | None = None) -> 
         )
     if c.shape[0] == 0 or c.shape[0] % num_models:
         raise ValueError(f"correlation matrix size {c.shape[0]} is not a positive multiple of {num_models} models")
-    # in bands of rows: one more matrix, not four (a 6144-wide stacked space is 288 MiB a matrix)
+    # Tile (i, j) and its mirror (j, i) at a time, j >= i: one more matrix, not four (a 6144-wide stacked space is
+    # 288 MiB a matrix), and both tiles in cache. A band of rows against the transposed band of columns read each
+    # column with a stride of a whole row: measured alone, 0.80 s -> 0.51 s for a 6144-wide space, 0.19 s -> 0.13 s
+    # for a 3072-wide one, the same values bit for bit.
     out = np.empty_like(c)
+    size = c.shape[0]
     bad, asym, largest = 0, 0.0, 0.0
-    for lo in range(0, c.shape[0], _ROWS_PER_BAND):
-        rows, cols = c[lo:lo + _ROWS_PER_BAND], c[:, lo:lo + _ROWS_PER_BAND].T
-        bad += rows.size - int(np.count_nonzero(np.isfinite(rows)))
-        if not bad:
-            asym = max(asym, float(np.max(np.abs(rows - cols))))
-            largest = max(largest, float(np.max(np.abs(rows))))
-            np.add(rows, cols, out=out[lo:lo + _ROWS_PER_BAND])
+    for lo in range(0, size, _TILE):
+        for lo2 in range(lo, size, _TILE):
+            tile, mirror = c[lo:lo + _TILE, lo2:lo2 + _TILE], c[lo2:lo2 + _TILE, lo:lo + _TILE].T
+            bad += tile.size - int(np.count_nonzero(np.isfinite(tile)))
+            if lo2 != lo:
+                bad += mirror.size - int(np.count_nonzero(np.isfinite(mirror)))
+            if bad:
+                continue
+            asym = max(asym, float(np.max(np.abs(tile - mirror))))
+            largest = max(largest, float(np.max(np.abs(tile))), float(np.max(np.abs(mirror))))
+            target = out[lo:lo + _TILE, lo2:lo2 + _TILE]
+            np.add(tile, mirror, out=target)
+            target *= 0.5
+            if lo2 != lo:
+                out[lo2:lo2 + _TILE, lo:lo + _TILE] = target.T
     if bad:
         raise ValueError(f"correlation matrix has {bad} non-finite value(s)")
     if asym > 1e-6 * max(1.0, largest):
         raise ValueError(f"correlation matrix is not symmetric (max |C - Cᵀ| = {asym:.3g})")
     # Exact symmetry keeps the greedy matcher's row and column updates consistent.
-    out *= 0.5
     return out
 
 

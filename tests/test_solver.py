@@ -352,6 +352,31 @@ def test_solve_dispatches():
     assert averaged.mean_merge_correlation == pytest.approx(np.mean([corr[k, 8 + k] for k in range(8)]))
 
 
+@pytest.mark.parametrize("tile", [5, 7, 24, 256])
+def test_check_corr_in_tiles_is_the_mean_with_the_transpose(monkeypatch, tile):
+    """The tiled check gives (C + Cᵀ) / 2 bit for bit, finds an asymmetry or a NaN wherever it lies (below the
+    diagonal too: those entries are only ever read as a mirror tile), and counts every non-finite value."""
+    from onnxzip import solver
+
+    monkeypatch.setattr(solver, "_TILE", tile)
+    rng = np.random.default_rng(3)
+    c = rng.uniform(-1, 1, (24, 24))
+    c = (c + c.T) / 2 + rng.uniform(-1e-9, 1e-9, (24, 24))
+    out = solver._check_corr(c, 2, 12)
+    assert np.array_equal(out, (c + c.T) * 0.5) and np.array_equal(out, out.T)
+    for i, j in ((20, 1), (1, 20), (6, 5)):
+        asym = c.copy()
+        asym[i, j] += 0.1
+        with pytest.raises(ValueError, match="not symmetric"):
+            solver._check_corr(asym, 2)
+    bad = c.copy()
+    bad[20, 1] = np.nan  # below the diagonal, in a mirror tile
+    bad[3, 3] = np.inf
+    bad[0, 23] = -np.inf
+    with pytest.raises(ValueError, match="3 non-finite"):
+        solver._check_corr(bad, 2)
+
+
 def test_solve_rejects_bad_input():
     corr = _random_corr(16, 6)
     with pytest.raises(ValueError, match="unknown matching method"):
