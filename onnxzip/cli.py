@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import traceback
@@ -435,8 +436,6 @@ BLAS_THREAD_TIMEOUT = "4"
 
 def main(argv=None):
     """Console entry point (`onnxzip`, `python -m onnxzip`)."""
-    import os
-
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_THREAD_TIMEOUT)
     cli.main(args=argv, prog_name="onnxzip")
 

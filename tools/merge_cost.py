@@ -62,12 +62,12 @@ def floor_seconds(paths: list, data: np.ndarray) -> float:
     return total
 
 
-def merge_seconds(a: str, b: str, calib: str, out: str, extra: list, code: str = ROOT) -> tuple:
-    """Seconds of the whole `onnxzip merge` command run from checkout `code` (its package, not the installed one),
-    and the card."""
+def merge_seconds(a: str, b: str, calib: str, samples: int, out: str, extra: list, code: str = ROOT) -> tuple:
+    """Seconds of the whole `onnxzip merge` command over the `samples` in `calib`, run from checkout `code` (its
+    package, not the installed one), and the card."""
     cmd = [sys.executable, "-m", "onnxzip", "merge", a, b, "--data", calib, "-o", out, "--force", "-q", *extra]
     if "--num-samples" not in extra:  # the merge uses every sample the floor runs
-        cmd += ["--num-samples", str(len(np.load(calib, mmap_mode="r")))]
+        cmd += ["--num-samples", str(samples)]
     env = dict(os.environ, PYTHONPATH=code)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=code, env=env)
@@ -100,9 +100,9 @@ def measure(pair: str, models: str, calib: str, data: np.ndarray, repeats: int, 
     floors, merges, card, befores, before_card = [], [], None, [], None
     for _ in range(repeats):
         if before:
-            seconds, before_card = merge_seconds(a, b, calib, out + ".before.onnx", extra, before)
+            seconds, before_card = merge_seconds(a, b, calib, len(data), out + ".before.onnx", extra, before)
             befores.append(seconds)
-        seconds, card = merge_seconds(a, b, calib, out, extra)
+        seconds, card = merge_seconds(a, b, calib, len(data), out, extra)
         merges.append(seconds)
         floors.append(floor_seconds([a, b, out], data))
     floor, merge = statistics.median(floors), statistics.median(merges)
